@@ -1,0 +1,237 @@
+r"""The M-step: kernel estimation by half-quadratic splitting (Eqs. 22–25 of Fast Diffusion EM).
+
+Given ``n`` particles ``x^i`` (``[n, C, H, W]`` in [0, 1]), the observation ``y``
+(``[C, H, W]``) and its noise level ``σ``, HQS alternates, ``J`` times, from the previous
+kernel ``k_j``:
+
+**Z-update (Eq. 24).** ``z`` lives on the full ``H×W`` grid and minimises (Eq. 22 multiplied by
+``2nσ²``)::
+
+    Σ_{i,c} ‖y_c − z ⊛ x^i_c‖² + nσ²β ‖z − k_j‖²  [+ ridge]  [+ nσ²λ ‖z‖² for ℓ2]
+
+Every term is diagonal in the Fourier basis. With the unnormalised DFT, ``‖a‖² = (1/N) Σ_f |A_f|²``
+and ``F(z ⊛ x) = Z·X``, so per frequency ``f`` (after multiplying by ``N``)::
+
+    Z_f = (Σ_{i,c} conj(X^i_c) Y_c + nσ²β K_j) / (Σ_{i,c} |X^i_c|² + nσ²β [+ ρ] [+ nσ²λ])
+
+The sums over particles *and colour channels* (one kernel, joint least squares) do not depend on
+``j``: ``kernel_spectra`` computes them once per M-step.
+
+**ΠGDM ridge (Appendix D).** Under ΠGDM the particle is not a point but ``x ~ N(x̂0, r² I)`` (``r²``
+in [0, 1] image units). Then, for one particle and one channel with ``N`` pixels and circular
+boundaries, writing ``x = x̂0 + e``::
+
+    E‖z ⊛ x − y‖² = ‖z ⊛ x̂0 − y‖² + 2 E⟨z ⊛ x̂0 − y, z ⊛ e⟩ + E‖z ⊛ e‖²
+                  = ‖z ⊛ x̂0 − y‖² + 0 + Σ_p Var((z ⊛ e)_p)
+                  = ‖z ⊛ x̂0 − y‖² + Σ_p r² Σ_q z_q²   = ‖z ⊛ x̂0 − y‖² + r² N ‖z‖²
+
+since ``(z ⊛ e)_p = Σ_q z_q e_{p−q}`` is a sum of independent ``N(0, r²)`` terms. Summed over
+``n`` particles and ``C`` channels the ridge is ``nCNr² ‖z‖² = nCr² Σ_f |Z_f|²``, which after the
+same multiplication by ``N`` adds ``ρ = nCNr²`` to every frequency of the denominator (``n·N·r²``
+per channel). The network's ``r_t²`` is in [-1, 1] units: the caller passes ``r_t²/4``.
+
+**ℓ2 (Tikhonov ``λ/2 ‖k‖²``)** is quadratic, hence exact in the Z-update (``+nσ²λ``). Applied
+instead as a K-update proximal step it would only rescale ``z``, which the normalisation to sum 1
+undoes: a silent no-op.
+
+**Projection and K-update (Eq. 25).** ``z`` is cropped to the ``K×K`` support (centre at
+``(K//2, K//2)``), clamped ``≥ 0`` and normalised to sum 1; then the regulariser's step:
+``pnp`` — the plug-and-play kernel denoiser ``D(z, σ_d = √(λ/β))``; ``l1`` — soft threshold at
+``λ/β`` (the proximal map of ``λ‖k‖₁`` with weight ``β``); ``l2``/``none`` — identity; followed by
+the same projection. A kernel whose mass vanishes keeps its previous value instead of dividing by 0.
+
+After the ``J`` iterations the kernel is re-centred on its centre of mass (integer shift, on the
+device): blind deconvolution cannot tell a shifted kernel from a shifted image, and without this the
+kernel drifts to the edge of its support and is cropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .checks import check_image, check_kernel, check_kernel_size, check_positive, check_sigma
+from .physics import gaussian_kernel, otf2psf, psf2otf
+
+REGULARIZERS = ("pnp", "l1", "l2", "none")
+# λ per regulariser (Eq. 25 uses λ = 1 with the PnP denoiser): ℓ1 thresholds at λ/β, ℓ2 weighs a
+# Tikhonov term against the coupling nσ²β. Provisional values, to be tuned on natural/train only.
+DEFAULT_LAMBDA = {"pnp": 1.0, "l1": 1.0, "l2": 1e4, "none": 0.0}
+
+KernelDenoiser = Callable[[Tensor, Tensor], Tensor]
+"""``denoiser(kernel [K, K], sigma_d 0-d tensor) -> [K, K]`` (plug-and-play kernel prior)."""
+
+
+class KernelSpectra(NamedTuple):
+    """The loop-invariant sums of the Z-update, ``[H, W//2 + 1]`` each."""
+
+    cross: Tensor  # Σ_{i,c} conj(F x^i_c) · F y_c   (complex)
+    energy: Tensor  # Σ_{i,c} |F x^i_c|²              (real)
+    particles: int
+    channels: int
+
+
+def kernel_spectra(y: Tensor, x: Tensor) -> KernelSpectra:
+    """y: ``[C, H, W]``; x: ``[n, C, H, W]`` (same units as y)."""
+    spec_y = torch.fft.rfft2(y)
+    spec_x = torch.fft.rfft2(x)
+    cross = (spec_x.conj() * spec_y).sum(dim=(0, 1))
+    energy = (spec_x.real.square() + spec_x.imag.square()).sum(dim=(0, 1))
+    return KernelSpectra(cross, energy, x.shape[0], x.shape[1])
+
+
+@dataclass(frozen=True)
+class HQSConfig:
+    """Settings of the M-step. ``lam=None`` takes ``DEFAULT_LAMBDA[regularizer]``.
+
+    ``regularizer`` is ``"pnp"``, ``"l1"``, ``"l2"``, ``"none"`` or a callable kernel denoiser
+    ``D(kernel, sigma_d)`` used as the plug-and-play prior. ``"pnp"`` needs ``denoiser``.
+    """
+
+    iters: int = 10
+    beta: float = 1e5
+    lam: float | None = None
+    regularizer: str | KernelDenoiser = "pnp"
+    denoiser: KernelDenoiser | None = None
+
+    @property
+    def kind(self) -> str:
+        return "pnp" if callable(self.regularizer) else str(self.regularizer)
+
+    @property
+    def weight(self) -> float:
+        return DEFAULT_LAMBDA[self.kind] if self.lam is None else float(self.lam)
+
+    def validate(self) -> HQSConfig:
+        if not callable(self.regularizer) and self.regularizer not in REGULARIZERS:
+            raise ValueError(
+                f"regularizer must be one of {REGULARIZERS} or a callable denoiser(kernel, "
+                f"sigma_d), got {self.regularizer!r}"
+            )
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
+            raise ValueError(f"iters must be an integer >= 1, got {self.iters!r}")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not self.weight >= 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if self.kind == "pnp" and self.kernel_denoiser is None:
+            raise ValueError(
+                "regularizer='pnp' needs a kernel denoiser: pass denoiser=, a callable "
+                "regularizer, or use 'l1', 'l2' or 'none'"
+            )
+        return self
+
+    @property
+    def kernel_denoiser(self) -> KernelDenoiser | None:
+        return self.regularizer if callable(self.regularizer) else self.denoiser
+
+
+def project_kernel(z: Tensor, fallback: Tensor) -> Tensor:
+    """Clamp ``≥ 0`` and normalise to sum 1; where the mass vanishes, return ``fallback``."""
+    z = z.clamp_min(0.0)
+    mass = z.sum()
+    tiny = torch.finfo(z.dtype).tiny
+    return torch.where(mass > 1e-12, z / mass.clamp_min(tiny), fallback)
+
+
+def recenter_kernel(kernel: Tensor) -> Tensor:
+    """Shift ``[K, K]`` by whole pixels so its centre of mass is at ``(K//2, K//2)``.
+
+    Mass shifted past the border is dropped and the rest renormalised. Device-only (no ``.item()``).
+    """
+    size = kernel.shape[-1]
+    index = torch.arange(size, device=kernel.device)
+    mass = kernel.sum().clamp_min(torch.finfo(kernel.dtype).tiny)
+    com_row = (kernel.sum(1) * index).sum() / mass
+    com_col = (kernel.sum(0) * index).sum() / mass
+    rows, row_ok = _shifted_index(index, torch.round(size // 2 - com_row).long())
+    cols, col_ok = _shifted_index(index, torch.round(size // 2 - com_col).long())
+    shifted = kernel.index_select(0, rows).index_select(1, cols)
+    shifted = shifted * (row_ok[:, None] & col_ok[None, :])
+    return project_kernel(shifted, kernel)
+
+
+def _shifted_index(index: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    # out[i] = in[i - shift], zero where i - shift falls outside.
+    source = index - shift
+    valid = (source >= 0) & (source < index.shape[0])
+    return source.clamp(0, index.shape[0] - 1), valid
+
+
+def z_update(spectra: KernelSpectra, kernel: Tensor, coupling: Tensor | float,
+             denominator: Tensor, shape: tuple[int, int]) -> Tensor:
+    """One Eq. 24 solve: the full-grid ``z`` ``[H, W]`` from the previous kernel ``[K, K]``."""
+    numerator = spectra.cross + coupling * psf2otf(kernel, shape)
+    return torch.fft.irfft2(numerator / denominator, s=shape)
+
+
+def hqs(spectra: KernelSpectra, kernel: Tensor, sigma: float | Tensor, config: HQSConfig,
+        shape: tuple[int, int], ridge_r2: Tensor | float | None = None) -> Tensor:
+    """``J`` HQS iterations from ``kernel`` ``[K, K]``, then re-centring. Returns ``[K, K]``.
+
+    sigma: noise level in the units of ``y``; ridge_r2: ``r²`` of the ΠGDM variant in the same
+    units (``None`` for point particles). ``config`` must already be validated.
+    """
+    size = kernel.shape[-1]
+    n, channels = spectra.particles, spectra.channels
+    coupling = n * sigma**2 * config.beta
+    denominator = spectra.energy + coupling
+    if config.kind == "l2":
+        denominator = denominator + n * sigma**2 * config.weight
+    if ridge_r2 is not None:
+        denominator = denominator + n * channels * shape[0] * shape[1] * ridge_r2
+    sigma_d = torch.as_tensor((config.weight / config.beta) ** 0.5, dtype=kernel.dtype,
+                              device=kernel.device)
+    for _ in range(config.iters):
+        z = project_kernel(otf2psf(z_update(spectra, kernel, coupling, denominator, shape), size),
+                           kernel)
+        kernel = project_kernel(_kernel_step(z, sigma_d, config), z)
+    return recenter_kernel(kernel)
+
+
+def _kernel_step(z: Tensor, sigma_d: Tensor, config: HQSConfig) -> Tensor:
+    """The K-update (Eq. 25) before projection."""
+    if config.kind == "pnp":
+        return config.kernel_denoiser(z, sigma_d)
+    if config.kind == "l1":
+        return (z - sigma_d.square()).clamp_min(0.0)  # z ≥ 0 here: soft threshold at λ/β
+    return z
+
+
+def estimate_kernel(sharp: Tensor, blurry: Tensor, sigma: float, *, kernel_size: int = 33,
+                    regularizer: str | KernelDenoiser = "pnp", iters: int = 10,
+                    lam: float | None = None, beta: float = 1e5,
+                    denoiser: KernelDenoiser | None = None, init: Tensor | None = None) -> Tensor:
+    """Non-blind kernel estimation: the M-step alone, from a sharp/blurry pair.
+
+    sharp: ``[C, H, W]`` (or ``[n, C, H, W]`` particles) in [0, 1]; blurry: ``[C, H, W]``;
+    sigma: the noise level of ``blurry`` in [0, 1] units. ``init`` (``[K, K]``) defaults to a
+    Gaussian of standard deviation ``K/16``. Returns the kernel ``[K, K]`` (sum 1, centred).
+    """
+    blurry = check_image("blurry", blurry)
+    sharp = check_image("sharp", sharp, batched=None)
+    particles = sharp if sharp.dim() == 4 else sharp[None]
+    if particles.shape[1:] != blurry.shape:
+        raise ValueError(
+            f"sharp {tuple(sharp.shape)} and blurry {tuple(blurry.shape)} must have the same "
+            "channels and size"
+        )
+    if particles.dtype != blurry.dtype or particles.device != blurry.device:
+        raise ValueError("sharp and blurry must share dtype and device")
+    sigma = check_sigma("sigma", sigma)
+    size = check_kernel_size("kernel_size", kernel_size, tuple(blurry.shape[-2:]))
+    config = HQSConfig(iters=iters, beta=check_positive("beta", beta), lam=lam,
+                       regularizer=regularizer, denoiser=denoiser).validate()
+    if init is None:
+        init = gaussian_kernel(size, size / 16, device=blurry.device, dtype=blurry.dtype)
+    else:
+        init = check_kernel("init", init)
+        if init.shape[-1] != size:
+            raise ValueError(f"init must be [{size}, {size}], got {tuple(init.shape)}")
+        init = init.to(blurry) / init.sum()
+    spectra = kernel_spectra(blurry, particles)
+    return hqs(spectra, init, sigma, config, tuple(blurry.shape[-2:]))

@@ -1,0 +1,167 @@
+import pytest
+import torch
+from dense import circular_convolve, origin_kernel_matrix
+
+from fastem_ext import blur, estimate_kernel, gaussian_kernel, metrics
+from fastem_ext.mstep import (
+    HQSConfig,
+    hqs,
+    kernel_spectra,
+    project_kernel,
+    recenter_kernel,
+    z_update,
+)
+from fastem_ext.physics import otf2psf, psf2otf
+
+HW, C = (6, 7), 3
+
+
+def _dense_z(x, y, k_prev, sigma, beta, r2):
+    """Eq. 22 solved as one dense least-squares problem over the full-grid z (origin layout).
+
+    The ΠGDM ridge is built from its definition, E_e[X_eᵀ X_e] = r² Σ_m X_{δm}ᵀ X_{δm} for
+    white e ~ N(0, r² I), not from the closed form under test.
+    """
+    n = x.shape[0]
+    n_pix = HW[0] * HW[1]
+    k_origin = torch.fft.irfft2(psf2otf(k_prev, HW), s=HW).reshape(-1)
+    lhs = n * sigma**2 * beta * torch.eye(n_pix, dtype=torch.float64)
+    rhs = n * sigma**2 * beta * k_origin
+    impulse_gram = torch.zeros(n_pix, n_pix, dtype=torch.float64)
+    for m in range(n_pix):
+        delta = torch.zeros(n_pix, dtype=torch.float64)
+        delta[m] = 1
+        xm = origin_kernel_matrix(delta.reshape(HW))
+        impulse_gram += xm.T @ xm
+    for i in range(n):
+        for c in range(C):
+            xc = origin_kernel_matrix(x[i, c])
+            lhs += xc.T @ xc + r2 * impulse_gram
+            rhs += xc.T @ y[c].reshape(-1)
+    return torch.linalg.solve(lhs, rhs).reshape(HW)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("r2", [0.0, 0.05])
+def test_z_update_equals_dense_least_squares(n, r2):
+    g = torch.Generator().manual_seed(n)
+    x = torch.rand(n, C, *HW, generator=g, dtype=torch.float64)
+    k_true = torch.rand(3, 3, generator=g, dtype=torch.float64)
+    y = circular_convolve(x[0], k_true / k_true.sum()) + 0.05 * torch.randn(C, *HW, generator=g,
+                                                                            dtype=torch.float64)
+    k_prev = torch.rand(3, 3, generator=g, dtype=torch.float64)
+    k_prev = k_prev / k_prev.sum()
+    sigma, beta = 0.05, 40.0
+    spectra = kernel_spectra(y, x)
+    coupling = n * sigma**2 * beta
+    denominator = spectra.energy + coupling + n * C * HW[0] * HW[1] * r2
+    z = z_update(spectra, k_prev, coupling, denominator, HW)
+    torch.testing.assert_close(z, _dense_z(x, y, k_prev, sigma, beta, r2), rtol=1e-9, atol=1e-11)
+
+
+def test_projection_and_fallback():
+    z = torch.tensor([[-1.0, 2.0], [1.0, 1.0]])
+    torch.testing.assert_close(project_kernel(z, z), torch.tensor([[0.0, 0.5], [0.25, 0.25]]))
+    fallback = torch.full((2, 2), 0.25)
+    torch.testing.assert_close(project_kernel(-z.abs(), fallback), fallback)
+
+
+def test_recenter_moves_the_centre_of_mass_to_the_middle():
+    k = torch.zeros(9, 9)
+    k[1, 6], k[2, 7] = 0.5, 0.5  # centre of mass (1.5, 6.5)
+    out = recenter_kernel(k)
+    idx = torch.arange(9.0)
+    com = ((out.sum(1) * idx).sum(), (out.sum(0) * idx).sum())
+    assert abs(float(com[0]) - 4) <= 0.5 and abs(float(com[1]) - 4) <= 0.5
+    torch.testing.assert_close(out.sum(), torch.tensor(1.0))
+    assert torch.equal(recenter_kernel(out), out)  # idempotent once centred
+
+
+def test_l2_is_not_a_no_op_and_l1_sparsifies():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 32, 32, generator=g)
+    y = blur(x[0], gaussian_kernel(7, 1.2)) + 0.05 * torch.randn(3, 32, 32, generator=g)
+    spectra, init = kernel_spectra(y, x), gaussian_kernel(7, 2.0)
+    none = hqs(spectra, init, 0.05, HQSConfig(regularizer="none"), (32, 32))
+    l2 = hqs(spectra, init, 0.05, HQSConfig(regularizer="l2", lam=1e5), (32, 32))
+    l1 = hqs(spectra, init, 0.05, HQSConfig(regularizer="l1", lam=300.0), (32, 32))
+    assert float((none - l2).abs().max()) > 1e-3
+    assert int((l1 > 0).sum()) < int((none > 0).sum())
+
+
+def test_pnp_calls_the_denoiser_with_sigma_d():
+    calls = []
+
+    def denoiser(kernel, sigma_d):
+        calls.append(float(sigma_d))
+        return kernel.square()  # sharpens: visibly changes the result
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 3, 32, 32, generator=g)
+    y = blur(x[0], gaussian_kernel(7, 1.0))
+    spectra, init = kernel_spectra(y, x), gaussian_kernel(7, 2.0)
+    out = hqs(spectra, init, 0.02, HQSConfig(regularizer=denoiser, lam=4.0, beta=1e4, iters=3),
+              (32, 32))
+    assert calls == pytest.approx([0.02] * 3)
+    plain = hqs(spectra, init, 0.02, HQSConfig(regularizer="none", beta=1e4, iters=3), (32, 32))
+    assert float((out - plain).abs().max()) > 1e-3
+
+
+def _stroke_kernel(size: int) -> torch.Tensor:
+    """A curved camera-shake-like stroke, anti-aliased, centred."""
+    k = torch.zeros(size, size, dtype=torch.float64)
+    s = torch.linspace(0, 1, 400, dtype=torch.float64)
+    rows = size // 2 + (size * 0.3) * torch.sin(2.2 * s) - 0.2 * size
+    cols = size // 2 + (size * 0.35) * (s - 0.5) * 2 + 2.0 * torch.sin(9 * s)
+    for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+        r0, c0 = int(r), int(c)
+        fr, fc = r - r0, c - c0
+        k[r0, c0] += (1 - fr) * (1 - fc)
+        k[r0 + 1, c0] += fr * (1 - fc)
+        k[r0, c0 + 1] += (1 - fr) * fc
+        k[r0 + 1, c0 + 1] += fr * fc
+    return recenter_kernel((k / k.sum()).float())
+
+
+@pytest.mark.parametrize("regularizer", ["none", "l2"])
+@pytest.mark.parametrize("noise", [5, 10])
+def test_estimate_kernel_recovers_camera_shake(val_crop, regularizer, noise):
+    kernel = _stroke_kernel(33)
+    sigma = noise / 255
+    g = torch.Generator().manual_seed(noise)
+    blurry = blur(val_crop, kernel) + sigma * torch.randn(val_crop.shape, generator=g)
+    estimate = estimate_kernel(val_crop, blurry, sigma, regularizer=regularizer)
+    mse = float(metrics.kernel_mse(estimate, kernel))
+    baseline = float(metrics.kernel_mse(gaussian_kernel(33, 33 / 16), kernel))
+    assert mse <= 1.5e-5, (mse, baseline)
+    assert abs(float(estimate.sum()) - 1) < 1e-5 and float(estimate.min()) >= 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sigma": 0.0}, "sigma"),
+        ({"sigma": float("nan")}, "sigma"),
+        ({"kernel_size": 2}, "kernel_size"),
+        ({"kernel_size": 17}, "kernel_size"),
+        ({"regularizer": "tv"}, "regularizer"),
+        ({"regularizer": "pnp"}, "denoiser"),
+        ({"iters": 0}, "iters"),
+        ({"blurry": torch.rand(3, 30, 32)}, "same"),
+        ({"sharp": torch.rand(3, 32, 32).double()}, "dtype"),
+        ({"blurry": torch.full((3, 32, 32), float("inf"))}, "blurry"),
+    ],
+)
+def test_estimate_kernel_rejects_bad_input(kwargs, match):
+    args = {"sharp": torch.rand(3, 32, 32), "blurry": torch.rand(3, 32, 32), "sigma": 0.05,
+            "kernel_size": 7, "regularizer": "none"}
+    args.update(kwargs)
+    sharp, blurry, sigma = args.pop("sharp"), args.pop("blurry"), args.pop("sigma")
+    with pytest.raises(ValueError, match=match):
+        estimate_kernel(sharp, blurry, sigma, **args)
+
+
+def test_crop_layout_matches_psf2otf():
+    k = torch.rand(5, 5)
+    full = torch.fft.irfft2(psf2otf(k, (12, 12)), s=(12, 12))
+    torch.testing.assert_close(otf2psf(full, 5), k)
