@@ -1,0 +1,5 @@
+"""ε-networks and priors."""
+
+from .gaussian_prior import GaussianPrior
+
+__all__ = ["GaussianPrior"]

@@ -1,0 +1,159 @@
+"""Eager reference samplers: non-blind ΠGDM/DPS (Algorithm 1), Fast EM (Algorithm 2) and
+Diffusion EM (Algorithm A.1).
+
+One loop serves them all. Per respaced step ``i`` (from ``S−1`` down to 0), for the ``n`` particles
+as one batch sharing one kernel:
+
+1. ``ε̂ = ε_θ(x_t, t_i)``; ``x̂0 = (x_t − √(1−ᾱ) ε̂)/√ᾱ``, clamped to [-1, 1] with a straight-through
+   gradient (the VJP sees the unclamped estimate: a clamp would zero the guidance on saturated
+   pixels);
+2. Fast EM only — the M-step: ``k ← HQS(y, (x̂0 + 1)/2, σ, k)`` warm-started, with the ΠGDM ridge
+   ``r²/4`` (the network's variance in [0, 1] units) when the guidance is ΠGDM;
+3. the guidance ``g`` with the current kernel;
+4. the DDPM ancestral update ``x_{t−1} = μ̃(x̂0, x_t) + √β̃ z + w_i g``, ``w_i`` read from the
+   schedule's device tables (ΠGDM: ``√ᾱ r² (1+β̃)^{-1/2}``; DPS: ``scale·√ᾱ``).
+
+Nothing in the loop calls ``.item()``/``.cpu()`` or creates a CPU tensor. ``eps_model`` is any
+callable ``eps(x_t [n, C, H, W], t [n] int64) -> [n, C or 2C, H, W]`` (extra channels — a learned
+variance — are ignored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .guidance import dps_guidance, pigdm_guidance
+from .mstep import HQSConfig, hqs, kernel_spectra
+from .physics import psf2otf
+from .schedule import Schedule, StepTables
+
+EpsModel = Callable[[Tensor, Tensor], Tensor]
+StepCallback = Callable[[int, Tensor, Tensor | None], None]
+"""``callback(i, x0 [n, C, H, W] in [0, 1], kernel [K, K] or None)``; device tensors, no sync."""
+
+
+@dataclass
+class SamplerOutput:
+    """particles: ``[n, C, H, W]`` in [0, 1]; kernel: ``[K, K]`` (sum 1) or ``None``."""
+
+    particles: Tensor
+    kernel: Tensor | None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """The measurement in both unit systems, with its loop-invariant spectra.
+
+    y: ``[C, H, W]`` in [0, 1]; sigma in [0, 1] units. ``y_net``/``sigma_net``: the network's
+    [-1, 1] units (``2y − 1``, ``2σ``); ``spec_y_net = rfft2(y_net)``.
+    """
+
+    y: Tensor
+    sigma: float
+    y_net: Tensor
+    sigma_net: float
+    spec_y_net: Tensor
+
+    @classmethod
+    def of(cls, y: Tensor, sigma: float) -> Observation:
+        y_net = 2.0 * y - 1.0
+        return cls(y, sigma, y_net, 2.0 * sigma, torch.fft.rfft2(y_net))
+
+
+def predict_x0(eps_model: EpsModel, x_t: Tensor, tables: StepTables, i: int) -> Tensor:
+    """The clamped Tweedie estimate ``x̂0 ∈ [-1, 1]`` with a straight-through gradient."""
+    channels = x_t.shape[1]
+    eps = eps_model(x_t, tables.t[i].expand(x_t.shape[0]))[:, :channels]
+    x0 = (x_t - tables.sqrt_one_minus_ac[i] * eps) / tables.sqrt_ac[i]
+    return x0 + (x0.clamp(-1.0, 1.0) - x0).detach()
+
+
+def sample(eps_model: EpsModel, obs: Observation | None, *, schedule: Schedule,
+           shape: tuple[int, int, int, int], generator: torch.Generator,
+           guidance: str | None = "pigdm", kernel: Tensor | None = None,
+           mstep: HQSConfig | None = None, guidance_scale: float = 1.0,
+           callback: StepCallback | None = None) -> SamplerOutput:
+    """The shared loop. ``obs=None``/``guidance=None`` samples the prior unconditionally.
+
+    shape: ``(n, C, H, W)``; kernel: ``[K, K]`` — fixed (non-blind) or the initial kernel when
+    ``mstep`` is given (Fast EM). ``mstep`` must be validated.
+    """
+    device = generator.device
+    dtype = obs.y.dtype if obs is not None else torch.float32
+    tables = schedule.tables(device, dtype)
+    image_hw = shape[-2:]
+    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    for i in reversed(range(len(tables))):
+        with torch.enable_grad():
+            x_t = x.detach().requires_grad_(guidance is not None)
+            x0 = predict_x0(eps_model, x_t, tables, i)
+            if mstep is not None:
+                ridge = tables.r2[i] / 4.0 if guidance == "pigdm" else None
+                spectra = kernel_spectra(obs.y, (x0.detach() + 1.0) / 2.0)
+                kernel = hqs(spectra, kernel, obs.sigma, mstep, image_hw, ridge_r2=ridge)
+            step = _guidance_step(x_t, x0, obs, kernel, guidance, tables, i, guidance_scale)
+        x0 = x0.detach()
+        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        x = tables.coef_x0[i] * x0 + tables.coef_xt[i] * x + tables.noise_std[i] * noise
+        if step is not None:
+            x = x + step
+        if callback is not None:
+            callback(i, (x0 + 1.0) / 2.0, kernel)
+    return SamplerOutput(((x.clamp(-1.0, 1.0) + 1.0) / 2.0).detach(), kernel)
+
+
+def _guidance_step(x_t: Tensor, x0: Tensor, obs: Observation | None, kernel: Tensor | None,
+                   guidance: str | None, tables: StepTables, i: int,
+                   scale: float) -> Tensor | None:
+    """The weighted guidance ``w_i · g`` (``None`` without guidance)."""
+    if guidance is None:
+        return None
+    otf = psf2otf(kernel, x_t.shape[-2:])
+    if guidance == "pigdm":
+        grad = pigdm_guidance(x_t, x0, obs.spec_y_net, otf, tables.r2[i], obs.sigma_net)
+        return (scale * tables.pigdm_weight[i]) * grad
+    grad = dps_guidance(x_t, x0, obs.y_net, otf)
+    return (scale * tables.dps_weight[i]) * grad
+
+
+def fast_em(eps_model: EpsModel, obs: Observation, kernel_init: Tensor, *, schedule: Schedule,
+            particles: int, generator: torch.Generator, guidance: str = "pigdm",
+            mstep: HQSConfig, guidance_scale: float = 1.0,
+            callback: StepCallback | None = None) -> SamplerOutput:
+    """Fast EM (Algorithm 2): one guided run with an M-step folded into every step."""
+    shape = (particles, *obs.y.shape)
+    return sample(eps_model, obs, schedule=schedule, shape=shape, generator=generator,
+                  guidance=guidance, kernel=kernel_init, mstep=mstep,
+                  guidance_scale=guidance_scale, callback=callback)
+
+
+def nonblind(eps_model: EpsModel, obs: Observation, kernel: Tensor, *, schedule: Schedule,
+             particles: int, generator: torch.Generator, guidance: str = "pigdm",
+             guidance_scale: float = 1.0, callback: StepCallback | None = None) -> SamplerOutput:
+    """Non-blind ΠGDM/DPS (Algorithm 1) with a known kernel."""
+    shape = (particles, *obs.y.shape)
+    return sample(eps_model, obs, schedule=schedule, shape=shape, generator=generator,
+                  guidance=guidance, kernel=kernel, guidance_scale=guidance_scale,
+                  callback=callback)
+
+
+def diffusion_em(eps_model: EpsModel, obs: Observation, kernel_init: Tensor, *,
+                 schedule: Schedule, particles: int, generator: torch.Generator,
+                 mstep: HQSConfig, rounds: int = 10, guidance: str = "pigdm",
+                 guidance_scale: float = 1.0,
+                 callback: StepCallback | None = None) -> SamplerOutput:
+    """Diffusion EM (Algorithm A.1): ``rounds`` × (full non-blind run, then one M-step on its
+    final samples). Returns the last run's particles and the kernel after the last M-step."""
+    kernel = kernel_init
+    image_hw = obs.y.shape[-2:]
+    out = None
+    for _ in range(rounds):
+        out = nonblind(eps_model, obs, kernel, schedule=schedule, particles=particles,
+                       generator=generator, guidance=guidance, guidance_scale=guidance_scale,
+                       callback=callback)
+        kernel = hqs(kernel_spectra(obs.y, out.particles), kernel, obs.sigma, mstep, image_hw)
+    return SamplerOutput(out.particles, kernel)
