@@ -76,7 +76,7 @@ class KernelSpectra(NamedTuple):
 
 
 def kernel_spectra(y: Tensor, x: Tensor) -> KernelSpectra:
-    """y: ``[C, H, W]``; x: ``[n, C, H, W]`` (same units as y)."""
+    """y: ``[C, H, W]`` (or one target per particle, ``[n, C, H, W]``); x: ``[n, C, H, W]``."""
     spec_y = torch.fft.rfft2(y)
     spec_x = torch.fft.rfft2(x)
     cross = (spec_x.conj() * spec_y).sum(dim=(0, 1))

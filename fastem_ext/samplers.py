@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .guidance import dps_guidance, pigdm_guidance
 from .mstep import HQSConfig, hqs, kernel_spectra
+from .observation import Observation
 from .physics import psf2otf
 from .schedule import Schedule, StepTables
 
@@ -42,26 +43,6 @@ class SamplerOutput:
 
     particles: Tensor
     kernel: Tensor | None
-
-
-@dataclass(frozen=True)
-class Observation:
-    """The measurement in both unit systems, with its loop-invariant spectra.
-
-    y: ``[C, H, W]`` in [0, 1]; sigma in [0, 1] units. ``y_net``/``sigma_net``: the network's
-    [-1, 1] units (``2y − 1``, ``2σ``); ``spec_y_net = rfft2(y_net)``.
-    """
-
-    y: Tensor
-    sigma: float
-    y_net: Tensor
-    sigma_net: float
-    spec_y_net: Tensor
-
-    @classmethod
-    def of(cls, y: Tensor, sigma: float) -> Observation:
-        y_net = 2.0 * y - 1.0
-        return cls(y, sigma, y_net, 2.0 * sigma, torch.fft.rfft2(y_net))
 
 
 def predict_x0(eps_model: EpsModel, x_t: Tensor, tables: StepTables, i: int) -> Tensor:
@@ -93,7 +74,8 @@ def sample(eps_model: EpsModel, obs: Observation | None, *, schedule: Schedule,
             x0 = predict_x0(eps_model, x_t, tables, i)
             if mstep is not None:
                 ridge = tables.r2[i] / 4.0 if guidance == "pigdm" else None
-                spectra = kernel_spectra(obs.y, (x0.detach() + 1.0) / 2.0)
+                x0_image = (x0.detach() + 1.0) / 2.0
+                spectra = kernel_spectra(obs.mstep_target(x0_image, kernel), x0_image)
                 kernel = hqs(spectra, kernel, obs.sigma, mstep, image_hw, ridge_r2=ridge)
             step = _guidance_step(x_t, x0, obs, kernel, guidance, tables, i, guidance_scale)
         x0 = x0.detach()
@@ -114,9 +96,10 @@ def _guidance_step(x_t: Tensor, x0: Tensor, obs: Observation | None, kernel: Ten
         return None
     otf = psf2otf(kernel, x_t.shape[-2:])
     if guidance == "pigdm":
-        grad = pigdm_guidance(x_t, x0, obs.spec_y_net, otf, tables.r2[i], obs.sigma_net)
+        residual = obs.residual_spectrum_net(x0.detach(), otf)
+        grad = pigdm_guidance(x_t, x0, residual, otf, tables.r2[i], obs.sigma_net)
         return (scale * tables.pigdm_weight[i]) * grad
-    grad = dps_guidance(x_t, x0, obs.y_net, otf)
+    grad = dps_guidance(x_t, obs.residual_net(x0, otf))
     return (scale * tables.dps_weight[i]) * grad
 
 
@@ -155,5 +138,6 @@ def diffusion_em(eps_model: EpsModel, obs: Observation, kernel_init: Tensor, *,
         out = nonblind(eps_model, obs, kernel, schedule=schedule, particles=particles,
                        generator=generator, guidance=guidance, guidance_scale=guidance_scale,
                        callback=callback)
-        kernel = hqs(kernel_spectra(obs.y, out.particles), kernel, obs.sigma, mstep, image_hw)
+        target = obs.mstep_target(out.particles, kernel)
+        kernel = hqs(kernel_spectra(target, out.particles), kernel, obs.sigma, mstep, image_hw)
     return SamplerOutput(out.particles, kernel)

@@ -2,7 +2,7 @@ import torch
 from dense import circular_convolve, operator_matrix
 
 from fastem_ext.guidance import dps_guidance, pigdm_guidance, pigdm_vector
-from fastem_ext.physics import psf2otf
+from fastem_ext.physics import blur_spectrum, psf2otf
 
 HW, C = (6, 5), 3
 
@@ -21,7 +21,7 @@ def test_pigdm_vector_equals_dense_formula():
     kernel, x0, y, h = _setup()
     r2, sigma = 0.37, 0.08
     otf = psf2otf(kernel, HW)
-    v = pigdm_vector(torch.fft.rfft2(y), otf, x0, r2, sigma)
+    v = pigdm_vector(torch.fft.rfft2(y) - otf * torch.fft.rfft2(x0), otf, r2, sigma, HW)
     cov = r2 * h @ h.T + sigma**2 * torch.eye(h.shape[0], dtype=torch.float64)
     for i in range(x0.shape[0]):
         residual = y.reshape(-1) - h @ x0[i].reshape(-1)
@@ -39,7 +39,9 @@ def test_pigdm_guidance_is_the_gradient_of_the_gaussian_log_likelihood():
     x_t = torch.randn(1, C, *HW, generator=g, dtype=torch.float64, requires_grad=True)
     x0 = (a @ x_t.reshape(-1)).reshape(1, C, *HW)
     r2, sigma = 0.2, 0.1
-    grad = pigdm_guidance(x_t, x0, torch.fft.rfft2(y), psf2otf(kernel, HW), r2, sigma)
+    otf = psf2otf(kernel, HW)
+    residual = torch.fft.rfft2(y) - otf * torch.fft.rfft2(x0.detach())
+    grad = pigdm_guidance(x_t, x0, residual, otf, r2, sigma)
 
     x_t2 = x_t.detach().clone().requires_grad_(True)
     residual = y.reshape(-1) - h @ (a @ x_t2.reshape(-1))
@@ -54,7 +56,7 @@ def test_dps_gradient_is_per_particle_norm():
     g = torch.Generator().manual_seed(4)
     x_t = torch.randn(3, C, *HW, generator=g, dtype=torch.float64, requires_grad=True)
     x0 = torch.tanh(x_t) * 0.9  # any differentiable map, applied per particle
-    grad = dps_guidance(x_t, x0, y, psf2otf(kernel, HW))
+    grad = dps_guidance(x_t, y - blur_spectrum(x0, psf2otf(kernel, HW)))
     for i in range(3):
         xi = x_t[i].detach().clone().requires_grad_(True)
         norm = (y.reshape(-1) - h @ (torch.tanh(xi) * 0.9).reshape(-1)).norm()

@@ -7,8 +7,9 @@ from fastem_ext import blur, gaussian_kernel
 from fastem_ext.models import GaussianPrior
 from fastem_ext.models.unet import UNet
 from fastem_ext.mstep import HQSConfig
+from fastem_ext.observation import Observation
 from fastem_ext.physics import psf2otf
-from fastem_ext.samplers import Observation, diffusion_em, fast_em, nonblind, sample
+from fastem_ext.samplers import diffusion_em, fast_em, nonblind, sample
 from fastem_ext.schedule import Schedule
 
 H = W = 32
@@ -92,7 +93,7 @@ def test_nonblind_pigdm_lands_on_the_exact_posterior_mean(sigma):
     """
     y, kernel, exact, post_var = _posterior_problem(sigma)
     n = 128
-    out = nonblind(PRIOR, Observation.of(y, sigma), kernel, schedule=Schedule("100"),
+    out = nonblind(PRIOR, Observation(y, sigma), kernel, schedule=Schedule("100"),
                    particles=n, generator=torch.Generator().manual_seed(3))
     net = out.particles * 2 - 1
     rmse = float((net.mean(0) - exact).square().mean().sqrt())
@@ -116,7 +117,7 @@ def test_fast_em_end_to_end_tiny_network_is_finite_normalised_and_reproducible(g
     model = _tiny_unet()
     g = torch.Generator().manual_seed(4)
     y = torch.rand(3, 64, 64, generator=g)
-    obs = Observation.of(y, 0.05)
+    obs = Observation(y, 0.05)
 
     def run(seed):
         return fast_em(model, obs, gaussian_kernel(9, 1.0), schedule=Schedule("6"), particles=2,
@@ -159,7 +160,7 @@ def test_fast_em_with_an_oracle_denoiser_recovers_the_kernel_and_image(val_crop,
     y = blur(x, truth) + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
     init = gaussian_kernel(9, 2.0)
     mstep = HQSConfig(regularizer="none").validate()
-    out = fast_em(OracleEps(2 * x - 1), Observation.of(y, sigma), init, schedule=Schedule("20"),
+    out = fast_em(OracleEps(2 * x - 1), Observation(y, sigma), init, schedule=Schedule("20"),
                   particles=1, generator=torch.Generator().manual_seed(6), guidance=guidance,
                   mstep=mstep)
     direct = estimate_kernel(x, y, sigma, kernel_size=9, regularizer="none")
@@ -171,7 +172,7 @@ def test_fast_em_with_an_oracle_denoiser_recovers_the_kernel_and_image(val_crop,
 def test_diffusion_em_runs_rounds_and_returns_a_kernel():
     calls = []
     y = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(9))
-    out = diffusion_em(PRIOR, Observation.of(y, 0.05), gaussian_kernel(5, 1.0),
+    out = diffusion_em(PRIOR, Observation(y, 0.05), gaussian_kernel(5, 1.0),
                        schedule=Schedule("5"), particles=2,
                        generator=torch.Generator().manual_seed(10),
                        mstep=HQSConfig(regularizer="none").validate(), rounds=3,

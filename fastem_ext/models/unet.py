@@ -338,17 +338,44 @@ def _mismatch_report(model: nn.Module, sd: Mapping[str, Any], limit: int = 5) ->
     return "; ".join(parts)
 
 
+KNOWN_CONFIGS: dict[str, Mapping[str, Any]] = {
+    "ffhq": FFHQ_256_CONFIG,
+    "imagenet": IMAGENET_256_UNCOND_CONFIG,
+}
+
+
 def load_guided_diffusion_checkpoint(
-    path: str | os.PathLike[str], config: Mapping[str, Any]
+    path: str | os.PathLike[str], config: Mapping[str, Any] | None = None
 ) -> UNet:
     """Build ``UNet.from_config(**config)`` and load a guided-diffusion ``.pt`` into it strictly.
 
-    The file is read with ``torch.load(weights_only=True)`` (no arbitrary unpickling). It may hold a
-    plain state dict or a dict with a ``"state_dict"`` / ``"model"`` state dict. Raises
+    ``config=None`` recognises the file among ``KNOWN_CONFIGS`` by its keys and shapes. The file
+    is read with ``torch.load(weights_only=True)`` (no arbitrary unpickling). It may hold a plain
+    state dict or a dict with a ``"state_dict"`` / ``"model"`` state dict. Raises
     ``FileNotFoundError`` for a missing file and ``ValueError`` describing missing / unexpected
     keys and shape mismatches. Returns the model on CPU in eval mode.
     """
     path = os.fspath(path)
+    state = _read_state_dict(path)
+    candidates = [config] if config is not None else list(KNOWN_CONFIGS.values())
+    problems = []
+    for candidate in candidates:
+        with torch.device("meta"):
+            problem = _mismatch_report(UNet.from_config(**candidate), state)
+        if problem is None:
+            model = UNet.from_config(**candidate)
+            model.load_state_dict(state, strict=True)
+            return model.eval()
+        problems.append(problem)
+    if config is not None:
+        raise ValueError(f"{path} does not match the UNet config: {problems[0]}")
+    raise ValueError(
+        f"{path} is not a known guided-diffusion checkpoint ({', '.join(KNOWN_CONFIGS)}); "
+        f"against the FFHQ-256 layout: {problems[0]}"
+    )
+
+
+def _read_state_dict(path: str) -> Mapping[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"guided-diffusion checkpoint not found: {path}")
     try:
@@ -367,9 +394,4 @@ def load_guided_diffusion_checkpoint(
         raise ValueError(  # noqa: TRY004
             f"{path} does not contain a state dict (got {type(obj).__name__})"
         )
-    model = UNet.from_config(**config)
-    problem = _mismatch_report(model, obj)
-    if problem:
-        raise ValueError(f"{path} does not match the UNet config: {problem}")
-    model.load_state_dict(obj, strict=True)
-    return model.eval()
+    return obj

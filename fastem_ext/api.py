@@ -1,0 +1,175 @@
+"""``run()``: one blurry photo in, the kernel and restored images out."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .boundary import BOUNDARIES, Frame
+from .checks import check_choice, check_int, check_kernel, check_kernel_size, check_sigma
+from .io import load_image
+from .mstep import REGULARIZERS, HQSConfig
+from .noise import estimate_noise
+from .observation import Observation
+from .physics import blur_spectrum, gaussian_kernel, psf2otf
+from .priors import load_prior
+from .progress import StepProgress
+from .samplers import SamplerOutput, diffusion_em, fast_em, nonblind
+from .schedule import Schedule
+
+METHODS = ("fastem-pigdm", "fastem-dps", "diffem-pigdm", "pigdm", "dps")
+BLIND = ("fastem-pigdm", "fastem-dps", "diffem-pigdm")
+DEFAULT_STEPS = {"fastem-pigdm": "100", "fastem-dps": "1000", "diffem-pigdm": "100",
+                 "pigdm": "100", "dps": "1000"}
+MAX_PARTICLES = 256
+
+
+@dataclass
+class Result:
+    """image: ``[C, H, W]`` (the first particle, a sharp posterior sample); kernel: ``[K, K]``
+    (sum 1); particles: ``[n, C, H, W]``; mean: ``[C, H, W]`` (the particles' average, the
+    paper's "SA" output: higher PSNR, softer); info: settings, noise level, timings. All on CPU,
+    float32, in [0, 1]."""
+
+    image: Tensor
+    kernel: Tensor
+    particles: Tensor
+    mean: Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pigdm",
+        prior: object = "natural", particles: int = 1, steps: str | int | None = None,
+        kernel_size: int = 33, seed: int = 0, device: str | torch.device | None = None,
+        progress: bool = True, kernel: Tensor | None = None, boundary: str = "valid",
+        regularizer: str = "pnp", rounds: int = 10, r2: str = "reference",
+        guidance_scale: float = 1.0) -> Result:
+    """Blind (or non-blind) deblurring of one photo.
+
+    blurry: a path, PIL image, ``H×W(×C)`` numpy array (uint8, uint16 or float in [0, 1]) or a
+    tensor ``[C, H, W]`` / ``[1, C, H, W]`` in [0, 1]. sigma: noise std in [0, 1] units
+    (10/255 ≈ 0.039); ``None`` estimates it. method: ``fastem-pigdm`` (default), ``fastem-dps``,
+    ``diffem-pigdm`` (``rounds`` full runs), or the non-blind ``pigdm`` / ``dps``, which need
+    ``kernel``; for blind methods ``kernel`` is the initial estimate. steps: respacing such as
+    ``"100"`` or ``"ddim50"`` (default per method). boundary: ``valid`` for real photos (any size,
+    no wrap-around), ``circular`` for synthetic circularly blurred data. regularizer: the
+    M-step's kernel prior (``pnp`` uses the bundled kernel denoiser).
+    """
+    started = time.perf_counter()
+    loaded = load_image(blurry)
+    image = loaded.image
+    method = check_choice("method", method, METHODS)
+    boundary = check_choice("boundary", boundary, BOUNDARIES)
+    regularizer = check_choice("regularizer", regularizer, REGULARIZERS)
+    particles = check_int("particles", particles, low=1, high=MAX_PARTICLES)
+    rounds = check_int("rounds", rounds, low=1)
+    seed = check_int("seed", seed, low=0, high=2**63 - 1)
+    if kernel is not None:
+        kernel = check_kernel("kernel", kernel).detach().float().cpu()
+        kernel_size = kernel.shape[-1]
+    elif method not in BLIND:
+        raise ValueError(f"method {method!r} is non-blind: pass kernel= (a [K, K] tensor)")
+    kernel_size = check_kernel_size("kernel_size", kernel_size, tuple(image.shape[-2:]))
+    estimated = sigma is None
+    sigma = check_sigma("estimated noise level (pass sigma=)" if estimated else "sigma",
+                        estimate_noise(image) if estimated else sigma)
+    device = _resolve_device(device)
+    schedule = Schedule(DEFAULT_STEPS[method] if steps is None else steps, r2=r2)
+
+    net_prior = load_prior(prior, device)
+    frame = Frame.plan(*image.shape[-2:], kernel_size, net_prior.size_multiple, boundary)
+    colour = image.expand(3, -1, -1) if image.shape[0] == 1 else image
+    grid, mask = frame.pad(colour.to(device))
+    obs = Observation(grid, sigma, mask)
+    if kernel is None:
+        kernel = gaussian_kernel(kernel_size, kernel_size / 16)
+    kernel = (kernel / kernel.sum()).to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    total = len(schedule) * (rounds if method == "diffem-pigdm" else 1)
+    reporter = StepProgress(total, obs, enabled=progress, desc=method)
+    if torch.cuda.is_available() and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sample_start = time.perf_counter()
+    try:
+        out = _sample(method, net_prior.model, obs, kernel, schedule, particles, generator,
+                      regularizer, rounds, guidance_scale, reporter)
+    finally:
+        reporter.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    sample_seconds = time.perf_counter() - sample_start
+
+    reblur = frame.crop(blur_spectrum(out.particles.mean(0), psf2otf(out.kernel, grid.shape[-2:])))
+    reblur_rmse = float((reblur - colour.to(device)).square().mean().sqrt())
+    restored = frame.crop(out.particles)
+    if image.shape[0] == 1:
+        restored = restored.mean(dim=1, keepdim=True)
+    restored, final_kernel = restored.float().cpu(), out.kernel.float().cpu()
+    mean = restored.mean(0)
+    info = {
+        "method": method, "prior": net_prior.name, "particles": particles,
+        "steps": len(schedule), "rounds": rounds if method == "diffem-pigdm" else 1,
+        "sigma": sigma, "sigma_estimated": estimated, "kernel_size": kernel_size,
+        "boundary": boundary, "grid": [frame.grid_h, frame.grid_w], "regularizer": regularizer,
+        "r2": r2, "seed": seed, "device": _device_name(device), "source": loaded.source,
+        "bits": loaded.bits,
+        "reblur_rmse": reblur_rmse,
+        "seconds_total": time.perf_counter() - started, "seconds_sampling": sample_seconds,
+        "seconds_per_step": sample_seconds / total,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda" else None,
+    }
+    return Result(restored[0], final_kernel, restored, mean, info)
+
+
+def _sample(method: str, model, obs: Observation, kernel: Tensor, schedule: Schedule,
+            particles: int, generator: torch.Generator, regularizer: str, rounds: int,
+            scale: float, callback) -> SamplerOutput:
+    guidance = "dps" if method.endswith("dps") else "pigdm"
+    common = dict(schedule=schedule, particles=particles, generator=generator,
+                  guidance=guidance, guidance_scale=scale, callback=callback)
+    if method in ("pigdm", "dps"):
+        return nonblind(model, obs, kernel, **common)
+    mstep = _mstep_config(regularizer, kernel.shape[-1], kernel.device)
+    if method == "diffem-pigdm":
+        return diffusion_em(model, obs, kernel, mstep=mstep, rounds=rounds, **common)
+    return fast_em(model, obs, kernel, mstep=mstep, **common)
+
+
+def _mstep_config(regularizer: str, size: int, device: torch.device) -> HQSConfig:
+    if regularizer != "pnp":
+        return HQSConfig(regularizer=regularizer).validate()
+    from .models.kernel_denoiser import load_kernel_denoiser
+
+    model = load_kernel_denoiser(size, device)
+
+    def denoiser(kernel: Tensor, sigma_d: Tensor) -> Tensor:
+        return model(kernel, sigma_d, check=False)  # no host sync inside the loop
+
+    return HQSConfig(regularizer=denoiser).validate()
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but no CUDA GPU is available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device}")
+    return device
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"

@@ -1,0 +1,102 @@
+"""run(): inputs, outputs, reproducibility and every bad-input message (Gaussian prior: fast)."""
+
+import numpy as np
+import pytest
+import torch
+
+import fastem_ext
+from fastem_ext import gaussian_kernel, run
+
+FAST = {"prior": "gaussian", "steps": "4", "kernel_size": 5, "regularizer": "l2",
+        "progress": False}
+
+
+def _photo(shape=(3, 30, 41), seed=0):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 0.8 + 0.1
+
+
+def test_run_returns_documented_shapes_and_info():
+    result = run(_photo(), 0.02, particles=2, **FAST)
+    assert result.image.shape == (3, 30, 41) and result.mean.shape == (3, 30, 41)
+    assert result.particles.shape == (2, 3, 30, 41) and result.kernel.shape == (5, 5)
+    assert abs(float(result.kernel.sum()) - 1) < 1e-5
+    assert torch.equal(result.image, result.particles[0])
+    torch.testing.assert_close(result.mean, result.particles.mean(0))
+    info = result.info
+    assert info["method"] == "fastem-pigdm" and info["steps"] == 4 and info["particles"] == 2
+    assert info["sigma"] == 0.02 and not info["sigma_estimated"]
+    assert info["seconds_total"] > 0 and info["reblur_rmse"] >= 0
+    assert info["device"].startswith("cpu")
+
+
+def test_grey_numpy_in_grey_out_and_sigma_estimated():
+    grey = (np.random.default_rng(0).random((33, 35)) * 255).astype(np.uint8)
+    result = run(grey, **FAST)
+    assert result.image.shape == (1, 33, 35)
+    assert result.info["sigma_estimated"] and 0 < result.info["sigma"] <= 0.5
+
+
+def test_same_seed_same_output_other_seed_differs():
+    a, b = run(_photo(), 0.02, seed=3, **FAST), run(_photo(), 0.02, seed=3, **FAST)
+    c = run(_photo(), 0.02, seed=4, **FAST)
+    assert torch.equal(a.image, b.image) and torch.equal(a.kernel, b.kernel)
+    assert not torch.equal(a.image, c.image)
+
+
+@pytest.mark.parametrize("method", ["fastem-dps", "diffem-pigdm"])
+def test_other_blind_methods(method):
+    result = run(_photo(), 0.02, method=method, rounds=2, **FAST)
+    assert torch.isfinite(result.image).all() and result.kernel.shape == (5, 5)
+    assert result.info["rounds"] == (2 if method == "diffem-pigdm" else 1)
+
+
+@pytest.mark.parametrize("method", ["pigdm", "dps"])
+def test_nonblind_methods_keep_the_given_kernel(method):
+    kernel = gaussian_kernel(7, 1.2)
+    args = {**FAST, "kernel_size": 7}
+    result = run(_photo(), 0.02, method=method, kernel=kernel, **args)
+    torch.testing.assert_close(result.kernel, kernel)
+    with pytest.raises(ValueError, match="kernel="):
+        run(_photo(), 0.02, method=method, **args)
+
+
+def test_circular_boundary_keeps_the_grid():
+    result = run(_photo((3, 32, 32)), 0.02, boundary="circular", **FAST)
+    assert result.info["grid"] == [32, 32]
+    assert run(_photo(), 0.02, **FAST).info["grid"] == [34, 45]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sigma": 0.0}, "sigma"),
+        ({"sigma": 0.7}, "sigma"),
+        ({"sigma": float("inf")}, "sigma"),
+        ({"kernel_size": 2}, "kernel_size"),
+        ({"kernel_size": 16}, "kernel_size"),
+        ({"particles": 0}, "particles"),
+        ({"method": "magic"}, "method"),
+        ({"boundary": "mirror"}, "boundary"),
+        ({"regularizer": "tv"}, "regularizer"),
+        ({"prior": "nonexistent"}, "prior"),
+        ({"prior": "ffhq"}, "ffhq_10m.pt"),
+        ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "tpu"}, "device"),
+        ({"steps": "abc"}, "steps"),
+        ({"seed": -1}, "seed"),
+        ({"kernel": torch.zeros(5, 5)}, "kernel"),
+        ({"blurry": torch.rand(3, 1, 30)}, "too small"),
+        ({"blurry": torch.full((3, 30, 30), float("nan"))}, "NaN"),
+        ({"blurry": "/no/such/file.png"}, "not found"),
+    ],
+)
+def test_bad_input_gives_one_clear_value_error(kwargs, match, monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTEM_WEIGHTS", str(tmp_path))
+    args = {"blurry": _photo(), "sigma": 0.02, **FAST}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        run(args.pop("blurry"), args.pop("sigma"), **args)
+
+
+def test_public_names():
+    for name in ("run", "estimate_kernel", "blur", "motion_kernel", "metrics", "Result"):
+        assert hasattr(fastem_ext, name)

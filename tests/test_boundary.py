@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from fastem_ext import blur
+from fastem_ext.boundary import Frame
+from fastem_ext.motion import motion_kernel
+from fastem_ext.observation import Observation
+
+
+def test_valid_frame_covers_the_kernel_and_the_multiple():
+    frame = Frame.plan(45, 70, 17, 32, "valid")
+    assert frame.grid_h % 32 == 0 and frame.grid_w % 32 == 0
+    assert frame.top >= 8 and frame.left >= 8
+    assert frame.grid_h - 45 - frame.top >= 8 and frame.grid_w - 70 - frame.left >= 8
+    image = torch.rand(3, 45, 70)
+    grid, mask = frame.pad(image)
+    assert torch.equal(frame.crop(grid), image)
+    assert float(mask.sum()) == 45 * 70 and torch.equal(frame.crop(mask), torch.ones(1, 45, 70))
+
+
+def test_circular_frame_needs_a_multiple():
+    assert not Frame.plan(64, 96, 9, 32, "circular").masked
+    with pytest.raises(ValueError, match="multiples of 32"):
+        Frame.plan(64, 90, 9, 32, "circular")
+
+
+def test_masked_observation_sees_no_wrap_around():
+    """A photo blurred by *linear* convolution is explained exactly on the grid: the residual of
+    the true scene is zero on every observed pixel, including the borders."""
+    kernel = motion_kernel(15, seed=3)
+    scene = torch.rand(3, 64 + 14, 80 + 14, generator=torch.Generator().manual_seed(0))
+    photo = blur(scene, kernel, "valid")  # [3, 64, 80], no periodic assumption
+    frame = Frame.plan(64, 80, 15, 16, "valid")
+    grid, mask = frame.pad(photo)
+    x = torch.zeros(1, *grid.shape)
+    top, left = frame.top - 7, frame.left - 7
+    x[0, :, top : top + scene.shape[1], left : left + scene.shape[2]] = scene
+    obs = Observation(grid, 0.01, mask)
+    from fastem_ext.physics import psf2otf
+
+    residual = obs.residual_net(2 * x - 1, psf2otf(kernel, grid.shape[-2:]))
+    assert float(residual.abs().max()) < 1e-5
+    circular = Observation(photo, 0.01)
+    wrapped = circular.residual_net(2 * scene[None, :, 7:-7, 7:-7] - 1,
+                                    psf2otf(kernel, photo.shape[-2:]))
+    assert float(wrapped.abs().max()) > 0.1  # the circular model cannot explain the borders

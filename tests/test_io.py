@@ -1,0 +1,120 @@
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastem_ext.io import load_image, write_image, write_kernel
+from fastem_ext.png16 import encode_png16, read_png16
+
+
+def _filtered_png16(pixels: np.ndarray) -> bytes:
+    """Encode with every PNG filter type in turn (rows cycle through 0..4)."""
+    height, width, channels = pixels.shape
+    bpp = 2 * channels
+    raw = pixels.astype(">u2").reshape(height, -1).view(np.uint8).astype(np.int32)
+    rows = []
+    for r in range(height):
+        line, up = raw[r], raw[r - 1] if r else np.zeros_like(raw[0])
+        left = np.concatenate([np.zeros(bpp, np.int32), line[:-bpp]])
+        upleft = np.concatenate([np.zeros(bpp, np.int32), up[:-bpp]])
+        kind = r % 5
+        if kind == 0:
+            pred = np.zeros_like(line)
+        elif kind == 1:
+            pred = left
+        elif kind == 2:
+            pred = up
+        elif kind == 3:
+            pred = (left + up) // 2
+        else:
+            p = left + up - upleft
+            pa, pb, pc = abs(p - left), abs(p - up), abs(p - upleft)
+            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
+        rows.append(bytes([kind]) + ((line - pred) % 256).astype(np.uint8).tobytes())
+    colour = {1: 0, 3: 2, 4: 6}[channels]
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0)
+
+    def chunk(kind, body):
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_png16_decodes_every_filter_type(tmp_path, channels):
+    pixels = np.random.default_rng(channels).integers(0, 65536, (11, 7, channels), dtype=np.uint16)
+    path = tmp_path / "f.png"
+    path.write_bytes(_filtered_png16(pixels))
+    np.testing.assert_array_equal(read_png16(path), pixels)
+
+
+def test_16bit_rgb_round_trip_through_load_and_write(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 65536, (9, 12, 3), dtype=np.uint16)
+    src, out = tmp_path / "in.png", tmp_path / "out.png"
+    src.write_bytes(encode_png16(pixels))
+    loaded = load_image(src)
+    assert loaded.bits == 16 and loaded.image.shape == (3, 9, 12)
+    write_image(out, loaded.image, bits=loaded.bits)
+    np.testing.assert_array_equal(read_png16(out), pixels)
+
+
+def test_inputs_of_every_kind_agree(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 256, (16, 20, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    expected = torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32) / 255)
+    for source in (tmp_path / "a.png", str(tmp_path / "a.png"), Image.fromarray(rgb), rgb,
+                   rgb.astype(np.float64) / 255, expected, expected[None]):
+        torch.testing.assert_close(load_image(source).image, expected)
+    rgba = np.concatenate([rgb, np.full((16, 20, 1), 7, np.uint8)], axis=2)
+    torch.testing.assert_close(load_image(rgba).image, expected)
+    grey = load_image(rgb[:, :, 0])
+    assert grey.image.shape == (1, 16, 20) and grey.bits == 8
+    assert load_image(rgb.astype(np.uint16) * 257).bits == 16
+
+
+@pytest.mark.parametrize(
+    "source, match",
+    [
+        (Path("/nonexistent/x.png"), "not found"),
+        (np.zeros((4, 4, 3, 2)), "H×W"),
+        (np.zeros((10, 10), dtype=np.int64), "uint8"),
+        (torch.rand(2, 3, 10, 10), "one image"),
+        (torch.rand(5, 10, 10), "C = 1 or 3"),
+        (torch.rand(3, 1, 10), "too small"),
+        (torch.full((3, 10, 10), float("nan")), "NaN"),
+        (torch.rand(3, 10, 10) * 255, r"\[0, 1\]"),
+        (3.5, "path"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(source, match):
+    with pytest.raises(ValueError, match=match):
+        load_image(source)
+
+
+def test_a_non_image_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("not an image")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_image(path)
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    target = tmp_path / "out.xyz"
+    with pytest.raises(ValueError, match="unsupported"):
+        write_image(target, torch.rand(3, 8, 8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_kernel_outputs(tmp_path):
+    kernel = torch.rand(9, 9)
+    kernel /= kernel.sum()
+    write_kernel(tmp_path / "k.npy", kernel)
+    np.testing.assert_array_equal(np.load(tmp_path / "k.npy"), kernel.numpy())
+    write_kernel(tmp_path / "k.png", kernel)
+    assert read_png16(tmp_path / "k.png").max() == 65535
