@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from torch import Tensor
 
 from .boundary import BOUNDARIES, Frame
 from .checks import check_choice, check_int, check_kernel, check_kernel_size, check_sigma
+from .engine import EngineConfig, graphed_sample
 from .io import load_image
 from .mstep import REGULARIZERS, HQSConfig
 from .noise import estimate_noise
@@ -19,7 +21,7 @@ from .observation import Observation
 from .physics import blur_spectrum, gaussian_kernel, psf2otf
 from .priors import load_prior
 from .progress import StepProgress
-from .samplers import SamplerOutput, diffusion_em, fast_em, nonblind
+from .samplers import Runner, SamplerOutput, diffusion_em, fast_em, nonblind, sample
 from .schedule import Schedule
 
 METHODS = ("fastem-pigdm", "fastem-dps", "diffem-pigdm", "pigdm", "dps")
@@ -27,6 +29,7 @@ BLIND = ("fastem-pigdm", "fastem-dps", "diffem-pigdm")
 DEFAULT_STEPS = {"fastem-pigdm": "100", "fastem-dps": "1000", "diffem-pigdm": "100",
                  "pigdm": "100", "dps": "1000"}
 MAX_PARTICLES = 256
+ENGINES = ("auto", "fast", "reference")
 
 
 @dataclass
@@ -48,7 +51,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         kernel_size: int = 33, seed: int = 0, device: str | torch.device | None = None,
         progress: bool = True, kernel: Tensor | None = None, boundary: str = "valid",
         regularizer: str = "pnp", rounds: int = 10, r2: str = "reference",
-        guidance_scale: float = 1.0) -> Result:
+        guidance_scale: float = 1.0, engine: str = "auto", precision: str = "bf16") -> Result:
     """Blind (or non-blind) deblurring of one photo.
 
     blurry: a path, PIL image, ``H×W(×C)`` numpy array (uint8, uint16 or float in [0, 1]) or a
@@ -58,7 +61,9 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     ``kernel``; for blind methods ``kernel`` is the initial estimate. steps: respacing such as
     ``"100"`` or ``"ddim50"`` (default per method). boundary: ``valid`` for real photos (any size,
     no wrap-around), ``circular`` for synthetic circularly blurred data. regularizer: the
-    M-step's kernel prior (``pnp`` uses the bundled kernel denoiser).
+    M-step's kernel prior (``pnp`` uses the bundled kernel denoiser). engine: ``fast`` (the
+    step captured as a CUDA graph, network in ``precision``), ``reference`` (eager float32) or
+    ``auto`` (fast on CUDA, reference on CPU).
     """
     started = time.perf_counter()
     loaded = load_image(blurry)
@@ -79,6 +84,11 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     sigma = check_sigma("estimated noise level (pass sigma=)" if estimated else "sigma",
                         estimate_noise(image) if estimated else sigma)
     device = _resolve_device(device)
+    engine = check_choice("engine", engine, ENGINES)
+    if engine == "auto":
+        engine = "fast" if device.type == "cuda" else "reference"
+    runner = sample if engine == "reference" else partial(
+        graphed_sample, engine=EngineConfig(precision=precision).validate())
     schedule = Schedule(DEFAULT_STEPS[method] if steps is None else steps, r2=r2)
 
     net_prior = load_prior(prior, device)
@@ -98,7 +108,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     sample_start = time.perf_counter()
     try:
         out = _sample(method, net_prior.model, obs, kernel, schedule, particles, generator,
-                      regularizer, rounds, guidance_scale, reporter)
+                      regularizer, rounds, guidance_scale, reporter, runner)
     finally:
         reporter.close()
     if device.type == "cuda":
@@ -117,8 +127,9 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         "steps": len(schedule), "rounds": rounds if method == "diffem-pigdm" else 1,
         "sigma": sigma, "sigma_estimated": estimated, "kernel_size": kernel_size,
         "boundary": boundary, "grid": [frame.grid_h, frame.grid_w], "regularizer": regularizer,
-        "r2": r2, "seed": seed, "device": _device_name(device), "source": loaded.source,
-        "bits": loaded.bits,
+        "r2": r2, "seed": seed, "engine": engine,
+        "precision": precision if engine == "fast" else "fp32", "device": _device_name(device),
+        "source": loaded.source, "bits": loaded.bits,
         "reblur_rmse": reblur_rmse,
         "seconds_total": time.perf_counter() - started, "seconds_sampling": sample_seconds,
         "seconds_per_step": sample_seconds / total,
@@ -130,10 +141,10 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
 
 def _sample(method: str, model, obs: Observation, kernel: Tensor, schedule: Schedule,
             particles: int, generator: torch.Generator, regularizer: str, rounds: int,
-            scale: float, callback) -> SamplerOutput:
+            scale: float, callback, runner: Runner) -> SamplerOutput:
     guidance = "dps" if method.endswith("dps") else "pigdm"
     common = dict(schedule=schedule, particles=particles, generator=generator,
-                  guidance=guidance, guidance_scale=scale, callback=callback)
+                  guidance=guidance, guidance_scale=scale, callback=callback, runner=runner)
     if method in ("pigdm", "dps"):
         return nonblind(model, obs, kernel, **common)
     mstep = _mstep_config(regularizer, kernel.shape[-1], kernel.device)
@@ -149,7 +160,7 @@ def _mstep_config(regularizer: str, size: int, device: torch.device) -> HQSConfi
 
     model = load_kernel_denoiser(size, device)
 
-    def denoiser(kernel: Tensor, sigma_d: Tensor) -> Tensor:
+    def denoiser(kernel: Tensor, sigma_d: float) -> Tensor:
         return model(kernel, sigma_d, check=False)  # no host sync inside the loop
 
     return HQSConfig(regularizer=denoiser).validate()

@@ -62,8 +62,8 @@ REGULARIZERS = ("pnp", "l1", "l2", "none")
 # Tikhonov term against the coupling nσ²β. Provisional values, to be tuned on natural/train only.
 DEFAULT_LAMBDA = {"pnp": 1.0, "l1": 1.0, "l2": 1e4, "none": 0.0}
 
-KernelDenoiser = Callable[[Tensor, Tensor], Tensor]
-"""``denoiser(kernel [K, K], sigma_d 0-d tensor) -> [K, K]`` (plug-and-play kernel prior)."""
+KernelDenoiser = Callable[[Tensor, float], Tensor]
+"""``denoiser(kernel [K, K], sigma_d) -> [K, K]`` (plug-and-play kernel prior)."""
 
 
 class KernelSpectra(NamedTuple):
@@ -184,8 +184,7 @@ def hqs(spectra: KernelSpectra, kernel: Tensor, sigma: float | Tensor, config: H
         denominator = denominator + n * sigma**2 * config.weight
     if ridge_r2 is not None:
         denominator = denominator + n * channels * shape[0] * shape[1] * ridge_r2
-    sigma_d = torch.as_tensor((config.weight / config.beta) ** 0.5, dtype=kernel.dtype,
-                              device=kernel.device)
+    sigma_d = (config.weight / config.beta) ** 0.5  # a float: no host-to-device copy
     for _ in range(config.iters):
         z = project_kernel(otf2psf(z_update(spectra, kernel, coupling, denominator, shape), size),
                            kernel)
@@ -193,12 +192,12 @@ def hqs(spectra: KernelSpectra, kernel: Tensor, sigma: float | Tensor, config: H
     return recenter_kernel(kernel)
 
 
-def _kernel_step(z: Tensor, sigma_d: Tensor, config: HQSConfig) -> Tensor:
+def _kernel_step(z: Tensor, sigma_d: float, config: HQSConfig) -> Tensor:
     """The K-update (Eq. 25) before projection."""
     if config.kind == "pnp":
         return config.kernel_denoiser(z, sigma_d)
     if config.kind == "l1":
-        return (z - sigma_d.square()).clamp_min(0.0)  # z ≥ 0 here: soft threshold at λ/β
+        return (z - sigma_d**2).clamp_min(0.0)  # z ≥ 0 here: soft threshold at λ/β
     return z
 
 

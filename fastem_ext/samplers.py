@@ -45,12 +45,50 @@ class SamplerOutput:
     kernel: Tensor | None
 
 
-def predict_x0(eps_model: EpsModel, x_t: Tensor, tables: StepTables, i: int) -> Tensor:
+Index = int | Tensor
+"""A respaced step: a Python int (eager loop) or a 0-d int64 device tensor (CUDA-graph replay)."""
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What one step does. guidance: ``"pigdm"``, ``"dps"`` or ``None`` (unconditional);
+    mstep: the validated HQS settings (Fast EM) or ``None`` (kernel fixed); scale: the guidance
+    multiplier."""
+
+    guidance: str | None = "pigdm"
+    mstep: HQSConfig | None = None
+    scale: float = 1.0
+
+
+def predict_x0(eps_model: EpsModel, x_t: Tensor, tables: StepTables, i: Index) -> Tensor:
     """The clamped Tweedie estimate ``x̂0 ∈ [-1, 1]`` with a straight-through gradient."""
     channels = x_t.shape[1]
-    eps = eps_model(x_t, tables.t[i].expand(x_t.shape[0]))[:, :channels]
+    eps = eps_model(x_t, tables.t[i].expand(x_t.shape[0]))[:, :channels].to(x_t.dtype)
     x0 = (x_t - tables.sqrt_one_minus_ac[i] * eps) / tables.sqrt_ac[i]
     return x0 + (x0.clamp(-1.0, 1.0) - x0).detach()
+
+
+def guided_step(eps_model: EpsModel, obs: Observation | None, tables: StepTables, i: Index,
+                x: Tensor, kernel: Tensor | None, config: StepConfig,
+                generator: torch.Generator) -> tuple[Tensor, Tensor | None, Tensor]:
+    """One step of Algorithms 1/2 from ``x_t`` (``[n, C, H, W]``, network units).
+
+    Returns ``(x_{t−1}, kernel, x̂0)``, all detached. Graph-safe: with ``i`` a device tensor it
+    reads every scalar from the tables and never touches the host.
+    """
+    with torch.enable_grad():
+        x_t = x.detach().requires_grad_(config.guidance is not None)
+        x0 = predict_x0(eps_model, x_t, tables, i)
+        if config.mstep is not None:
+            ridge = tables.r2[i] / 4.0 if config.guidance == "pigdm" else None
+            x0_image = (x0.detach() + 1.0) / 2.0
+            spectra = kernel_spectra(obs.mstep_target(x0_image, kernel), x0_image)
+            kernel = hqs(spectra, kernel, obs.sigma, config.mstep, x.shape[-2:], ridge_r2=ridge)
+        step = _guidance_step(x_t, x0, obs, kernel, config, tables, i)
+    x0 = x0.detach()
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    x = tables.coef_x0[i] * x0 + tables.coef_xt[i] * x + tables.noise_std[i] * noise
+    return (x if step is None else x + step), kernel, x0
 
 
 def sample(eps_model: EpsModel, obs: Observation | None, *, schedule: Schedule,
@@ -58,7 +96,7 @@ def sample(eps_model: EpsModel, obs: Observation | None, *, schedule: Schedule,
            guidance: str | None = "pigdm", kernel: Tensor | None = None,
            mstep: HQSConfig | None = None, guidance_scale: float = 1.0,
            callback: StepCallback | None = None) -> SamplerOutput:
-    """The shared loop. ``obs=None``/``guidance=None`` samples the prior unconditionally.
+    """The eager loop. ``obs=None``/``guidance=None`` samples the prior unconditionally.
 
     shape: ``(n, C, H, W)``; kernel: ``[K, K]`` — fixed (non-blind) or the initial kernel when
     ``mstep`` is given (Fast EM). ``mstep`` must be validated.
@@ -66,60 +104,53 @@ def sample(eps_model: EpsModel, obs: Observation | None, *, schedule: Schedule,
     device = generator.device
     dtype = obs.y.dtype if obs is not None else torch.float32
     tables = schedule.tables(device, dtype)
-    image_hw = shape[-2:]
+    config = StepConfig(guidance, mstep, guidance_scale)
     x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     for i in reversed(range(len(tables))):
-        with torch.enable_grad():
-            x_t = x.detach().requires_grad_(guidance is not None)
-            x0 = predict_x0(eps_model, x_t, tables, i)
-            if mstep is not None:
-                ridge = tables.r2[i] / 4.0 if guidance == "pigdm" else None
-                x0_image = (x0.detach() + 1.0) / 2.0
-                spectra = kernel_spectra(obs.mstep_target(x0_image, kernel), x0_image)
-                kernel = hqs(spectra, kernel, obs.sigma, mstep, image_hw, ridge_r2=ridge)
-            step = _guidance_step(x_t, x0, obs, kernel, guidance, tables, i, guidance_scale)
-        x0 = x0.detach()
-        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        x = tables.coef_x0[i] * x0 + tables.coef_xt[i] * x + tables.noise_std[i] * noise
-        if step is not None:
-            x = x + step
+        x, kernel, x0 = guided_step(eps_model, obs, tables, i, x, kernel, config, generator)
         if callback is not None:
             callback(i, (x0 + 1.0) / 2.0, kernel)
     return SamplerOutput(((x.clamp(-1.0, 1.0) + 1.0) / 2.0).detach(), kernel)
 
 
+Runner = Callable[..., SamplerOutput]
+"""A loop executor with the signature of ``sample``."""
+
+
 def _guidance_step(x_t: Tensor, x0: Tensor, obs: Observation | None, kernel: Tensor | None,
-                   guidance: str | None, tables: StepTables, i: int,
-                   scale: float) -> Tensor | None:
+                   config: StepConfig, tables: StepTables, i: Index) -> Tensor | None:
     """The weighted guidance ``w_i · g`` (``None`` without guidance)."""
-    if guidance is None:
+    if config.guidance is None:
         return None
     otf = psf2otf(kernel, x_t.shape[-2:])
-    if guidance == "pigdm":
+    if config.guidance == "pigdm":
         residual = obs.residual_spectrum_net(x0.detach(), otf)
         grad = pigdm_guidance(x_t, x0, residual, otf, tables.r2[i], obs.sigma_net)
-        return (scale * tables.pigdm_weight[i]) * grad
+        return (config.scale * tables.pigdm_weight[i]) * grad
     grad = dps_guidance(x_t, obs.residual_net(x0, otf))
-    return (scale * tables.dps_weight[i]) * grad
+    return (config.scale * tables.dps_weight[i]) * grad
 
 
 def fast_em(eps_model: EpsModel, obs: Observation, kernel_init: Tensor, *, schedule: Schedule,
             particles: int, generator: torch.Generator, guidance: str = "pigdm",
             mstep: HQSConfig, guidance_scale: float = 1.0,
-            callback: StepCallback | None = None) -> SamplerOutput:
-    """Fast EM (Algorithm 2): one guided run with an M-step folded into every step."""
+            callback: StepCallback | None = None, runner: Runner = sample) -> SamplerOutput:
+    """Fast EM (Algorithm 2): one guided run with an M-step folded into every step.
+
+    ``runner`` executes the loop: ``sample`` (eager) or ``engine.graphed_sample``."""
     shape = (particles, *obs.y.shape)
-    return sample(eps_model, obs, schedule=schedule, shape=shape, generator=generator,
+    return runner(eps_model, obs, schedule=schedule, shape=shape, generator=generator,
                   guidance=guidance, kernel=kernel_init, mstep=mstep,
                   guidance_scale=guidance_scale, callback=callback)
 
 
 def nonblind(eps_model: EpsModel, obs: Observation, kernel: Tensor, *, schedule: Schedule,
              particles: int, generator: torch.Generator, guidance: str = "pigdm",
-             guidance_scale: float = 1.0, callback: StepCallback | None = None) -> SamplerOutput:
+             guidance_scale: float = 1.0, callback: StepCallback | None = None,
+             runner: Runner = sample) -> SamplerOutput:
     """Non-blind ΠGDM/DPS (Algorithm 1) with a known kernel."""
     shape = (particles, *obs.y.shape)
-    return sample(eps_model, obs, schedule=schedule, shape=shape, generator=generator,
+    return runner(eps_model, obs, schedule=schedule, shape=shape, generator=generator,
                   guidance=guidance, kernel=kernel, guidance_scale=guidance_scale,
                   callback=callback)
 
@@ -127,8 +158,8 @@ def nonblind(eps_model: EpsModel, obs: Observation, kernel: Tensor, *, schedule:
 def diffusion_em(eps_model: EpsModel, obs: Observation, kernel_init: Tensor, *,
                  schedule: Schedule, particles: int, generator: torch.Generator,
                  mstep: HQSConfig, rounds: int = 10, guidance: str = "pigdm",
-                 guidance_scale: float = 1.0,
-                 callback: StepCallback | None = None) -> SamplerOutput:
+                 guidance_scale: float = 1.0, callback: StepCallback | None = None,
+                 runner: Runner = sample) -> SamplerOutput:
     """Diffusion EM (Algorithm A.1): ``rounds`` × (full non-blind run, then one M-step on its
     final samples). Returns the last run's particles and the kernel after the last M-step."""
     kernel = kernel_init
@@ -137,7 +168,7 @@ def diffusion_em(eps_model: EpsModel, obs: Observation, kernel_init: Tensor, *,
     for _ in range(rounds):
         out = nonblind(eps_model, obs, kernel, schedule=schedule, particles=particles,
                        generator=generator, guidance=guidance, guidance_scale=guidance_scale,
-                       callback=callback)
+                       callback=callback, runner=runner)
         target = obs.mstep_target(out.particles, kernel)
         kernel = hqs(kernel_spectra(target, out.particles), kernel, obs.sigma, mstep, image_hw)
     return SamplerOutput(out.particles, kernel)

@@ -1,0 +1,161 @@
+"""The fast engine: one sampling step captured as a CUDA graph and replayed for every step.
+
+The step is the reference ``samplers.guided_step`` itself — the network forward and its VJP, the
+M-step, the guidance and the DDPM update — run on static buffers with the step index held in a
+0-d device tensor, so every per-step scalar is a gather from the schedule's device tables and the
+whole step replays without a host round trip. The network runs under bf16 autocast (FFTs and the
+M-step stay float32). Where capture is impossible (CPU, or a failure on CUDA) the same step runs
+eagerly, with one warning in the failure case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .observation import Observation
+from .samplers import EpsModel, SamplerOutput, StepCallback, StepConfig, guided_step
+from .schedule import Schedule
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """precision: the network's autocast dtype (``bf16``, ``fp16`` or ``fp32`` = none);
+    graphs: capture the step as a CUDA graph when on CUDA; warmup: eager steps run (and undone)
+    before capture so that lazy initialisation happens outside the graph."""
+
+    precision: str = "bf16"
+    graphs: bool = True
+    warmup: int = 2
+
+    def validate(self) -> EngineConfig:
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}"
+            )
+        return self
+
+
+def autocast_model(eps_model: EpsModel, device: torch.device, precision: str) -> EpsModel:
+    """Wrap ``eps_model`` to run under autocast; its output is cast back to float32."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return eps_model
+
+    def wrapped(x: Tensor, t: Tensor) -> Tensor:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            return eps_model(x, t).float()
+
+    return wrapped
+
+
+def graphed_sample(eps_model: EpsModel, obs: Observation | None, *, schedule: Schedule,
+                   shape: tuple[int, int, int, int], generator: torch.Generator,
+                   guidance: str | None = "pigdm", kernel: Tensor | None = None,
+                   mstep=None, guidance_scale: float = 1.0,
+                   callback: StepCallback | None = None,
+                   engine: EngineConfig = EngineConfig()) -> SamplerOutput:
+    """Drop-in for ``samplers.sample`` (same arguments, same random stream)."""
+    dtype = obs.y.dtype if obs is not None else torch.float32
+    x = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+    loop = GraphedLoop(eps_model, obs, schedule, StepConfig(guidance, mstep, guidance_scale),
+                       generator, x, kernel, engine.validate())
+    return loop.run(callback)
+
+
+class GraphedLoop:
+    """Runs ``len(schedule)`` steps from ``x_init`` on static buffers.
+
+    ``run()`` returns the same ``SamplerOutput`` as ``samplers.sample`` for the same generator
+    state.
+    """
+
+    def __init__(self, eps_model: EpsModel, obs: Observation | None, schedule: Schedule,
+                 config: StepConfig, generator: torch.Generator, x_init: Tensor,
+                 kernel: Tensor | None, engine: EngineConfig) -> None:
+        self.device = x_init.device
+        self.model = autocast_model(eps_model, self.device, engine.precision)
+        self.obs, self.config, self.generator, self.engine = obs, config, generator, engine
+        self.tables = schedule.tables(self.device, x_init.dtype)
+        self.steps = len(self.tables)
+        if obs is not None:
+            _ = obs.spec_y_net  # computed once, outside any graph
+        self.x = x_init.clone()
+        self.kernel = None if kernel is None else kernel.clone()
+        self.x0 = torch.zeros_like(x_init)
+        self.index = torch.full((), self.steps - 1, dtype=torch.int64, device=self.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _step(self) -> None:
+        x, kernel, x0 = guided_step(self.model, self.obs, self.tables, self.index, self.x,
+                                    self.kernel, self.config, self.generator)
+        self.x.copy_(x)
+        self.x0.copy_(x0)
+        if kernel is not None and kernel is not self.kernel:
+            self.kernel.copy_(kernel)
+        self.index.sub_(1)
+
+    def run(self, callback: StepCallback | None = None) -> SamplerOutput:
+        if self.device.type == "cuda" and self.engine.graphs:
+            self.graph = self._capture()
+        for _ in range(self.steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+            if callback is not None:
+                # The step index is only known on the device; the callback needs no host value.
+                callback(-1, (self.x0 + 1.0) / 2.0, self.kernel)
+        particles = ((self.x.clamp(-1.0, 1.0) + 1.0) / 2.0).clone()
+        return SamplerOutput(particles, None if self.kernel is None else self.kernel.clone())
+
+    def _capture(self) -> torch.cuda.CUDAGraph | None:
+        """Warm up on a side stream, restore the state, capture one step. ``None`` on failure."""
+        saved = self._snapshot()
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(self.engine.warmup):
+                    self._step()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self._restore(saved)
+            graph = torch.cuda.CUDAGraph()
+            _register_generator(graph, self.generator)
+            with torch.cuda.graph(graph):
+                self._step()
+            self._restore(saved)  # capture records kernels but must not count as a step
+            return graph
+        except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager
+            torch.cuda.synchronize(self.device)
+            self._restore(saved)
+            warnings.warn(f"CUDA graph capture failed ({type(err).__name__}: {err}); "
+                          "running the steps eagerly", RuntimeWarning, stacklevel=3)
+            return None
+
+    def _snapshot(self) -> tuple[Tensor, Tensor | None, Tensor]:
+        kernel = None if self.kernel is None else self.kernel.clone()
+        return self.x.clone(), kernel, self.generator.get_state()
+
+    def _restore(self, saved: tuple[Tensor, Tensor | None, Tensor]) -> None:
+        x, kernel, rng = saved
+        self.x.copy_(x)
+        if kernel is not None:
+            self.kernel.copy_(kernel)
+        self.index.fill_(self.steps - 1)
+        self.generator.set_state(rng)
+
+
+def _register_generator(graph: torch.cuda.CUDAGraph, generator: torch.Generator) -> None:
+    # A non-default generator must be registered so that each replay advances its Philox offset.
+    register: Callable | None = getattr(graph, "register_generator_state", None)
+    if register is not None:
+        with contextlib.suppress(RuntimeError):  # the default generator is already registered
+            register(generator)

@@ -1,0 +1,103 @@
+"""The fast engine's step on device-indexed tables must be the reference step, exactly."""
+
+import pytest
+import torch
+
+from fastem_ext import gaussian_kernel, run
+from fastem_ext.engine import EngineConfig, GraphedLoop, autocast_model, graphed_sample
+from fastem_ext.models import GaussianPrior
+from fastem_ext.mstep import HQSConfig
+from fastem_ext.observation import Observation
+from fastem_ext.samplers import StepConfig, fast_em, sample
+from fastem_ext.schedule import Schedule
+
+
+def _problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.rand(3, 24, 20, generator=g)
+    return Observation(y, 0.03), gaussian_kernel(5, 1.0)
+
+
+@pytest.mark.parametrize("guidance, blind", [("pigdm", True), ("dps", True), ("pigdm", False)])
+def test_device_indexed_loop_equals_the_reference_loop(guidance, blind):
+    obs, kernel = _problem()
+    mstep = HQSConfig(regularizer="l2").validate() if blind else None
+    args = dict(schedule=Schedule("6"), shape=(2, 3, 24, 20), guidance=guidance, kernel=kernel,
+                mstep=mstep)
+    prior = GaussianPrior()
+    ref = sample(prior, obs, generator=torch.Generator().manual_seed(1), **args)
+    fast = graphed_sample(prior, obs, generator=torch.Generator().manual_seed(1),
+                          engine=EngineConfig(precision="fp32"), **args)
+    assert torch.equal(ref.particles, fast.particles)
+    assert torch.equal(ref.kernel, fast.kernel)
+
+
+def test_fast_em_accepts_the_engine_as_runner():
+    obs, kernel = _problem(1)
+    common = dict(schedule=Schedule("4"), particles=1, mstep=HQSConfig(regularizer="none"))
+    ref = fast_em(GaussianPrior(), obs, kernel, generator=torch.Generator().manual_seed(2),
+                  **common)
+    fast = fast_em(GaussianPrior(), obs, kernel, generator=torch.Generator().manual_seed(2),
+                   runner=graphed_sample, **common)
+    assert torch.equal(ref.particles, fast.particles)
+
+
+def test_autocast_wrapper_returns_float32_and_fp32_is_a_no_op():
+    def model(x, t):
+        return x * 2
+
+    assert autocast_model(model, torch.device("cpu"), "fp32") is model
+    conv = torch.nn.Conv2d(3, 3, 1)
+    out = autocast_model(lambda x, t: conv(x), torch.device("cpu"), "bf16")(
+        torch.rand(1, 3, 4, 4), torch.zeros(1))
+    assert out.dtype == torch.float32
+    with pytest.raises(ValueError, match="precision"):
+        EngineConfig(precision="int8").validate()
+
+
+def test_capture_failure_falls_back_to_eager_with_one_warning(monkeypatch):
+    obs, kernel = _problem(2)
+    x = torch.randn(1, 3, 24, 20, generator=torch.Generator().manual_seed(3))
+
+    def make_loop():
+        return GraphedLoop(GaussianPrior(), obs, Schedule("3"), StepConfig("pigdm"),
+                           torch.Generator().manual_seed(4), x, kernel, EngineConfig())
+
+    expected = make_loop().run()  # CPU: eager
+    loop = make_loop()
+    monkeypatch.setattr(loop, "device", torch.device("cuda"))  # pretend, so capture is tried
+
+    def broken_stream(*args, **kwargs):
+        raise RuntimeError("capture not supported here")
+
+    monkeypatch.setattr(torch.cuda, "Stream", broken_stream)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    with pytest.warns(RuntimeWarning, match="capture failed") as record:
+        out = loop.run()
+    assert len(record) == 1 and loop.graph is None
+    assert torch.equal(out.particles, expected.particles)
+
+
+def test_run_reports_the_engine():
+    image = torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(5))
+    common = dict(prior="gaussian", steps="3", kernel_size=5, regularizer="l2", progress=False)
+    ref = run(image, 0.02, engine="reference", **common)
+    fast = run(image, 0.02, engine="fast", precision="fp32", **common)
+    assert ref.info["engine"] == "reference" and fast.info["engine"] == "fast"
+    assert torch.equal(ref.image, fast.image)
+    with pytest.raises(ValueError, match="engine"):
+        run(image, 0.02, engine="turbo", **common)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_matches_eager_fp32():
+    obs, kernel = _problem(3)
+    obs = Observation(obs.y.cuda(), obs.sigma)
+    args = dict(schedule=Schedule("8"), shape=(2, 3, 24, 20), kernel=kernel.cuda(),
+                mstep=HQSConfig(regularizer="l2").validate())
+    prior = GaussianPrior().cuda()
+    ref = sample(prior, obs, generator=torch.Generator("cuda").manual_seed(1), **args)
+    fast = graphed_sample(prior, obs, generator=torch.Generator("cuda").manual_seed(1),
+                          engine=EngineConfig(precision="fp32"), **args)
+    torch.testing.assert_close(fast.particles, ref.particles, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.kernel, ref.kernel, rtol=1e-4, atol=1e-6)
