@@ -128,7 +128,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         "sigma": sigma, "sigma_estimated": estimated, "kernel_size": kernel_size,
         "boundary": boundary, "grid": [frame.grid_h, frame.grid_w], "regularizer": regularizer,
         "r2": r2, "seed": seed, "engine": engine,
-        "precision": precision if engine == "fast" else "fp32", "device": _device_name(device),
+        "precision": precision if engine == "fast" else "fp32", "device": describe_device(device),
         "source": loaded.source, "bits": loaded.bits,
         "reblur_rmse": reblur_rmse,
         "seconds_total": time.perf_counter() - started, "seconds_sampling": sample_seconds,
@@ -180,7 +180,8 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def _device_name(device: torch.device) -> str:
+def describe_device(device: torch.device) -> str:
+    """A human-readable device name for reports (GPU model, or CPU cores and threads)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .api import run
 from .checks import check_int
-from .io import atomic_write, load_image
+from .io import atomic_write, center_crop, load_image
 from .metrics import kernel_mse, psnr
 from .motion import motion_kernel
 from .physics import blur
@@ -51,7 +51,7 @@ def run_demo(args: argparse.Namespace) -> str:
         sharp = sample_image(size)
     else:
         sharp = load_image(args.image, name="image").image
-        sharp = _centre_crop(sharp.expand(3, -1, -1), size)
+        sharp = center_crop(sharp.expand(3, -1, -1), size)
     if not 0 <= args.noise <= 50:
         raise ValueError(f"--noise must be in [0, 50] (/255 units), got {args.noise}")
     kernel = motion_kernel(args.kernel_size, seed=args.kernel_seed)
@@ -76,14 +76,6 @@ def run_demo(args: argparse.Namespace) -> str:
     _write_panel(Path(args.output), [blurry, result.image, sharp], kernel, result.kernel,
                  caption)
     return f"{args.output}: {caption}"
-
-
-def _centre_crop(image: Tensor, size: int) -> Tensor:
-    height, width = image.shape[-2:]
-    if min(height, width) < size:
-        raise ValueError(f"the image ({height}x{width}) is smaller than --size {size}")
-    top, left = (height - size) // 2, (width - size) // 2
-    return image[:, top : top + size, left : left + size]
 
 
 def _write_panel(path: Path, images: list[Tensor], true_kernel: Tensor, estimate: Tensor,

@@ -1,0 +1,178 @@
+"""Throughput of whole restorations: reference engine vs fast engine, one run, one device.
+
+GPU (the issue-8 table; ~6 minutes on an H100):
+
+    python benchmarks/bench_engine.py --device cuda --model ffhq --out $OUT/bench_engine.json
+
+CPU (the bundled prior at 256×256, n = 1, 100 steps; the README's CPU figure):
+
+    python benchmarks/bench_engine.py --device cpu --model natural --particles 1 --no-dps \\
+        --engines reference
+
+Prints a table and writes JSON with the device name. The reference engine at large n is timed
+over ``--reference-steps`` steps and extrapolated per step (marked in the table); the fast engine
+always runs the full schedule, CUDA-graph capture included. Random weights are fine for speed
+(``--model ffhq``: the FFHQ-256 guided-diffusion UNet, 93.6 M parameters). Also reports the
+fast-vs-reference agreement of one fp32 run (PSNR between outputs, kernel MSE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from fastem_ext.api import describe_device
+from fastem_ext.demo import sample_image
+from fastem_ext.engine import EngineConfig, graphed_sample
+from fastem_ext.metrics import psnr
+from fastem_ext.motion import motion_kernel
+from fastem_ext.mstep import HQSConfig
+from fastem_ext.observation import Observation
+from fastem_ext.physics import blur, gaussian_kernel
+from fastem_ext.samplers import fast_em, sample
+from fastem_ext.schedule import Schedule
+
+
+def build_model(name: str, device: torch.device) -> torch.nn.Module:
+    """``ffhq``/``tiny``: random-weight UNets (zero-initialised layers re-drawn so the output is
+    not trivially 0); ``natural``: the bundled prior."""
+    if name == "natural":
+        from fastem_ext.models.natural_prior import load_natural_prior
+
+        return load_natural_prior(device=device)
+    from fastem_ext.models.unet import FFHQ_256_CONFIG, UNet
+
+    config = dict(FFHQ_256_CONFIG) if name == "ffhq" else {
+        "image_size": 64, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
+        "attention_resolutions": "32", "num_head_channels": 16, "learn_sigma": True}
+    torch.manual_seed(0)
+    model = UNet.from_config(**config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1 and not param.any():
+                param.normal_(0.0, 0.02)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def problem(size: int, device: torch.device) -> tuple[Observation, torch.Tensor]:
+    sharp = sample_image(size)
+    truth = motion_kernel(33 if size >= 128 else 9, seed=11)
+    noise = torch.randn(sharp.shape, generator=torch.Generator().manual_seed(12))
+    blurry = blur(sharp, truth) + 10 / 255 * noise
+    return Observation(blurry.to(device), 10 / 255), truth
+
+
+def timed(fn, device: torch.device) -> tuple[float, object]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def run_case(model, obs: Observation, truth_size: int, *, engine: str, guidance: str,
+             particles: int, steps: int, device: torch.device, precision: str = "bf16"):
+    """Seconds for ``steps`` steps of Fast EM and the output."""
+    kernel = gaussian_kernel(truth_size, truth_size / 16, device=device)
+    runner = sample if engine == "reference" else partial(
+        graphed_sample, engine=EngineConfig(precision=precision))
+    mstep = HQSConfig(regularizer="l2").validate()
+
+    def go():
+        return fast_em(model, obs, kernel, schedule=Schedule(str(steps)), particles=particles,
+                       generator=torch.Generator(device).manual_seed(0), guidance=guidance,
+                       mstep=mstep, runner=runner)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds, out = timed(go, device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return seconds, peak, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", choices=["ffhq", "natural", "tiny"], default="ffhq")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--particles", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--reference-steps", type=int, default=10,
+                        help="steps timed for the reference engine (extrapolated per step)")
+    parser.add_argument("--dps-steps", type=int, default=1000)
+    parser.add_argument("--no-dps", action="store_true")
+    parser.add_argument("--engines", nargs="+", default=["reference", "fast"],
+                        choices=["reference", "fast"])
+    parser.add_argument("--out", default=None, help="JSON results file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    model = build_model(args.model, device)
+    obs, truth = problem(args.size, device)
+    ksize = truth.shape[-1]
+    name = describe_device(device)
+    rows = []
+    cases = [("pigdm", n, args.steps) for n in args.particles]
+    if not args.no_dps:
+        cases.append(("dps", 1, args.dps_steps))
+    for guidance, n, steps in cases:
+        row = {"method": f"fastem-{guidance}", "particles": n, "steps": steps}
+        for engine in args.engines:
+            timed_steps = min(steps, args.reference_steps) if engine == "reference" else steps
+            if engine == "fast":  # warm-up: lazy CUDA/cuFFT initialisation, autotuning
+                run_case(model, obs, ksize, engine=engine, guidance=guidance, particles=n,
+                         steps=min(steps, 5), device=device)
+            seconds, peak, _ = run_case(model, obs, ksize, engine=engine, guidance=guidance,
+                                        particles=n, steps=timed_steps, device=device)
+            row[f"{engine}_s_per_image"] = seconds * steps / timed_steps
+            row[f"{engine}_extrapolated"] = timed_steps != steps
+            row[f"{engine}_peak_bytes"] = peak
+        if len(args.engines) == 2:
+            row["speedup"] = row["reference_s_per_image"] / row["fast_s_per_image"]
+        rows.append(row)
+        print(_format(row), flush=True)
+    agreement = _agreement(model, obs, ksize, device, args) if len(args.engines) == 2 else None
+    result = {"device": name, "torch": torch.__version__, "model": args.model,
+              "size": args.size, "date": time.strftime("%Y-%m-%d"), "rows": rows,
+              "fp32_agreement": agreement, "command": " ".join(sys.argv)}
+    if agreement:
+        print(f"fast(fp32) vs reference: PSNR {agreement['psnr_db']:.1f} dB, "
+              f"kernel MSE {agreement['kernel_mse']:.2e}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _agreement(model, obs, ksize, device, args) -> dict[str, float]:
+    """One fp32 fast run against the reference, same seed, 20 steps, n = 1."""
+    steps = min(args.steps, 20)
+    _, _, ref = run_case(model, obs, ksize, engine="reference", guidance="pigdm", particles=1,
+                         steps=steps, device=device)
+    _, _, fast = run_case(model, obs, ksize, engine="fast", guidance="pigdm", particles=1,
+                          steps=steps, device=device, precision="fp32")
+    return {"psnr_db": float(psnr(fast.particles[0], ref.particles[0])),
+            "kernel_mse": float((fast.kernel - ref.kernel).square().mean()), "steps": steps}
+
+
+def _format(row: dict) -> str:
+    parts = [f"{row['method']:13s} n={row['particles']:<3d} steps={row['steps']:<5d}"]
+    for engine in ("reference", "fast"):
+        if f"{engine}_s_per_image" in row:
+            mark = "*" if row[f"{engine}_extrapolated"] else ""
+            parts.append(f"{engine} {row[f'{engine}_s_per_image']:8.2f} s{mark}")
+            if row[f"{engine}_peak_bytes"]:
+                parts.append(f"peak {row[f'{engine}_peak_bytes'] / 2**30:.2f} GiB")
+    if "speedup" in row:
+        parts.append(f"speed-up {row['speedup']:.1f}x")
+    return " | ".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
