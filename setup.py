@@ -1,6 +1,67 @@
-"""Build and install fastem (the ``fastem_ext`` package and the ``fastem`` command)."""
+"""Build and install fastem (the ``fastem_ext`` package and the ``fastem`` command).
+
+The fused ops are compiled into ``fastem_ext._C``: a ``CppExtension`` (CPU kernels) on CPU-only
+torch, a ``CUDAExtension`` (CPU and CUDA kernels) where torch has CUDA and a CUDA toolkit exists.
+Build switches (environment variables):
+
+- ``FASTEM_NO_EXT=1``: no extension; the package runs on its pure-torch references.
+- ``FASTEM_NO_CUDA=1``: CPU kernels only, even where CUDA could be built.
+- ``FASTEM_FORCE_CUDA=1``: fail unless the CUDA kernels can be built.
+
+Building needs torch at build time: ``pip install --no-build-isolation -e .``.
+"""
+
+import os
+from glob import glob
 
 from setuptools import find_packages, setup
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+def _cuda_choice() -> tuple[bool, str]:
+    """Whether to build the CUDA kernels, and why."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if _flag("FASTEM_NO_CUDA"):
+        return False, "FASTEM_NO_CUDA is set"
+    if torch.version.cuda is None:
+        reason = f"torch {torch.__version__} has no CUDA"
+    elif CUDA_HOME is None:
+        reason = f"torch has CUDA {torch.version.cuda} but no CUDA toolkit was found (CUDA_HOME)"
+    else:
+        return True, f"torch has CUDA {torch.version.cuda} and the toolkit is at {CUDA_HOME}"
+    if _flag("FASTEM_FORCE_CUDA"):
+        raise RuntimeError(f"FASTEM_FORCE_CUDA is set but {reason}")
+    return False, reason
+
+
+def _extensions() -> tuple[list, dict]:
+    if _flag("FASTEM_NO_EXT"):
+        print("fastem: FASTEM_NO_EXT is set: no fastem_ext._C, the ops run their references")
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(glob("csrc/*.cpp") + glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3"]
+    use_cuda, reason = _cuda_choice()
+    if use_cuda:
+        print(f"fastem: building fastem_ext._C as a CUDAExtension (CPU + CUDA): {reason}")
+        sources += sorted(glob("csrc/cuda/*.cu"))
+        macros = [("FASTEM_WITH_CUDA", None)]
+        ext = CUDAExtension("fastem_ext._C", sources, define_macros=macros,
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]})
+    else:
+        print(f"fastem: building fastem_ext._C as a CppExtension (CPU only): {reason}")
+        ext = CppExtension("fastem_ext._C", sources, extra_compile_args={"cxx": cxx})
+    # The library registers its ops with the dispatcher when loaded; it is not a Python module.
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
 
 setup(
     name="fastem",
@@ -12,4 +73,6 @@ setup(
     install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["fastem = fastem_ext.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -25,9 +25,14 @@ def pigdm_vector(spec_residual: Tensor, otf: Tensor, r2: Tensor | float,
     eigenvalues ``otf``, so the inverse is the per-frequency filter
     ``conj(K) R / (r² |K|² + σ²)``. shape: ``(H, W)``. Returns ``[n, C, H, W]``.
     """
+    return torch.fft.irfft2(pigdm_spectrum(spec_residual, otf, r2, sigma), s=shape)
+
+
+def pigdm_spectrum(spec_residual: Tensor, otf: Tensor, r2: Tensor | float,
+                   sigma: Tensor | float) -> Tensor:
+    """The ΠGDM filter per frequency, ``conj(K) R / (r² |K|² + σ²)``; shapes as ``pigdm_vector``."""
     gain = otf.real.square() + otf.imag.square()
-    filtered = otf.conj() * spec_residual / (r2 * gain + sigma**2)
-    return torch.fft.irfft2(filtered, s=shape)
+    return otf.conj() * spec_residual / (r2 * gain + sigma**2)
 
 
 def pigdm_guidance(x_t: Tensor, x0: Tensor, spec_residual: Tensor, otf: Tensor,

@@ -77,11 +77,18 @@ class KernelSpectra(NamedTuple):
 
 def kernel_spectra(y: Tensor, x: Tensor) -> KernelSpectra:
     """y: ``[C, H, W]`` (or one target per particle, ``[n, C, H, W]``); x: ``[n, C, H, W]``."""
-    spec_y = torch.fft.rfft2(y)
-    spec_x = torch.fft.rfft2(x)
+    cross, energy = spectral_sums(torch.fft.rfft2(y), torch.fft.rfft2(x))
+    return KernelSpectra(cross, energy, x.shape[0], x.shape[1])
+
+
+def spectral_sums(spec_y: Tensor, spec_x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Σ_{i,c} conj(X^i_c)·Y_c, Σ_{i,c} |X^i_c|²)``, each ``[H, W//2+1]``.
+
+    spec_x: ``[n, C, H, W//2+1]``; spec_y: ``[C, H, W//2+1]`` or ``[n, C, H, W//2+1]``.
+    """
     cross = (spec_x.conj() * spec_y).sum(dim=(0, 1))
     energy = (spec_x.real.square() + spec_x.imag.square()).sum(dim=(0, 1))
-    return KernelSpectra(cross, energy, x.shape[0], x.shape[1])
+    return cross, energy
 
 
 @dataclass(frozen=True)
@@ -165,8 +172,13 @@ def _shifted_index(index: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
 def z_update(spectra: KernelSpectra, kernel: Tensor, coupling: Tensor | float,
              denominator: Tensor, shape: tuple[int, int]) -> Tensor:
     """One Eq. 24 solve: the full-grid ``z`` ``[H, W]`` from the previous kernel ``[K, K]``."""
-    numerator = spectra.cross + coupling * psf2otf(kernel, shape)
-    return torch.fft.irfft2(numerator / denominator, s=shape)
+    spectrum = z_spectrum(spectra.cross, denominator, psf2otf(kernel, shape), coupling)
+    return torch.fft.irfft2(spectrum, s=shape)
+
+
+def z_spectrum(cross: Tensor, denominator: Tensor, otf: Tensor, coupling: Tensor | float) -> Tensor:
+    """Eq. 24 per frequency: ``(cross + coupling·otf) / denominator``, all ``[H, W//2+1]``."""
+    return (cross + coupling * otf) / denominator
 
 
 def hqs(spectra: KernelSpectra, kernel: Tensor, sigma: float | Tensor, config: HQSConfig,
@@ -177,19 +189,33 @@ def hqs(spectra: KernelSpectra, kernel: Tensor, sigma: float | Tensor, config: H
     units (``None`` for point particles). ``config`` must already be validated.
     """
     size = kernel.shape[-1]
-    n, channels = spectra.particles, spectra.channels
-    coupling = n * sigma**2 * config.beta
-    denominator = spectra.energy + coupling
-    if config.kind == "l2":
-        denominator = denominator + n * sigma**2 * config.weight
-    if ridge_r2 is not None:
-        denominator = denominator + n * channels * shape[0] * shape[1] * ridge_r2
-    sigma_d = (config.weight / config.beta) ** 0.5  # a float: no host-to-device copy
+    terms = hqs_terms(config, spectra.particles, spectra.channels, shape, sigma, ridge_r2)
+    denominator = spectra.energy + terms.shift
     for _ in range(config.iters):
-        z = project_kernel(otf2psf(z_update(spectra, kernel, coupling, denominator, shape), size),
-                           kernel)
-        kernel = project_kernel(_kernel_step(z, sigma_d, config), z)
+        z = project_kernel(
+            otf2psf(z_update(spectra, kernel, terms.coupling, denominator, shape), size), kernel)
+        kernel = project_kernel(_kernel_step(z, terms.sigma_d, config), z)
     return recenter_kernel(kernel)
+
+
+class HQSTerms(NamedTuple):
+    """The scalars of one M-step (floats, or tensors where ``ridge_r2`` is one)."""
+
+    coupling: float | Tensor  # nσ²β: the previous kernel's weight in Eq. 24's numerator
+    shift: float | Tensor  # what Eq. 24's denominator adds to Σ|X|²
+    sigma_d: float  # the K-update's noise level √(λ/β); a float: no host-to-device copy
+
+
+def hqs_terms(config: HQSConfig, particles: int, channels: int, shape: tuple[int, int],
+              sigma: float | Tensor, ridge_r2: Tensor | float | None = None) -> HQSTerms:
+    """``shift = nσ²β [+ nσ²λ for ℓ2] [+ nCN·r² for the ΠGDM ridge]`` (module docstring)."""
+    coupling = particles * sigma**2 * config.beta
+    shift = coupling
+    if config.kind == "l2":
+        shift = shift + particles * sigma**2 * config.weight
+    if ridge_r2 is not None:
+        shift = shift + particles * channels * shape[0] * shape[1] * ridge_r2
+    return HQSTerms(coupling, shift, (config.weight / config.beta) ** 0.5)
 
 
 def _kernel_step(z: Tensor, sigma_d: float, config: HQSConfig) -> Tensor:
@@ -197,8 +223,13 @@ def _kernel_step(z: Tensor, sigma_d: float, config: HQSConfig) -> Tensor:
     if config.kind == "pnp":
         return config.kernel_denoiser(z, sigma_d)
     if config.kind == "l1":
-        return (z - sigma_d**2).clamp_min(0.0)  # z ≥ 0 here: soft threshold at λ/β
+        return soft_threshold(z, sigma_d**2)  # z ≥ 0 here: soft threshold at λ/β
     return z
+
+
+def soft_threshold(z: Tensor, threshold: float) -> Tensor:
+    """The ℓ1 proximal map on a non-negative kernel: ``max(z − threshold, 0)``."""
+    return (z - threshold).clamp_min(0.0)
 
 
 def estimate_kernel(sharp: Tensor, blurry: Tensor, sigma: float, *, kernel_size: int = 33,

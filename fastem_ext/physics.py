@@ -27,14 +27,21 @@ def psf2otf(kernel: Tensor, shape: tuple[int, int]) -> Tensor:
     kernel: ``[..., K1, K2]``, centre at ``(K1//2, K2//2)``; shape: ``(H, W)`` with ``H >= K1``,
     ``W >= K2``. Returns the complex half spectrum ``[..., H, W//2 + 1]``.
     """
+    return torch.fft.rfft2(kernel_grid(kernel, shape))
+
+
+def kernel_grid(kernel: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The kernel zero-padded to ``shape = (H, W)`` with its centre rolled to the origin.
+
+    kernel: ``[..., K1, K2]``. Returns ``[..., H, W]``, the real-space input of ``psf2otf``.
+    """
     k1, k2 = kernel.shape[-2:]
     height, width = shape
     if k1 > height or k2 > width:
         raise ValueError(f"kernel {k1}x{k2} is larger than the image {height}x{width}")
     padded = kernel.new_zeros(*kernel.shape[:-2], height, width)
     padded[..., :k1, :k2] = kernel
-    padded = torch.roll(padded, shifts=(-(k1 // 2), -(k2 // 2)), dims=(-2, -1))
-    return torch.fft.rfft2(padded)
+    return torch.roll(padded, shifts=(-(k1 // 2), -(k2 // 2)), dims=(-2, -1))
 
 
 def otf2psf(z: Tensor, size: int) -> Tensor:

@@ -64,8 +64,19 @@ def predict_x0(eps_model: EpsModel, x_t: Tensor, tables: StepTables, i: Index) -
     """The clamped Tweedie estimate ``x̂0 ∈ [-1, 1]`` with a straight-through gradient."""
     channels = x_t.shape[1]
     eps = eps_model(x_t, tables.t[i].expand(x_t.shape[0]))[:, :channels].to(x_t.dtype)
-    x0 = (x_t - tables.sqrt_one_minus_ac[i] * eps) / tables.sqrt_ac[i]
+    x0 = tweedie_x0(x_t, eps, tables.sqrt_ac[i], tables.sqrt_one_minus_ac[i])
     return x0 + (x0.clamp(-1.0, 1.0) - x0).detach()
+
+
+def tweedie_x0(x_t: Tensor, eps: Tensor, sqrt_ac: Tensor, sqrt_one_minus_ac: Tensor) -> Tensor:
+    """The unclamped Tweedie estimate ``(x_t − √(1−ᾱ) ε)/√ᾱ`` (network units, shapes of ``x_t``)."""
+    return (x_t - sqrt_one_minus_ac * eps) / sqrt_ac
+
+
+def ancestral_step(x0: Tensor, x_t: Tensor, noise: Tensor, coef_x0: Tensor, coef_xt: Tensor,
+                   noise_std: Tensor) -> Tensor:
+    """The unguided DDPM ancestral sample ``μ̃(x̂0, x_t) + √β̃ z`` (Eq. 14), shapes of ``x_t``."""
+    return coef_x0 * x0 + coef_xt * x_t + noise_std * noise
 
 
 def guided_step(eps_model: EpsModel, obs: Observation | None, tables: StepTables, i: Index,
@@ -87,7 +98,7 @@ def guided_step(eps_model: EpsModel, obs: Observation | None, tables: StepTables
         step = _guidance_step(x_t, x0, obs, kernel, config, tables, i)
     x0 = x0.detach()
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    x = tables.coef_x0[i] * x0 + tables.coef_xt[i] * x + tables.noise_std[i] * noise
+    x = ancestral_step(x0, x, noise, tables.coef_x0[i], tables.coef_xt[i], tables.noise_std[i])
     return (x if step is None else x + step), kernel, x0
 
 

@@ -11,6 +11,42 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FASTEM_DATA", REPO.parent / "shared" / "data"))
 
+# Without a GPU the fused ops' Triton kernels are tested in Triton's interpreter on CPU tensors;
+# it must be switched on before fastem_ext.ops defines the kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+OP_BACKENDS = [
+    pytest.param(("cpp", "cpu"), id="cpp-cpu"),
+    pytest.param(("triton", "cpu"), id="triton-cpu"),
+    pytest.param(("cpp", "cuda"), id="cpp-cuda", marks=pytest.mark.cuda),
+    pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.cuda),
+]
+
+
+@pytest.fixture(params=OP_BACKENDS)
+def op_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
+    """Forces each fused backend in turn (``FASTEM_BACKEND``); returns the device to test on.
+
+    The C++ extension must be built (``pip install --no-build-isolation -e .``) unless
+    ``FASTEM_NO_EXT=1`` says it is not; Triton cases skip only where triton is not installed.
+    """
+    from fastem_ext.ops import _backend
+
+    name, device = request.param
+    device = torch.device(device)
+    if name == "cpp" and os.environ.get("FASTEM_NO_EXT", "0") not in ("", "0"):
+        pytest.skip("FASTEM_NO_EXT is set: no C++ extension")
+    if name == "triton" and _backend.triton is None:
+        pytest.skip("triton is not installed")
+    if name == "triton" and device.type == "cpu" and not _backend.TRITON_INTERPRET:
+        pytest.skip("Triton's CPU interpreter is only switched on where there is no GPU")
+    why = _backend.unavailable(name, device)
+    if why is not None:
+        pytest.fail(f"backend {name} unavailable on {device}: {why}")
+    monkeypatch.setenv("FASTEM_BACKEND", name)
+    return device
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
@@ -36,13 +72,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def val_crop(data_dir: Path) -> torch.Tensor:
     """A 256×256 centre crop of kodak_01, [3, 256, 256] float32 in [0, 1]."""
-    from fastem_ext.io import read_image
+    from fastem_ext.io import center_crop, read_image
 
     image, _ = read_image(data_dir / "natural" / "val" / "kodak_01.png")
     return center_crop(image, 256)
-
-
-def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
-    top = (image.shape[-2] - size) // 2
-    left = (image.shape[-1] - size) // 2
-    return image[..., top : top + size, left : left + size].contiguous()

@@ -1,0 +1,202 @@
+// Host-side input validation shared by the CPU and CUDA entry points: every op
+// checks device, dtype, shape and contiguity here once, so the kernels can
+// index raw pointers.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace fastem {
+
+inline void check_input(
+    const at::Tensor& t,
+    const char* name,
+    at::ScalarType dtype,
+    const at::Device& device) {
+  TORCH_CHECK(
+      t.device() == device, name, " must be on ", device, ", got ", t.device());
+  TORCH_CHECK(
+      t.scalar_type() == dtype,
+      name,
+      " must be ",
+      dtype,
+      ", got ",
+      t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// A per-step scalar: `table` [S] float32 read at the 0-d int64 `step` (on the
+// same device).
+inline void check_table(
+    const at::Tensor& table,
+    const char* name,
+    const at::Tensor& step,
+    const at::Device& device) {
+  check_input(table, name, at::kFloat, device);
+  TORCH_CHECK(
+      table.dim() == 1 && table.numel() >= 1,
+      name,
+      " must be a non-empty 1-D table");
+  check_input(step, "step", at::kLong, device);
+  TORCH_CHECK(step.dim() == 0, "step must be a 0-d tensor, got ", step.sizes());
+}
+
+// The shape of a batch of spectra `spec` [n, C, H, Wh] (complex64).
+struct SpectraShape {
+  int64_t n, channels, height, half_width;
+  int64_t freqs() const {
+    return height * half_width;
+  }
+};
+
+inline SpectraShape check_spectra(
+    const at::Tensor& spec,
+    const char* name,
+    const at::Device& device) {
+  check_input(spec, name, at::kComplexFloat, device);
+  TORCH_CHECK(
+      spec.dim() == 4, name, " must be [n, C, H, W//2+1], got ", spec.sizes());
+  return {spec.size(0), spec.size(1), spec.size(2), spec.size(3)};
+}
+
+// A frequency map [H, Wh] of the given dtype (an OTF, Σ|X|², ...).
+inline void check_plane(
+    const at::Tensor& t,
+    const char* name,
+    at::ScalarType dtype,
+    const SpectraShape& s,
+    const at::Device& device) {
+  check_input(t, name, dtype, device);
+  TORCH_CHECK(
+      t.dim() == 2 && t.size(0) == s.height && t.size(1) == s.half_width,
+      name,
+      " must be [",
+      s.height,
+      ", ",
+      s.half_width,
+      "], got ",
+      t.sizes());
+}
+
+// The observation spectrum: [C, H, Wh] shared by all particles (returns true)
+// or [n, C, H, Wh], one per particle (returns false).
+inline bool check_target(
+    const at::Tensor& spec_y,
+    const SpectraShape& s,
+    const at::Device& device) {
+  check_input(spec_y, "spec_y", at::kComplexFloat, device);
+  const bool shared = spec_y.dim() == 3;
+  const auto expected = shared
+      ? std::vector<int64_t>{s.channels, s.height, s.half_width}
+      : std::vector<int64_t>{s.n, s.channels, s.height, s.half_width};
+  TORCH_CHECK(
+      spec_y.sizes() == at::IntArrayRef(expected),
+      "spec_y must be [C, H, W//2+1] or [n, C, H, W//2+1] = ",
+      at::IntArrayRef(expected),
+      ", got ",
+      spec_y.sizes());
+  return shared;
+}
+
+// x_t [n, C, H, W] contiguous float32; eps of the same shape whose particles
+// may be strided (the first C channels of a [n, 2C, H, W] learned-variance
+// output). Returns eps's batch stride.
+inline int64_t check_diffusion_inputs(
+    const at::Tensor& x_t,
+    const at::Tensor& eps,
+    const at::Tensor& coefs,
+    const at::Tensor& step,
+    int64_t rows) {
+  const auto device = x_t.device();
+  check_input(x_t, "x_t", at::kFloat, device);
+  TORCH_CHECK(x_t.dim() == 4, "x_t must be [n, C, H, W], got ", x_t.sizes());
+  TORCH_CHECK(
+      x_t.numel() < (int64_t{1} << 32),
+      "x_t has more than 2^32 elements (the noise counter is 32-bit)");
+  TORCH_CHECK(eps.device() == device, "eps must be on ", device);
+  TORCH_CHECK(eps.scalar_type() == at::kFloat, "eps must be float32");
+  TORCH_CHECK(
+      eps.sizes() == x_t.sizes(),
+      "eps must be ",
+      x_t.sizes(),
+      ", got ",
+      eps.sizes());
+  const int64_t plane = x_t.size(2) * x_t.size(3);
+  TORCH_CHECK(
+      eps.stride(3) == 1 && eps.stride(2) == x_t.size(3) &&
+          eps.stride(1) == plane && eps.stride(0) >= x_t.size(1) * plane,
+      "each particle of eps must be a contiguous [C, H, W] block");
+  check_input(coefs, "coefs", at::kFloat, device);
+  TORCH_CHECK(
+      coefs.dim() == 2 && coefs.size(0) >= rows && coefs.size(1) >= 1,
+      "coefs must be [6, S] (see ddpm_coefficients), got ",
+      coefs.sizes());
+  check_input(step, "step", at::kLong, device);
+  TORCH_CHECK(step.dim() == 0, "step must be a 0-d tensor, got ", step.sizes());
+  return eps.stride(0);
+}
+
+inline void check_like(
+    const c10::optional<at::Tensor>& t,
+    const char* name,
+    const at::Tensor& like) {
+  if (t.has_value()) {
+    check_input(*t, name, at::kFloat, like.device());
+    TORCH_CHECK(
+        t->sizes() == like.sizes(),
+        name,
+        " must be ",
+        like.sizes(),
+        ", got ",
+        t->sizes());
+  }
+}
+
+// kernel_project runs in one CTA / program per grid tile holding the whole K×K
+// support.
+constexpr int64_t kMaxKernelSize = 64;
+
+inline void check_projection_inputs(
+    const at::Tensor& z,
+    const at::Tensor& fallback) {
+  check_input(z, "z", at::kFloat, z.device());
+  TORCH_CHECK(
+      z.dim() == 2, "z must be a full-grid [H, W] kernel, got ", z.sizes());
+  check_input(fallback, "fallback", at::kFloat, z.device());
+  const int64_t k = fallback.size(-1);
+  TORCH_CHECK(
+      fallback.dim() == 2 && fallback.size(0) == k,
+      "fallback must be a square [K, K] kernel, got ",
+      fallback.sizes());
+  TORCH_CHECK(
+      k >= 1 && k <= kMaxKernelSize && k <= z.size(0) && k <= z.size(1),
+      "kernel size ",
+      k,
+      " must be in [1, min(64, H, W)] for z of shape ",
+      z.sizes());
+}
+
+inline void check_blur_inputs(const at::Tensor& x, const at::Tensor& kernel) {
+  check_input(x, "x", at::kFloat, x.device());
+  check_input(kernel, "kernel", at::kFloat, x.device());
+  TORCH_CHECK(x.dim() >= 2, "x must be [..., H, W], got ", x.sizes());
+  const int64_t k = kernel.size(-1);
+  TORCH_CHECK(
+      kernel.dim() == 2 && kernel.size(0) == k && k <= kMaxKernelSize,
+      "kernel must be square [K, K] with K <= 64, got ",
+      kernel.sizes());
+  TORCH_CHECK(
+      k <= x.size(-2) && k <= x.size(-1),
+      "kernel ",
+      k,
+      "x",
+      k,
+      " is larger than the image ",
+      x.sizes());
+}
+
+} // namespace fastem

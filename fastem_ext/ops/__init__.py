@@ -1,0 +1,29 @@
+"""Fused ops of one diffusion step, outside the network (issue 7).
+
+One op per file, each with its pure-torch reference (the specification, the CPU fallback and the
+test oracle), a Triton kernel, the C++ op ``torch.ops.fastem.<name>`` (csrc/: CPU always, CUDA
+where built) and the fake kernels that let ``torch.compile`` and CUDA-graph capture see through
+them. ``_backend`` picks the implementation per device; ``FASTEM_BACKEND`` forces one.
+
+Importing this package compiles and loads nothing: the C++ library is loaded on first use.
+"""
+
+from .ddpm_update import ddpm_coefficients, ddpm_update, philox_normal, predict_x0
+from .kernel_project import kernel_project
+from .pigdm_filter import blur_valid, particle_blur, pigdm_filter
+from .wiener_hqs import hqs, kernel_spectra, spectral_sums, wiener_z
+
+__all__ = [
+    "blur_valid",
+    "ddpm_coefficients",
+    "ddpm_update",
+    "hqs",
+    "kernel_project",
+    "kernel_spectra",
+    "particle_blur",
+    "philox_normal",
+    "pigdm_filter",
+    "predict_x0",
+    "spectral_sums",
+    "wiener_z",
+]
