@@ -180,8 +180,18 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def describe_device(device: torch.device) -> str:
-    """A human-readable device name for reports (GPU model, or CPU cores and threads)."""
+def describe_device(device: torch.device | str) -> str:
+    """One line naming the device for reports: the GPU, or the CPU model, its cores and torch's
+    threads; with the torch version."""
+    device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"cpu: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), "
+            f"torch {torch.__version__}")

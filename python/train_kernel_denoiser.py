@@ -28,8 +28,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fastem_ext.api import describe_device
 from fastem_ext.models.kernel_denoiser import (
     KernelDenoiser,
     save_kernel_denoiser,
@@ -212,17 +211,6 @@ def probe_steps(args: argparse.Namespace, budget_s: float) -> int:
     return max(50, int(budget_s / per_step))
 
 
-def hardware() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    threads = torch.get_num_threads()
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} thread(s)"
-
-
 CARD = """\
 # kernel_denoiser_{size}.safetensors
 
@@ -331,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         "first_seed": kernel_seed_start(args.seed, 0, args.batch),
         "last_seed": kernel_seed_start(args.seed, max(done - 1, 0), args.batch) + args.batch - 1,
         "kernels_seen": done * args.batch, "val_count": args.val_count,
-        "hardware": hardware(), "train_s": round(train_s, 1),
+        "hardware": describe_device("cpu"), "train_s": round(train_s, 1),
         "wall_s": round(time.perf_counter() - t_start, 1), "architecture": architecture(args.size),
     }
     args.out.mkdir(parents=True, exist_ok=True)
