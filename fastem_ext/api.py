@@ -15,7 +15,7 @@ from .boundary import BOUNDARIES, Frame
 from .checks import check_choice, check_int, check_kernel, check_kernel_size, check_sigma
 from .engine import EngineConfig, graphed_sample
 from .io import load_image
-from .mstep import REGULARIZERS, HQSConfig
+from .mstep import REGULARIZERS, HQSConfig, bundled_denoiser
 from .noise import estimate_noise
 from .observation import Observation
 from .physics import blur_spectrum, gaussian_kernel, psf2otf
@@ -154,16 +154,8 @@ def _sample(method: str, model, obs: Observation, kernel: Tensor, schedule: Sche
 
 
 def _mstep_config(regularizer: str, size: int, device: torch.device) -> HQSConfig:
-    if regularizer != "pnp":
-        return HQSConfig(regularizer=regularizer).validate()
-    from .models.kernel_denoiser import load_kernel_denoiser
-
-    model = load_kernel_denoiser(size, device)
-
-    def denoiser(kernel: Tensor, sigma_d: float) -> Tensor:
-        return model(kernel, sigma_d, check=False)  # no host sync inside the loop
-
-    return HQSConfig(regularizer=denoiser).validate()
+    denoiser = bundled_denoiser(size, device) if regularizer == "pnp" else None
+    return HQSConfig(regularizer=regularizer, denoiser=denoiser).validate(size)
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

@@ -47,8 +47,9 @@ kernel drifts to the edge of its support and is cropped.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -58,9 +59,37 @@ from .checks import check_image, check_kernel, check_kernel_size, check_positive
 from .physics import gaussian_kernel, otf2psf, psf2otf
 
 REGULARIZERS = ("pnp", "l1", "l2", "none")
-# λ per regulariser (Eq. 25 uses λ = 1 with the PnP denoiser): ℓ1 thresholds at λ/β, ℓ2 weighs a
-# Tikhonov term against the coupling nσ²β. Provisional values, to be tuned on natural/train only.
-DEFAULT_LAMBDA = {"pnp": 1.0, "l1": 1.0, "l2": 1e4, "none": 0.0}
+# λ per regulariser and kernel size (ℓ1 thresholds at λ/β; ℓ2 weighs a Tikhonov term against the
+# coupling nσ²β; PnP denoises at σ_d = √(λ/β)), tuned by python/figure4.py for non-blind kernel
+# estimation on natural/train crops with TUNE-seed kernels (python/results/figure4). Sizes up to
+# 48 use the 33 row, larger ones the 64 row (as the kernel denoisers do).
+DEFAULT_LAMBDA = {
+    33: {"pnp": 0.1, "l1": 100.0, "l2": 1e4, "none": 0.0},
+    64: {"pnp": 0.03, "l1": 100.0, "l2": 1e5, "none": 0.0},
+}
+
+
+@functools.lru_cache(maxsize=8)
+def _load_denoiser(model_size: int, device: str):
+    from .models.kernel_denoiser import load_kernel_denoiser
+
+    return load_kernel_denoiser(model_size, device)
+
+
+def bundled_denoiser(kernel_size: int, device: torch.device | str) -> KernelDenoiser:
+    """The bundled plug-and-play kernel denoiser for ``kernel_size`` (loaded once per device),
+    called without input checks: no host sync inside the M-step."""
+    model = _load_denoiser(33 if kernel_size <= 48 else 64, str(device))
+
+    def denoiser(kernel: Tensor, sigma_d: float) -> Tensor:
+        return model(kernel, sigma_d, check=False)
+
+    return denoiser
+
+
+def default_lambda(kind: str, kernel_size: int) -> float:
+    """The tuned λ of a regulariser for kernels of side ``kernel_size``."""
+    return DEFAULT_LAMBDA[33 if kernel_size <= 48 else 64][kind]
 
 KernelDenoiser = Callable[[Tensor, float], Tensor]
 """``denoiser(kernel [K, K], sigma_d) -> [K, K]`` (plug-and-play kernel prior)."""
@@ -93,10 +122,11 @@ def spectral_sums(spec_y: Tensor, spec_x: Tensor) -> tuple[Tensor, Tensor]:
 
 @dataclass(frozen=True)
 class HQSConfig:
-    """Settings of the M-step. ``lam=None`` takes ``DEFAULT_LAMBDA[regularizer]``.
+    """Settings of the M-step. ``lam=None`` takes ``default_lambda`` when validated.
 
     ``regularizer`` is ``"pnp"``, ``"l1"``, ``"l2"``, ``"none"`` or a callable kernel denoiser
-    ``D(kernel, sigma_d)`` used as the plug-and-play prior. ``"pnp"`` needs ``denoiser``.
+    ``D(kernel, sigma_d)`` used as the plug-and-play prior. ``"pnp"`` needs ``denoiser``
+    (``bundled_denoiser`` gives the project's).
     """
 
     iters: int = 10
@@ -111,9 +141,11 @@ class HQSConfig:
 
     @property
     def weight(self) -> float:
-        return DEFAULT_LAMBDA[self.kind] if self.lam is None else float(self.lam)
+        """λ (the 33×33 default before ``validate`` has filled it in)."""
+        return default_lambda(self.kind, 33) if self.lam is None else float(self.lam)
 
-    def validate(self) -> HQSConfig:
+    def validate(self, kernel_size: int = 33) -> HQSConfig:
+        """Check every field; fill ``lam`` with the default for ``kernel_size``."""
         if not callable(self.regularizer) and self.regularizer not in REGULARIZERS:
             raise ValueError(
                 f"regularizer must be one of {REGULARIZERS} or a callable denoiser(kernel, "
@@ -130,6 +162,8 @@ class HQSConfig:
                 "regularizer='pnp' needs a kernel denoiser: pass denoiser=, a callable "
                 "regularizer, or use 'l1', 'l2' or 'none'"
             )
+        if self.lam is None:
+            return replace(self, lam=default_lambda(self.kind, kernel_size))
         return self
 
     @property
@@ -254,8 +288,10 @@ def estimate_kernel(sharp: Tensor, blurry: Tensor, sigma: float, *, kernel_size:
         raise ValueError("sharp and blurry must share dtype and device")
     sigma = check_sigma("sigma", sigma)
     size = check_kernel_size("kernel_size", kernel_size, tuple(blurry.shape[-2:]))
+    if regularizer == "pnp" and denoiser is None:
+        denoiser = bundled_denoiser(size, blurry.device)
     config = HQSConfig(iters=iters, beta=check_positive("beta", beta), lam=lam,
-                       regularizer=regularizer, denoiser=denoiser).validate()
+                       regularizer=regularizer, denoiser=denoiser).validate(size)
     if init is None:
         init = gaussian_kernel(size, size / 16, device=blurry.device, dtype=blurry.dtype)
     else:

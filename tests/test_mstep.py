@@ -145,7 +145,6 @@ def test_estimate_kernel_recovers_camera_shake(val_crop, regularizer, noise):
         ({"kernel_size": 2}, "kernel_size"),
         ({"kernel_size": 17}, "kernel_size"),
         ({"regularizer": "tv"}, "regularizer"),
-        ({"regularizer": "pnp"}, "denoiser"),
         ({"iters": 0}, "iters"),
         ({"blurry": torch.rand(3, 30, 32)}, "same"),
         ({"sharp": torch.rand(3, 32, 32).double()}, "dtype"),
@@ -159,6 +158,19 @@ def test_estimate_kernel_rejects_bad_input(kwargs, match):
     sharp, blurry, sigma = args.pop("sharp"), args.pop("blurry"), args.pop("sigma")
     with pytest.raises(ValueError, match=match):
         estimate_kernel(sharp, blurry, sigma, **args)
+
+
+def test_pnp_defaults_to_the_bundled_denoiser_and_tuned_lambda(val_crop):
+    from fastem_ext.mstep import default_lambda
+
+    assert HQSConfig(regularizer="l1").validate(64).lam == default_lambda("l1", 64)
+    assert default_lambda("pnp", 33) != default_lambda("pnp", 64)
+    kernel = _stroke_kernel(33)
+    blurry = blur(val_crop, kernel) + 10 / 255 * torch.randn(
+        val_crop.shape, generator=torch.Generator().manual_seed(3))
+    pnp = estimate_kernel(val_crop, blurry, 10 / 255)
+    none = estimate_kernel(val_crop, blurry, 10 / 255, regularizer="none")
+    assert float(metrics.kernel_mse(pnp, kernel)) < 0.5 * float(metrics.kernel_mse(none, kernel))
 
 
 def test_crop_layout_matches_psf2otf():
