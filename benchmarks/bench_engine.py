@@ -32,7 +32,7 @@ from fastem_ext.demo import sample_image
 from fastem_ext.engine import EngineConfig, graphed_sample
 from fastem_ext.metrics import psnr
 from fastem_ext.motion import motion_kernel
-from fastem_ext.mstep import HQSConfig
+from fastem_ext.mstep import HQSConfig, bundled_denoiser
 from fastem_ext.observation import Observation
 from fastem_ext.physics import blur, gaussian_kernel
 from fastem_ext.samplers import fast_em, sample
@@ -84,7 +84,8 @@ def run_case(model, obs: Observation, truth_size: int, *, engine: str, guidance:
     kernel = gaussian_kernel(truth_size, truth_size / 16, device=device)
     runner = sample if engine == "reference" else partial(
         graphed_sample, engine=EngineConfig(precision=precision))
-    mstep = HQSConfig(regularizer="l2").validate()
+    mstep = HQSConfig(regularizer="pnp", denoiser=bundled_denoiser(truth_size, device)
+                      ).validate(truth_size)
 
     def go():
         return fast_em(model, obs, kernel, schedule=Schedule(str(steps)), particles=particles,

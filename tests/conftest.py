@@ -1,4 +1,4 @@
-"""Shared fixtures. GPU cases are marked ``cuda`` and skip cleanly without a GPU."""
+"""Shared fixtures of the test suite (the ``cuda`` marker lives in the repository's conftest.py)."""
 
 from __future__ import annotations
 
@@ -46,20 +46,6 @@ def op_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
         pytest.fail(f"backend {name} unavailable on {device}: {why}")
     monkeypatch.setenv("FASTEM_BACKEND", name)
     return device
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
-    config.addinivalue_line("markers", "slow: takes more than ~20 s on a 2-core CPU")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
