@@ -8,7 +8,8 @@ Build switches (environment variables):
 - ``FASTEM_NO_CUDA=1``: CPU kernels only, even where CUDA could be built.
 - ``FASTEM_FORCE_CUDA=1``: fail unless the CUDA kernels can be built.
 
-Building needs torch at build time: ``pip install --no-build-isolation -e .``.
+Building the extension needs torch at build time: ``pip install --no-build-isolation -e .``; a
+plain ``pip install -e .`` (isolated build, no torch) installs the package without it.
 """
 
 import os
@@ -43,7 +44,14 @@ def _extensions() -> tuple[list, dict]:
     if _flag("FASTEM_NO_EXT"):
         print("fastem: FASTEM_NO_EXT is set: no fastem_ext._C, the ops run their references")
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        # pip's isolated build environment has no torch (and must not fetch one: that would be
+        # a multi-GB CUDA build). The package still works, on the pure-torch references.
+        print("fastem: torch is not importable at build time: no fastem_ext._C (the ops run "
+              "their references); build it with `pip install --no-build-isolation -e .`")
+        return [], {}
 
     sources = sorted(glob("csrc/*.cpp") + glob("csrc/cpu/*.cpp"))
     cxx = ["-O3"]
