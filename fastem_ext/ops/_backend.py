@@ -118,10 +118,10 @@ def table_index(values: torch.Tensor | float, like: torch.Tensor,
     """A per-step scalar as the ``(table [S], step 0-d int64)`` pair that the ops read.
 
     A float becomes a one-entry table (a host-to-device copy: build such pairs once, outside any
-    captured region); ``step=None`` reads entry 0.
+    captured region); ``step=None`` or a one-entry table reads entry 0.
     """
     table = torch.as_tensor(values, dtype=torch.float32, device=like.device).reshape(-1)
-    if step is None:
+    if step is None or table.numel() == 1:
         step = torch.zeros((), dtype=torch.int64, device=like.device)
     return table, step
 
