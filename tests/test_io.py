@@ -111,6 +111,15 @@ def test_failed_write_leaves_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_written_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    write_image(tmp_path / "a.png", torch.rand(3, 8, 8))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_kernel_outputs(tmp_path):
     kernel = torch.rand(9, 9)
     kernel /= kernel.sum()
