@@ -10,21 +10,11 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../coefficients.h"
 #include "../philox.h"
 
 namespace fastem {
 namespace {
-
-// Rows of the coefficient table built by fastem_ext.ops.ddpm_coefficients.
-enum Row : int64_t {
-  kSqrtAc,
-  kSqrtOneMinusAc,
-  kCoefX0,
-  kCoefXt,
-  kNoiseStd,
-  kWeight,
-  kRows
-};
 
 struct Step {
   int64_t index;

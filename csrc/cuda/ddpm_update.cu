@@ -7,22 +7,12 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../coefficients.h"
 #include "../philox.h"
 #include "common.cuh"
 
 namespace fastem {
 namespace {
-
-// Rows of the coefficient table built by fastem_ext.ops.ddpm_coefficients.
-enum Row : int64_t {
-  kSqrtAc,
-  kSqrtOneMinusAc,
-  kCoefX0,
-  kCoefXt,
-  kNoiseStd,
-  kWeight,
-  kRows
-};
 
 // Grid: (blocks striding over one particle's C·H·W elements, particles) — no
 // element index is divided. The step's scalars are loaded once per thread.
