@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BOUNDARIES = ("valid", "circular")
+from .physics import BOUNDARIES
+
+__all__ = ["BOUNDARIES", "Frame"]
+
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from .guidance import dps_guidance
 from .mstep import hqs
 from .observation import Observation
 from .physics import kernel_grid
-from .samplers import EpsModel, Index, StepConfig, tweedie_x0
+from .samplers import EpsModel, StepConfig, tweedie_x0
 from .schedule import StepTables
 
 
@@ -41,10 +41,10 @@ class FusedStep:
         self.no_ridge = torch.zeros_like(self.r2_image)
         self.spec_y = None if obs is None else torch.fft.rfft2(obs.y)
 
-    def __call__(self, eps_model: EpsModel, i: Index, x: Tensor, kernel: Tensor | None,
+    def __call__(self, eps_model: EpsModel, step: Tensor, x: Tensor, kernel: Tensor | None,
                  generator: torch.Generator) -> tuple[Tensor, Tensor | None, Tensor]:
+        """step: the respaced index as a 0-d int64 device tensor (the engine's static buffer)."""
         config, tables = self.config, self.tables
-        step = i if isinstance(i, Tensor) else torch.tensor(i, device=x.device)
         with torch.enable_grad():
             x_t = x.detach().requires_grad_(config.guidance is not None)
             eps = eps_model(x_t, tables.t[step].expand(x.shape[0]))[:, : x.shape[1]]
