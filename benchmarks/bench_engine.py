@@ -79,11 +79,12 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
 
 
 def run_case(model, obs: Observation, truth_size: int, *, engine: str, guidance: str,
-             particles: int, steps: int, device: torch.device, precision: str = "bf16"):
+             particles: int, steps: int, device: torch.device, precision: str = "bf16",
+             graphs: bool = True):
     """Seconds for ``steps`` steps of Fast EM and the output."""
     kernel = gaussian_kernel(truth_size, truth_size / 16, device=device)
     runner = sample if engine == "reference" else partial(
-        graphed_sample, engine=EngineConfig(precision=precision))
+        graphed_sample, engine=EngineConfig(precision=precision, graphs=graphs))
     mstep = HQSConfig(regularizer="pnp", denoiser=bundled_denoiser(truth_size, device)
                       ).validate(truth_size)
 
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", nargs="+", default=["reference", "fast"],
                         choices=["reference", "fast"])
     parser.add_argument("--out", default=None, help="JSON results file")
+    parser.add_argument("--profile", default=None,
+                        help="write a torch.profiler table of 5 eager fast-engine steps at the "
+                             "largest n to this file (where a step's time goes)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     model = build_model(args.model, device)
@@ -127,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         row = {"method": f"fastem-{guidance}", "particles": n, "steps": steps}
         for engine in args.engines:
             timed_steps = min(steps, args.reference_steps) if engine == "reference" else steps
-            if engine == "fast":  # warm-up: lazy CUDA/cuFFT initialisation, autotuning
-                run_case(model, obs, ksize, engine=engine, guidance=guidance, particles=n,
-                         steps=min(steps, 5), device=device)
+            # warm-up: lazy CUDA/cuFFT initialisation, cuDNN autotuning
+            run_case(model, obs, ksize, engine=engine, guidance=guidance, particles=n,
+                     steps=min(steps, 5), device=device)
             seconds, peak, _ = run_case(model, obs, ksize, engine=engine, guidance=guidance,
                                         particles=n, steps=timed_steps, device=device)
             row[f"{engine}_s_per_image"] = seconds * steps / timed_steps
@@ -139,16 +143,37 @@ def main(argv: list[str] | None = None) -> int:
             row["speedup"] = row["reference_s_per_image"] / row["fast_s_per_image"]
         rows.append(row)
         print(_format(row), flush=True)
-    agreement = _agreement(model, obs, ksize, device, args) if len(args.engines) == 2 else None
-    result = {"device": name, "torch": torch.__version__, "model": args.model,
-              "size": args.size, "date": time.strftime("%Y-%m-%d"), "rows": rows,
-              "fp32_agreement": agreement, "command": " ".join(sys.argv)}
-    if agreement:
+        result = {"device": name, "torch": torch.__version__, "model": args.model,
+                  "size": args.size, "date": time.strftime("%Y-%m-%d"), "rows": rows,
+                  "fp32_agreement": None, "command": " ".join(sys.argv)}
+        _write(args.out, result)  # after every row: a run cut short keeps what it measured
+    if len(args.engines) == 2:
+        agreement = _agreement(model, obs, ksize, device, args)
         print(f"fast(fp32) vs reference: PSNR {agreement['psnr_db']:.1f} dB, "
               f"kernel MSE {agreement['kernel_mse']:.2e}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        result["fp32_agreement"] = agreement
+        _write(args.out, result)
+    if args.profile:
+        _profile(model, obs, ksize, device, max(args.particles), args.profile)
     return 0
+
+
+def _profile(model, obs, ksize, device, particles: int, path: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        run_case(model, obs, ksize, engine="fast", guidance="pigdm", particles=particles,
+                 steps=5, device=device, graphs=False)
+    table = prof.key_averages().table(
+        sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=30)
+    Path(path).write_text(f"fast engine, eager, n={particles}, 5 steps\n{table}\n")
+
+
+def _write(path: str | None, result: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def _agreement(model, obs, ksize, device, args) -> dict[str, float]:

@@ -48,7 +48,7 @@ from fastem_ext.ops.kernel_project import _reference as project_reference
 from fastem_ext.ops.pigdm_filter import _blur_reference, _pigdm_reference
 from fastem_ext.physics import _valid_conv, gaussian_kernel, kernel_grid, psf2otf
 from fastem_ext.samplers import ancestral_step, tweedie_x0
-from fastem_ext.schedule import Schedule
+from fastem_ext.schedule import Schedule, at
 
 C, STEP, SIGMA = 3, 50, 10 / 255
 # Issue 7: fused at n = 16 vs the graph-captured reference; whole step in a graph, in ms.
@@ -99,7 +99,7 @@ def problem(n: int, size: int, kernel_size: int, device: torch.device) -> dict:
 def reference_mstep(p: dict) -> Tensor:
     spectra = KernelSpectra(*reference_sums(p["spec_y"], p["spec_x"]), p["n"], C)
     return hqs(spectra, p["kernel"], SIGMA, p["config"], p["shape"],
-               ridge_r2=p["r2_image"][p["step"]])
+               ridge_r2=at(p["r2_image"], p["step"]))
 
 
 def fused_mstep(p: dict) -> Tensor:
@@ -111,16 +111,17 @@ def fused_mstep(p: dict) -> Tensor:
 def reference_step(p: dict, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The reference engine's step (samplers.guided_step) minus the network and its VJP."""
     t, i = p["tables"], p["step"]
-    x0 = tweedie_x0(p["x_t"], p["eps"], t.sqrt_ac[i], t.sqrt_one_minus_ac[i]).clamp(-1.0, 1.0)
+    x0 = tweedie_x0(p["x_t"], p["eps"], at(t.sqrt_ac, i), at(t.sqrt_one_minus_ac, i))
+    x0 = x0.clamp(-1.0, 1.0)
     x0_image = (x0 + 1.0) / 2.0
     spectra = KernelSpectra(*reference_sums(p["spec_y"], torch.fft.rfft2(x0_image)), p["n"], C)
-    kernel = hqs(spectra, p["kernel"], SIGMA, p["config"], p["shape"], ridge_r2=t.r2[i] / 4.0)
+    kernel = hqs(spectra, p["kernel"], SIGMA, p["config"], p["shape"], ridge_r2=at(t.r2, i) / 4.0)
     otf = psf2otf(kernel, p["shape"])
     residual = torch.fft.rfft2(2.0 * p["y"] - 1.0) - otf * torch.fft.rfft2(x0)
-    v = pigdm_vector(residual, otf, t.r2[i], 2.0 * SIGMA, p["shape"])
+    v = pigdm_vector(residual, otf, at(t.r2, i), 2.0 * SIGMA, p["shape"])
     noise = torch.randn_like(x0) if noise is None else noise
-    x = ancestral_step(x0, p["x_t"], noise, t.coef_x0[i], t.coef_xt[i], t.noise_std[i])
-    return x + t.pigdm_weight[i] * v, kernel
+    x = ancestral_step(x0, p["x_t"], noise, at(t.coef_x0, i), at(t.coef_xt, i), at(t.noise_std, i))
+    return x + at(t.pigdm_weight, i) * v, kernel
 
 
 def fused_step(p: dict, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:

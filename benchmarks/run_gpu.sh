@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (issues 7 and 8), for a lent H100 via the device tool:
-#   run: bash benchmarks/run_gpu.sh        (timeout_s ~540; results under $OUT)
-# Builds the CUDA extension, runs every `cuda` test, then the op and engine benchmarks. Prints a
+#   run: bash benchmarks/run_gpu.sh        (timeout_s 600; results under $OUT)
+# Builds the CUDA extension, runs every `cuda` test, then the op and engine benchmarks. Each stage
+# has its own time limit so one slow stage cannot take the others' results with it (the last
+# one ends FASTEM_GPU_BUDGET_S, default 570, after the start). Prints a
 # short table; full JSON/CSV/logs go to $OUT. Copy the tables into benchmarks/RESULTS.md with the
 # card and date.
 set -uo pipefail
@@ -9,8 +11,19 @@ OUT="${OUT:-/tmp/fastem-gpu}"
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FASTEM_FORCE_CUDA=1 PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
-python3 -m pytest -q -m cuda tests/ 2>&1 | tee "$OUT/tests.log" | tail -5
-python3 benchmarks/bench_ops.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench_ops.log" | tail -25
-python3 benchmarks/bench_engine.py --device cuda --model ffhq --reference-steps 10 \
-    --out "$OUT/bench_engine.json" 2>&1 | tee "$OUT/bench_engine.log"
+start=$SECONDS
+timeout 270 python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1 \
+    || { tail -30 "$OUT/build.log"; exit 1; }
+rm -f "$OUT/build.log"  # the device tool returns at most 8 files
+echo "build: $((SECONDS - start)) s"
+# pytest-xdist (where installed) keeps going if a worker process crashes.
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
+timeout 150 python3 -m pytest -q -rfE --tb=short -m cuda -p no:cacheprovider $workers tests/ 2>&1 \
+    | tee "$OUT/tests.log" | tail -25
+echo "tests: $((SECONDS - start)) s"
+timeout 120 python3 benchmarks/bench_ops.py --device cuda --out "$OUT" 2>&1 \
+    | tee "$OUT/bench_ops.log" | tail -25
+echo "ops: $((SECONDS - start)) s"
+timeout $((${FASTEM_GPU_BUDGET_S:-570} - (SECONDS - start))) python3 benchmarks/bench_engine.py --device cuda \
+    --model ffhq --reference-steps 10 --out "$OUT/bench_engine.json" --profile "$OUT/profile.txt" 2>&1 | tee "$OUT/bench_engine.log"
+echo "engine: $((SECONDS - start)) s"

@@ -8,7 +8,58 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <string>
+#include <type_traits>
 #include <vector>
+
+namespace fastem {
+
+// Error messages are assembled with std::string and std::to_string, never
+// with std::ostream (which TORCH_CHECK's own formatting uses): on a machine
+// whose host compilers and libstdc++ disagree, formatting a number through an
+// ostream inside the extension was seen to segfault (an H100 image, 2026-11-26)
+// instead of raising.
+inline void append(std::string& out, const char* text) {
+  out += text;
+}
+inline void append(std::string& out, const std::string& text) {
+  out += text;
+}
+inline void append(std::string& out, at::IntArrayRef values) {
+  out += '[';
+  for (size_t i = 0; i < values.size(); ++i) {
+    out += (i == 0 ? "" : ", ") + std::to_string(values[i]);
+  }
+  out += ']';
+}
+inline void append(std::string& out, at::ScalarType dtype) {
+  out += c10::toString(dtype);
+}
+inline void append(std::string& out, const at::Device& device) {
+  out += device.str();
+}
+template <typename T, std::enable_if_t<std::is_arithmetic_v<T>, int> = 0>
+inline void append(std::string& out, T value) {
+  out += std::to_string(value);
+}
+
+template <typename... Parts>
+std::string message(const Parts&... parts) {
+  std::string out;
+  (append(out, parts), ...);
+  return out;
+}
+
+} // namespace fastem
+
+// TORCH_CHECK with a message built by fastem::message (evaluated on failure
+// only).
+#define FASTEM_CHECK(cond, ...)                                   \
+  do {                                                            \
+    if (C10_UNLIKELY(!(cond))) {                                  \
+      TORCH_CHECK(false, ::fastem::message(__VA_ARGS__).c_str()); \
+    }                                                             \
+  } while (0)
 
 namespace fastem {
 
@@ -17,16 +68,16 @@ inline void check_input(
     const char* name,
     at::ScalarType dtype,
     const at::Device& device) {
-  TORCH_CHECK(
+  FASTEM_CHECK(
       t.device() == device, name, " must be on ", device, ", got ", t.device());
-  TORCH_CHECK(
+  FASTEM_CHECK(
       t.scalar_type() == dtype,
       name,
       " must be ",
       dtype,
       ", got ",
       t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  FASTEM_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
 // A per-step scalar: `table` [S] float32 read at the 0-d int64 `step` (on the
@@ -37,12 +88,12 @@ inline void check_table(
     const at::Tensor& step,
     const at::Device& device) {
   check_input(table, name, at::kFloat, device);
-  TORCH_CHECK(
+  FASTEM_CHECK(
       table.dim() == 1 && table.numel() >= 1,
       name,
       " must be a non-empty 1-D table");
   check_input(step, "step", at::kLong, device);
-  TORCH_CHECK(step.dim() == 0, "step must be a 0-d tensor, got ", step.sizes());
+  FASTEM_CHECK(step.dim() == 0, "step must be a 0-d tensor, got ", step.sizes());
 }
 
 // The shape of a batch of spectra `spec` [n, C, H, Wh] (complex64).
@@ -58,7 +109,7 @@ inline SpectraShape check_spectra(
     const char* name,
     const at::Device& device) {
   check_input(spec, name, at::kComplexFloat, device);
-  TORCH_CHECK(
+  FASTEM_CHECK(
       spec.dim() == 4, name, " must be [n, C, H, W//2+1], got ", spec.sizes());
   return {spec.size(0), spec.size(1), spec.size(2), spec.size(3)};
 }
@@ -71,7 +122,7 @@ inline void check_plane(
     const SpectraShape& s,
     const at::Device& device) {
   check_input(t, name, dtype, device);
-  TORCH_CHECK(
+  FASTEM_CHECK(
       t.dim() == 2 && t.size(0) == s.height && t.size(1) == s.half_width,
       name,
       " must be [",
@@ -93,7 +144,7 @@ inline bool check_target(
   const auto expected = shared
       ? std::vector<int64_t>{s.channels, s.height, s.half_width}
       : std::vector<int64_t>{s.n, s.channels, s.height, s.half_width};
-  TORCH_CHECK(
+  FASTEM_CHECK(
       spec_y.sizes() == at::IntArrayRef(expected),
       "spec_y must be [C, H, W//2+1] or [n, C, H, W//2+1] = ",
       at::IntArrayRef(expected),
@@ -113,30 +164,30 @@ inline int64_t check_diffusion_inputs(
     int64_t rows) {
   const auto device = x_t.device();
   check_input(x_t, "x_t", at::kFloat, device);
-  TORCH_CHECK(x_t.dim() == 4, "x_t must be [n, C, H, W], got ", x_t.sizes());
-  TORCH_CHECK(
+  FASTEM_CHECK(x_t.dim() == 4, "x_t must be [n, C, H, W], got ", x_t.sizes());
+  FASTEM_CHECK(
       x_t.numel() < (int64_t{1} << 32),
       "x_t has more than 2^32 elements (the noise counter is 32-bit)");
-  TORCH_CHECK(eps.device() == device, "eps must be on ", device);
-  TORCH_CHECK(eps.scalar_type() == at::kFloat, "eps must be float32");
-  TORCH_CHECK(
+  FASTEM_CHECK(eps.device() == device, "eps must be on ", device);
+  FASTEM_CHECK(eps.scalar_type() == at::kFloat, "eps must be float32");
+  FASTEM_CHECK(
       eps.sizes() == x_t.sizes(),
       "eps must be ",
       x_t.sizes(),
       ", got ",
       eps.sizes());
   const int64_t plane = x_t.size(2) * x_t.size(3);
-  TORCH_CHECK(
+  FASTEM_CHECK(
       eps.stride(3) == 1 && eps.stride(2) == x_t.size(3) &&
           eps.stride(1) == plane && eps.stride(0) >= x_t.size(1) * plane,
       "each particle of eps must be a contiguous [C, H, W] block");
   check_input(coefs, "coefs", at::kFloat, device);
-  TORCH_CHECK(
+  FASTEM_CHECK(
       coefs.dim() == 2 && coefs.size(0) >= rows && coefs.size(1) >= 1,
       "coefs must be [6, S] (see ddpm_coefficients), got ",
       coefs.sizes());
   check_input(step, "step", at::kLong, device);
-  TORCH_CHECK(step.dim() == 0, "step must be a 0-d tensor, got ", step.sizes());
+  FASTEM_CHECK(step.dim() == 0, "step must be a 0-d tensor, got ", step.sizes());
   return eps.stride(0);
 }
 
@@ -146,7 +197,7 @@ inline void check_like(
     const at::Tensor& like) {
   if (t.has_value()) {
     check_input(*t, name, at::kFloat, like.device());
-    TORCH_CHECK(
+    FASTEM_CHECK(
         t->sizes() == like.sizes(),
         name,
         " must be ",
@@ -164,15 +215,15 @@ inline void check_projection_inputs(
     const at::Tensor& z,
     const at::Tensor& fallback) {
   check_input(z, "z", at::kFloat, z.device());
-  TORCH_CHECK(
+  FASTEM_CHECK(
       z.dim() == 2, "z must be a full-grid [H, W] kernel, got ", z.sizes());
   check_input(fallback, "fallback", at::kFloat, z.device());
   const int64_t k = fallback.size(-1);
-  TORCH_CHECK(
+  FASTEM_CHECK(
       fallback.dim() == 2 && fallback.size(0) == k,
       "fallback must be a square [K, K] kernel, got ",
       fallback.sizes());
-  TORCH_CHECK(
+  FASTEM_CHECK(
       k >= 1 && k <= kMaxKernelSize && k <= z.size(0) && k <= z.size(1),
       "kernel size ",
       k,
@@ -183,13 +234,13 @@ inline void check_projection_inputs(
 inline void check_blur_inputs(const at::Tensor& x, const at::Tensor& kernel) {
   check_input(x, "x", at::kFloat, x.device());
   check_input(kernel, "kernel", at::kFloat, x.device());
-  TORCH_CHECK(x.dim() >= 2, "x must be [..., H, W], got ", x.sizes());
+  FASTEM_CHECK(x.dim() >= 2, "x must be [..., H, W], got ", x.sizes());
   const int64_t k = kernel.size(-1);
-  TORCH_CHECK(
+  FASTEM_CHECK(
       kernel.dim() == 2 && kernel.size(0) == k && k <= kMaxKernelSize,
       "kernel must be square [K, K] with K <= 64, got ",
       kernel.sizes());
-  TORCH_CHECK(
+  FASTEM_CHECK(
       k <= x.size(-2) && k <= x.size(-1),
       "kernel ",
       k,

@@ -26,7 +26,7 @@ from .mstep import hqs
 from .observation import Observation
 from .physics import kernel_grid
 from .samplers import EpsModel, StepConfig, tweedie_x0
-from .schedule import StepTables
+from .schedule import StepTables, at
 
 
 class FusedStep:
@@ -47,7 +47,7 @@ class FusedStep:
         config, tables = self.config, self.tables
         with torch.enable_grad():
             x_t = x.detach().requires_grad_(config.guidance is not None)
-            eps = eps_model(x_t, tables.t[step].expand(x.shape[0]))[:, : x.shape[1]]
+            eps = eps_model(x_t, at(tables.t, step).expand(x.shape[0]))[:, : x.shape[1]]
         x0 = ops.predict_x0(x.detach(), eps.detach(), self.coefs, step)  # [0, 1]
         spec_x = torch.fft.rfft2(x0)
         grid = None
@@ -70,7 +70,7 @@ class FusedStep:
         spectra = ops.kernel_spectra(spec_y, spec_x)
         shape = x0.shape[-2:]
         if mstep.kind == "pnp":
-            ridge = self.r2_image[step] if pigdm else None
+            ridge = at(self.r2_image, step) if pigdm else None
             kernel = hqs(spectra, kernel, obs.sigma, mstep, shape, ridge_r2=ridge)
             return kernel, kernel_grid(kernel, shape)
         return ops.hqs(spectra, kernel, obs.sigma, mstep, shape,
@@ -80,7 +80,7 @@ class FusedStep:
                   step: Tensor) -> Tensor:
         obs, tables = self.obs, self.tables
         if self.config.guidance == "dps":
-            x0 = tweedie_x0(x_t, eps, tables.sqrt_ac[step], tables.sqrt_one_minus_ac[step])
+            x0 = tweedie_x0(x_t, eps, at(tables.sqrt_ac, step), at(tables.sqrt_one_minus_ac, step))
             x0 = x0 + (x0.clamp(-1.0, 1.0) - x0).detach()
             return dps_guidance(x_t, obs.residual_net(x0, otf))
         if obs.mask is None:
@@ -90,6 +90,6 @@ class FusedStep:
             filtered = ops.pigdm_filter(torch.fft.rfft2(residual), otf, None, self.r2_image, step,
                                         obs.sigma)
         v = 0.5 * torch.fft.irfft2(filtered, s=x_t.shape[-2:])  # network units
-        sqrt_ac, sqrt_1m = tables.sqrt_ac[step], tables.sqrt_one_minus_ac[step]
+        sqrt_ac, sqrt_1m = at(tables.sqrt_ac, step), at(tables.sqrt_one_minus_ac, step)
         (vjp,) = torch.autograd.grad(eps, x_t, grad_outputs=v * (-sqrt_1m / sqrt_ac))
         return v / sqrt_ac + vjp

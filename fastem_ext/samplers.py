@@ -30,7 +30,7 @@ from .guidance import dps_guidance, pigdm_guidance
 from .mstep import HQSConfig, hqs, kernel_spectra
 from .observation import Observation
 from .physics import psf2otf
-from .schedule import Schedule, StepTables
+from .schedule import Schedule, StepTables, at
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, Tensor, Tensor | None], None]
@@ -63,8 +63,8 @@ class StepConfig:
 def predict_x0(eps_model: EpsModel, x_t: Tensor, tables: StepTables, i: Index) -> Tensor:
     """The clamped Tweedie estimate ``x̂0 ∈ [-1, 1]`` with a straight-through gradient."""
     channels = x_t.shape[1]
-    eps = eps_model(x_t, tables.t[i].expand(x_t.shape[0]))[:, :channels].to(x_t.dtype)
-    x0 = tweedie_x0(x_t, eps, tables.sqrt_ac[i], tables.sqrt_one_minus_ac[i])
+    eps = eps_model(x_t, at(tables.t, i).expand(x_t.shape[0]))[:, :channels].to(x_t.dtype)
+    x0 = tweedie_x0(x_t, eps, at(tables.sqrt_ac, i), at(tables.sqrt_one_minus_ac, i))
     return x0 + (x0.clamp(-1.0, 1.0) - x0).detach()
 
 
@@ -91,14 +91,15 @@ def guided_step(eps_model: EpsModel, obs: Observation | None, tables: StepTables
         x_t = x.detach().requires_grad_(config.guidance is not None)
         x0 = predict_x0(eps_model, x_t, tables, i)
         if config.mstep is not None:
-            ridge = tables.r2[i] / 4.0 if config.guidance == "pigdm" else None
+            ridge = at(tables.r2, i) / 4.0 if config.guidance == "pigdm" else None
             x0_image = (x0.detach() + 1.0) / 2.0
             spectra = kernel_spectra(obs.mstep_target(x0_image, kernel), x0_image)
             kernel = hqs(spectra, kernel, obs.sigma, config.mstep, x.shape[-2:], ridge_r2=ridge)
         step = _guidance_step(x_t, x0, obs, kernel, config, tables, i)
     x0 = x0.detach()
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    x = ancestral_step(x0, x, noise, tables.coef_x0[i], tables.coef_xt[i], tables.noise_std[i])
+    x = ancestral_step(x0, x, noise, at(tables.coef_x0, i), at(tables.coef_xt, i),
+                       at(tables.noise_std, i))
     return (x if step is None else x + step), kernel, x0
 
 
@@ -136,10 +137,10 @@ def _guidance_step(x_t: Tensor, x0: Tensor, obs: Observation | None, kernel: Ten
     otf = psf2otf(kernel, x_t.shape[-2:])
     if config.guidance == "pigdm":
         residual = obs.residual_spectrum_net(x0.detach(), otf)
-        grad = pigdm_guidance(x_t, x0, residual, otf, tables.r2[i], obs.sigma_net)
-        return (config.scale * tables.pigdm_weight[i]) * grad
+        grad = pigdm_guidance(x_t, x0, residual, otf, at(tables.r2, i), obs.sigma_net)
+        return (config.scale * at(tables.pigdm_weight, i)) * grad
     grad = dps_guidance(x_t, obs.residual_net(x0, otf))
-    return (config.scale * tables.dps_weight[i]) * grad
+    return (config.scale * at(tables.dps_weight, i)) * grad
 
 
 def fast_em(eps_model: EpsModel, obs: Observation, kernel_init: Tensor, *, schedule: Schedule,

@@ -70,6 +70,15 @@ def space_timesteps(num_timesteps: int, spacing: str | int | list[int]) -> list[
     return sorted(set(kept))
 
 
+def at(table: Tensor, i: int | Tensor) -> Tensor:
+    """``table[i]`` as a 0-d tensor, without a host sync when ``i`` is a 0-d device tensor.
+
+    Plain indexing with a 0-d integer tensor calls ``.item()`` (a device-to-host copy, which
+    breaks CUDA-graph capture); ``take`` gathers on the device.
+    """
+    return table.take(i) if isinstance(i, Tensor) else table[i]
+
+
 @dataclass(frozen=True)
 class StepTables:
     """Per-step tables ``[S]`` on one device, indexed by the respaced step ``i`` (0 = cleanest).

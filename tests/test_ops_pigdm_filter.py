@@ -91,6 +91,7 @@ def test_blur_valid_is_the_physics_blur(op_backend):
 def test_opcheck(op_backend):
     backend = os.environ["FASTEM_BACKEND"]
     spec, otf, spec_y, g = _inputs(2, (6, 9), "shared", op_backend)
+    otf = otf.contiguous()  # the registered ops take dense tensors (cuFFT may return strided)
     step = torch.tensor(0, device=op_backend)
     torch.library.opcheck(registered_op("particle_blur", backend), (spec, otf, spec_y))
     torch.library.opcheck(registered_op("particle_blur", backend), (spec, otf, None))
@@ -99,3 +100,19 @@ def test_opcheck(op_backend):
                           (spec, otf, spec_y, r2, step, 0.1))
     torch.library.opcheck(registered_op("blur_valid", backend),
                           (rand((2, 9, 8), g, op_backend), rand((3, 3), g, op_backend)))
+
+
+def test_wrappers_take_strided_spectra(op_backend):
+    """cuFFT may return strided spectra (rfft2 of a 2-D grid on CUDA): the op wrappers densify."""
+    spec, otf, spec_y, g = _inputs(2, (6, 9), "shared", op_backend)
+    strided = otf.t().contiguous().t()
+    assert not strided.is_contiguous()
+    r2, step = rand((2,), g, op_backend), torch.tensor(1, device=op_backend)
+    torch.testing.assert_close(ops.particle_blur(spec, strided, spec_y),
+                               ops.particle_blur(spec, otf, spec_y), rtol=0, atol=0)
+    torch.testing.assert_close(ops.pigdm_filter(spec, strided, spec_y, r2, step, 0.1),
+                               ops.pigdm_filter(spec, otf, spec_y, r2, step, 0.1), rtol=0, atol=0)
+    cross, energy = ops.spectral_sums(spec_y, spec)
+    shift = rand((2,), g, op_backend)
+    torch.testing.assert_close(ops.wiener_z(cross, energy, strided, shift, step, 0.5),
+                               ops.wiener_z(cross, energy, otf, shift, step, 0.5), rtol=0, atol=0)

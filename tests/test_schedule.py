@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fastem_ext.schedule import Schedule, space_timesteps
+from fastem_ext.schedule import Schedule, at, space_timesteps
 
 
 def test_base_alphas_cumprod_closed_form():
@@ -75,3 +75,12 @@ def test_device_tables():
     assert tables.t.dtype == torch.int64 and tables.sqrt_ac.dtype == torch.float32
     assert float(tables.noise_std[0]) == 0.0 and float(tables.noise_std[1]) > 0
     torch.testing.assert_close(tables.dps_weight, tables.sqrt_ac)
+
+
+def test_at_reads_a_table_entry_without_a_host_copy():
+    table = torch.arange(5.0)
+    step = torch.tensor(3)
+    value = at(table, step)
+    assert value.shape == () and value.item() == 3.0
+    assert value._base is None  # a gather, not the .item()-driven select of table[step]
+    assert at(table, 3).item() == 3.0

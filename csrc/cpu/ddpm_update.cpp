@@ -24,7 +24,7 @@ struct Step {
 Step read_step(const at::Tensor& coefs, const at::Tensor& step, int64_t rows) {
   Step s{step.item<int64_t>(), {}};
   const int64_t steps = coefs.size(1);
-  TORCH_CHECK(
+  FASTEM_CHECK(
       s.index >= 0 && s.index < steps,
       "step ",
       s.index,
@@ -45,7 +45,7 @@ at::Tensor predict_x0_cpu(
     const at::Tensor& eps,
     const at::Tensor& coefs,
     const at::Tensor& step) {
-  TORCH_CHECK(x_t.is_cpu(), "x_t must be a CPU tensor");
+  FASTEM_CHECK(x_t.is_cpu(), "x_t must be a CPU tensor");
   const int64_t eps_stride =
       check_diffusion_inputs(x_t, eps, coefs, step, kSqrtOneMinusAc + 1);
   const Step s = read_step(coefs, step, kSqrtOneMinusAc + 1);
@@ -110,12 +110,12 @@ std::tuple<at::Tensor, at::Tensor> ddpm_update_cpu(
     const c10::optional<at::Tensor>& grad,
     double scale,
     int64_t seed) {
-  TORCH_CHECK(x_t.is_cpu(), "x_t must be a CPU tensor");
+  FASTEM_CHECK(x_t.is_cpu(), "x_t must be a CPU tensor");
   const int64_t eps_stride =
       check_diffusion_inputs(x_t, eps, coefs, step, kRows);
   check_like(noise, "noise", x_t);
   check_like(grad, "grad", x_t);
-  TORCH_CHECK(seed >= 0, "seed must be >= 0, got ", seed);
+  FASTEM_CHECK(seed >= 0, "seed must be >= 0, got ", seed);
   const Step s = read_step(coefs, step, kRows);
   // As the reference: the guidance weight (scale · w) is formed before it
   // multiplies g.

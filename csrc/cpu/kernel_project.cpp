@@ -70,9 +70,9 @@ std::tuple<at::Tensor, at::Tensor> kernel_project_cpu(
     const at::Tensor& fallback,
     double threshold,
     bool recenter_mass) {
-  TORCH_CHECK(z.is_cpu(), "z must be a CPU tensor");
+  FASTEM_CHECK(z.is_cpu(), "z must be a CPU tensor");
   check_projection_inputs(z, fallback);
-  TORCH_CHECK(threshold >= 0.0, "threshold must be >= 0, got ", threshold);
+  FASTEM_CHECK(threshold >= 0.0, "threshold must be >= 0, got ", threshold);
   const int64_t height = z.size(0), width = z.size(1), size = fallback.size(0);
   const int64_t centre = size / 2;
   const float* __restrict__ zp =

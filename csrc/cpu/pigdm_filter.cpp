@@ -27,7 +27,7 @@ Spectra check_blur_spectra(
     const at::Tensor& spec,
     const at::Tensor& otf,
     const c10::optional<at::Tensor>& spec_y) {
-  TORCH_CHECK(spec.is_cpu(), "spec must be a CPU tensor");
+  FASTEM_CHECK(spec.is_cpu(), "spec must be a CPU tensor");
   const auto s = check_spectra(spec, "spec", spec.device());
   check_plane(otf, "otf", at::kComplexFloat, s, spec.device());
   if (!spec_y.has_value()) {
@@ -88,7 +88,7 @@ at::Tensor pigdm_filter_cpu(
   const auto in = check_blur_spectra(spec, otf, spec_y);
   check_table(r2, "r2", step, spec.device());
   const int64_t index = step.item<int64_t>();
-  TORCH_CHECK(
+  FASTEM_CHECK(
       index >= 0 && index < r2.numel(),
       "step ",
       index,
@@ -102,7 +102,7 @@ at::Tensor pigdm_filter_cpu(
 }
 
 at::Tensor blur_valid_cpu(const at::Tensor& x, const at::Tensor& kernel) {
-  TORCH_CHECK(x.is_cpu(), "x must be a CPU tensor");
+  FASTEM_CHECK(x.is_cpu(), "x must be a CPU tensor");
   check_blur_inputs(x, kernel);
   const int64_t height = x.size(-2), width = x.size(-1), size = kernel.size(0);
   const int64_t out_h = height - size + 1, out_w = width - size + 1;

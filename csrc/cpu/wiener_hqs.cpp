@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> spectral_sums_cpu(
     const at::Tensor& spec_y,
     const at::Tensor& spec_x) {
   const auto s = check_spectra(spec_x, "spec_x", spec_x.device());
-  TORCH_CHECK(spec_x.is_cpu(), "spec_x must be a CPU tensor");
+  FASTEM_CHECK(spec_x.is_cpu(), "spec_x must be a CPU tensor");
   const bool shared = check_target(spec_y, s, spec_x.device());
   auto cross = at::empty({s.height, s.half_width}, spec_x.options());
   auto energy =
@@ -93,16 +93,16 @@ at::Tensor wiener_z_cpu(
     const at::Tensor& shift,
     const at::Tensor& step,
     double coupling) {
-  TORCH_CHECK(cross.is_cpu(), "cross must be a CPU tensor");
+  FASTEM_CHECK(cross.is_cpu(), "cross must be a CPU tensor");
   check_input(cross, "cross", at::kComplexFloat, cross.device());
-  TORCH_CHECK(
+  FASTEM_CHECK(
       cross.dim() == 2, "cross must be [H, W//2+1], got ", cross.sizes());
   const SpectraShape s{1, 1, cross.size(0), cross.size(1)};
   check_plane(energy, "energy", at::kFloat, s, cross.device());
   check_plane(otf, "otf", at::kComplexFloat, s, cross.device());
   check_table(shift, "shift", step, cross.device());
   const int64_t index = step.item<int64_t>();
-  TORCH_CHECK(
+  FASTEM_CHECK(
       index >= 0 && index < shift.numel(),
       "step ",
       index,

@@ -75,10 +75,10 @@ Launch prepare(
     const at::Tensor& coefs,
     const at::Tensor& step,
     int64_t rows) {
-  TORCH_CHECK(x_t.is_cuda(), "x_t must be a CUDA tensor");
+  FASTEM_CHECK(x_t.is_cuda(), "x_t must be a CUDA tensor");
   const int64_t eps_stride =
       check_diffusion_inputs(x_t, eps, coefs, step, rows);
-  TORCH_CHECK(
+  FASTEM_CHECK(
       x_t.size(0) >= 1 && x_t.size(0) <= 65535, "1 <= n <= 65535 particles");
   const int64_t per_particle = x_t.numel() / x_t.size(0);
   // At most 1024 blocks per particle: a grid-stride loop covers the rest.
@@ -134,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> ddpm_update_cuda(
   const Launch l = prepare(x_t, eps, coefs, step, kRows);
   check_like(noise, "noise", x_t);
   check_like(grad, "grad", x_t);
-  TORCH_CHECK(seed >= 0, "seed must be >= 0, got ", seed);
+  FASTEM_CHECK(seed >= 0, "seed must be >= 0, got ", seed);
   auto x_prev = at::empty_like(x_t);
   auto x0 = at::empty_like(x_t);
   if (x_t.numel() == 0) {

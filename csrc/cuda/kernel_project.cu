@@ -122,10 +122,10 @@ std::tuple<at::Tensor, at::Tensor> kernel_project_cuda(
     const at::Tensor& fallback,
     double threshold,
     bool recenter) {
-  TORCH_CHECK(z.is_cuda(), "z must be a CUDA tensor");
+  FASTEM_CHECK(z.is_cuda(), "z must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(z.device());
   check_projection_inputs(z, fallback);
-  TORCH_CHECK(threshold >= 0.0, "threshold must be >= 0, got ", threshold);
+  FASTEM_CHECK(threshold >= 0.0, "threshold must be >= 0, got ", threshold);
   auto kernel = at::empty_like(fallback);
   auto grid = at::empty_like(z);
   kernel_project_kernel<<<

@@ -103,7 +103,7 @@ at::Tensor launch_spectral(
     const at::Tensor* r2,
     const at::Tensor* step,
     double sigma) {
-  TORCH_CHECK(spec.is_cuda(), "spec must be a CUDA tensor");
+  FASTEM_CHECK(spec.is_cuda(), "spec must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(spec.device());
   const auto s = check_spectra(spec, "spec", spec.device());
   check_plane(otf, "otf", at::kComplexFloat, s, spec.device());
@@ -112,7 +112,7 @@ at::Tensor launch_spectral(
   if (r2 != nullptr) {
     check_table(*r2, "r2", *step, spec.device());
   }
-  TORCH_CHECK(
+  FASTEM_CHECK(
       s.n * s.channels <= 65535, "at most 65535 particle-channel planes");
   auto out = at::empty_like(spec);
   const int64_t freqs = s.freqs();
@@ -173,7 +173,7 @@ at::Tensor pigdm_filter_cuda(
 }
 
 at::Tensor blur_valid_cuda(const at::Tensor& x, const at::Tensor& kernel) {
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
+  FASTEM_CHECK(x.is_cuda(), "x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   check_blur_inputs(x, kernel);
   const int64_t height = x.size(-2), width = x.size(-1), size = kernel.size(0);
@@ -183,7 +183,7 @@ at::Tensor blur_valid_cuda(const at::Tensor& x, const at::Tensor& kernel) {
   sizes[sizes.size() - 1] = out_w;
   auto out = at::empty(sizes, x.options());
   const int64_t images = x.numel() / (height * width);
-  TORCH_CHECK(images <= 65535, "at most 65535 images per call");
+  FASTEM_CHECK(images <= 65535, "at most 65535 images per call");
   if (out.numel() == 0) {
     return out;
   }

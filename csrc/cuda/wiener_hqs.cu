@@ -84,7 +84,7 @@ const float2* as_float2(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor> spectral_sums_cuda(
     const at::Tensor& spec_y,
     const at::Tensor& spec_x) {
-  TORCH_CHECK(spec_x.is_cuda(), "spec_x must be a CUDA tensor");
+  FASTEM_CHECK(spec_x.is_cuda(), "spec_x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(spec_x.device());
   const auto s = check_spectra(spec_x, "spec_x", spec_x.device());
   const bool shared = check_target(spec_y, s, spec_x.device());
@@ -127,10 +127,10 @@ at::Tensor wiener_z_cuda(
     const at::Tensor& shift,
     const at::Tensor& step,
     double coupling) {
-  TORCH_CHECK(cross.is_cuda(), "cross must be a CUDA tensor");
+  FASTEM_CHECK(cross.is_cuda(), "cross must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(cross.device());
   check_input(cross, "cross", at::kComplexFloat, cross.device());
-  TORCH_CHECK(
+  FASTEM_CHECK(
       cross.dim() == 2, "cross must be [H, W//2+1], got ", cross.sizes());
   const SpectraShape s{1, 1, cross.size(0), cross.size(1)};
   check_plane(energy, "energy", at::kFloat, s, cross.device());

@@ -28,7 +28,8 @@ except ImportError:  # triton is optional: the references and the C++ ops do not
 
 BACKENDS = ("reference", "triton", "cpp")
 # Fastest first. CPU: the C++ ops win or tie at the engine's shapes (benchmarks/RESULTS.md);
-# GPU: provisional until benchmarks/bench_ops.py has run on one.
+# GPU (H100, 2026-11-26): C++ wins or ties on every op but ddpm_update at n >= 4, where Triton
+# is faster (28 vs 52 µs at n = 16; one op in the step, so C++ stays first).
 PREFERENCE = {"cuda": ("cpp", "triton", "reference"), "cpu": ("cpp", "reference")}
 
 # Set at import: Triton decides at kernel definition whether kernels run in its interpreter.
@@ -111,6 +112,13 @@ def dispatch(op: str, device: torch.device, reference: Callable,
     if backend == "triton":
         return triton_impl
     return reference
+
+
+def dense(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The tensors in row-major layout (``None`` passes). cuFFT may hand back strided spectra
+    (``rfft2`` of a 2-D grid on CUDA is one); the kernels index them densely, so the op
+    wrappers take any layout and copy only what is not already contiguous."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
 def table_index(values: torch.Tensor | float, like: torch.Tensor,

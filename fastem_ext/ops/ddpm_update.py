@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..samplers import ancestral_step, tweedie_x0
-from ..schedule import StepTables
+from ..schedule import StepTables, at
 from . import _backend, _checks
 from ._backend import tl, triton
 
@@ -78,7 +78,7 @@ def philox_normal(shape: tuple[int, ...], seed: int, step: Tensor) -> Tensor:
 
 
 def _clamped_x0(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor) -> Tensor:
-    return tweedie_x0(x_t, eps, coefs[0, step], coefs[1, step]).clamp(-1.0, 1.0)
+    return tweedie_x0(x_t, eps, at(coefs[0], step), at(coefs[1], step)).clamp(-1.0, 1.0)
 
 
 def _predict_reference(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor) -> Tensor:
@@ -91,9 +91,10 @@ def _update_reference(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor,
     x0 = _clamped_x0(x_t, eps, coefs, step)
     if noise is None:
         noise = philox_normal(tuple(x_t.shape), seed, step)
-    x_prev = ancestral_step(x0, x_t, noise, coefs[2, step], coefs[3, step], coefs[4, step])
+    x_prev = ancestral_step(x0, x_t, noise, at(coefs[2], step), at(coefs[3], step),
+                            at(coefs[4], step))
     if grad is not None:
-        x_prev = x_prev + (scale * coefs[5, step]) * grad
+        x_prev = x_prev + (scale * at(coefs[5], step)) * grad
     return x_prev, (x0 + 1.0) / 2.0
 
 

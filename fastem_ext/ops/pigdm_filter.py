@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..guidance import pigdm_spectrum
 from ..physics import _valid_conv
+from ..schedule import at
 from . import _backend, _checks
 from ._backend import tl, triton
 
@@ -39,7 +40,7 @@ def _blur_fake(spec: Tensor, otf: Tensor, spec_y: Tensor | None) -> Tensor:
 def _pigdm_reference(spec: Tensor, otf: Tensor, spec_y: Tensor | None, r2: Tensor, step: Tensor,
                      sigma: float) -> Tensor:
     residual = spec if spec_y is None else _blur_reference(spec, otf, spec_y)
-    return pigdm_spectrum(residual, otf, r2[step], sigma)
+    return pigdm_spectrum(residual, otf, at(r2, step), sigma)
 
 
 def _pigdm_fake(spec: Tensor, otf: Tensor, spec_y: Tensor | None, r2: Tensor, step: Tensor,
@@ -177,7 +178,7 @@ def _check_valid(x: Tensor, kernel: Tensor) -> None:
 def particle_blur(spec: Tensor, otf: Tensor, spec_y: Tensor | None = None) -> Tensor:
     """``K·X`` (or ``Y − K·X`` when ``spec_y`` is given), ``[n, C, H, Wh]`` complex64."""
     impl = _backend.dispatch("particle_blur", spec.device, _blur_reference, _blur_triton)
-    return impl(spec, otf, spec_y)
+    return impl(*_backend.dense(spec, otf, spec_y))
 
 
 def pigdm_filter(spec: Tensor, otf: Tensor, spec_y: Tensor | None, r2: Tensor, step: Tensor,
@@ -187,7 +188,7 @@ def pigdm_filter(spec: Tensor, otf: Tensor, spec_y: Tensor | None, r2: Tensor, s
     r2: ``[S]`` float32 table; step: 0-d int64; sigma: the noise level in the units of ``Y``.
     """
     impl = _backend.dispatch("pigdm_filter", spec.device, _pigdm_reference, _pigdm_triton)
-    return impl(spec, otf, spec_y, r2, step, float(sigma))
+    return impl(*_backend.dense(spec, otf, spec_y), r2, step, float(sigma))
 
 
 def blur_valid(x: Tensor, kernel: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from torch import Tensor
 from ..mstep import HQSConfig, KernelSpectra, hqs_terms, z_spectrum
 from ..mstep import spectral_sums as _spectral_sums_reference
 from ..physics import kernel_grid
+from ..schedule import at
 from . import _backend, _checks
 from ._backend import tl, triton
 from .kernel_project import kernel_project
@@ -35,7 +36,7 @@ def _spectral_sums_fake(spec_y: Tensor, spec_x: Tensor) -> tuple[Tensor, Tensor]
 
 def _wiener_z_reference(cross: Tensor, energy: Tensor, otf: Tensor, shift: Tensor, step: Tensor,
                         coupling: float) -> Tensor:
-    return z_spectrum(cross, energy + shift[step], otf, coupling)
+    return z_spectrum(cross, energy + at(shift, step), otf, coupling)
 
 
 def _wiener_z_fake(cross: Tensor, energy: Tensor, otf: Tensor, shift: Tensor, step: Tensor,
@@ -135,7 +136,7 @@ def spectral_sums(spec_y: Tensor, spec_x: Tensor) -> tuple[Tensor, Tensor]:
     ``[n, C, H, Wh]`` (complex64). Returns ``A`` ``[H, Wh]`` complex64, ``B`` ``[H, Wh]``."""
     impl = _backend.dispatch("spectral_sums", spec_x.device, _spectral_sums_reference,
                              _spectral_sums_triton)
-    return impl(spec_y, spec_x)
+    return impl(*_backend.dense(spec_y, spec_x))
 
 
 def wiener_z(cross: Tensor, energy: Tensor, otf: Tensor, shift: Tensor, step: Tensor,
@@ -146,7 +147,7 @@ def wiener_z(cross: Tensor, energy: Tensor, otf: Tensor, shift: Tensor, step: Te
     step: 0-d int64 (device tensors: graph-safe).
     """
     impl = _backend.dispatch("wiener_z", cross.device, _wiener_z_reference, _wiener_z_triton)
-    return impl(cross, energy, otf, shift, step, coupling)
+    return impl(*_backend.dense(cross, energy, otf), shift, step, coupling)
 
 
 def kernel_spectra(spec_y: Tensor, spec_x: Tensor) -> KernelSpectra:
