@@ -36,9 +36,23 @@ undoes: a silent no-op.
 
 **Projection and K-update (Eq. 25).** ``z`` is cropped to the ``K×K`` support (centre at
 ``(K//2, K//2)``), clamped ``≥ 0`` and normalised to sum 1; then the regulariser's step:
-``pnp`` — the plug-and-play kernel denoiser ``D(z, σ_d = √(λ/β))``; ``l1`` — soft threshold at
-``λ/β`` (the proximal map of ``λ‖k‖₁`` with weight ``β``); ``l2``/``none`` — identity; followed by
-the same projection. A kernel whose mass vanishes keeps its previous value instead of dividing by 0.
+``pnp`` — the plug-and-play kernel denoiser ``D(z, σ_d)`` with ``σ_d² = λ/β + σ_z²`` (below);
+``l1`` — soft threshold at ``λ/β`` (the proximal map of ``λ‖k‖₁`` with weight ``β``);
+``l2``/``none`` — identity; followed by the same projection. A kernel whose mass vanishes keeps
+its previous value instead of dividing by 0.
+
+**The PnP noise level.** Eq. 25 denoises at ``σ_d = √(λ/β)`` whatever the data's noise, so one λ
+cannot suit σ = 5/255 and σ = 20/255 (the best λ differs 10× on the tuning set). ``z`` carries the
+observation noise through the Z-update: its noise part is ``F⁻¹[Σ_{i,c} conj(X^i_c)·N_c / D]``
+with ``D`` Eq. 24's denominator, whose per-pixel variance on the grid is, for ``n`` (similar)
+particles::
+
+    σ_z² = (n σ² / N) Σ_f E_f / D_f²        (E = Σ_{i,c} |X^i_c|², full spectrum)
+
+so the denoiser runs at ``σ_d² = λ/β + σ_z²``: the prior's own level plus the noise ``z``
+actually carries (computed on the device from the loop-invariant sums, no host sync). The
+bundled denoisers are trained on such inputs (python/train_kernel_denoiser.py: simulated
+Z-updates through natural/train spectra, conditioned on their ``σ_z``).
 
 After the ``J`` iterations the kernel is re-centred on its centre of mass (integer shift, on the
 device): blind deconvolution cannot tell a shifted kernel from a shifted image, and without this the
@@ -60,12 +74,12 @@ from .physics import gaussian_kernel, otf2psf, psf2otf
 
 REGULARIZERS = ("pnp", "l1", "l2", "none")
 # λ per regulariser and kernel size (ℓ1 thresholds at λ/β; ℓ2 weighs a Tikhonov term against the
-# coupling nσ²β; PnP denoises at σ_d = √(λ/β)), tuned by python/figure4.py for non-blind kernel
-# estimation on natural/train crops with TUNE-seed kernels (python/results/figure4). Sizes up to
-# 48 use the 33 row, larger ones the 64 row (as the kernel denoisers do).
+# coupling nσ²β; PnP denoises at σ_d² = λ/β + σ_z²), tuned by python/figure4.py for non-blind
+# kernel estimation on natural/train crops with TUNE-seed kernels (python/results/figure4). Sizes
+# up to 48 use the 33 row, larger ones the 64 row (as the kernel denoisers do).
 DEFAULT_LAMBDA = {
-    33: {"pnp": 0.1, "l1": 100.0, "l2": 1e4, "none": 0.0},
-    64: {"pnp": 0.03, "l1": 100.0, "l2": 1e5, "none": 0.0},
+    33: {"pnp": 0.03, "l1": 100.0, "l2": 1e4, "none": 0.0},
+    64: {"pnp": 0.0, "l1": 100.0, "l2": 1e5, "none": 0.0},
 }
 
 
@@ -91,8 +105,9 @@ def default_lambda(kind: str, kernel_size: int) -> float:
     """The tuned λ of a regulariser for kernels of side ``kernel_size``."""
     return DEFAULT_LAMBDA[33 if kernel_size <= 48 else 64][kind]
 
-KernelDenoiser = Callable[[Tensor, float], Tensor]
-"""``denoiser(kernel [K, K], sigma_d) -> [K, K]`` (plug-and-play kernel prior)."""
+KernelDenoiser = Callable[[Tensor, Tensor], Tensor]
+"""``denoiser(kernel [K, K], sigma_d) -> [K, K]`` (plug-and-play kernel prior); the M-step passes
+``sigma_d`` as a 0-d tensor on the kernel's device."""
 
 
 class KernelSpectra(NamedTuple):
@@ -225,11 +240,31 @@ def hqs(spectra: KernelSpectra, kernel: Tensor, sigma: float | Tensor, config: H
     size = kernel.shape[-1]
     terms = hqs_terms(config, spectra.particles, spectra.channels, shape, sigma, ridge_r2)
     denominator = spectra.energy + terms.shift
+    sigma_d = terms.sigma_d
+    if config.kind == "pnp":
+        noise = wiener_noise_std(spectra.energy, denominator, sigma, shape, spectra.particles)
+        sigma_d = (sigma_d**2 + noise.square()).sqrt()
     for _ in range(config.iters):
         z = project_kernel(
             otf2psf(z_update(spectra, kernel, terms.coupling, denominator, shape), size), kernel)
-        kernel = project_kernel(_kernel_step(z, terms.sigma_d, config), z)
+        kernel = project_kernel(_kernel_step(z, sigma_d, config), z)
     return recenter_kernel(kernel)
+
+
+def wiener_noise_std(energy: Tensor, denominator: Tensor, sigma: float | Tensor,
+                     shape: tuple[int, int], particles: int = 1) -> Tensor:
+    """``σ_z``: the per-pixel standard deviation of the observation noise in the Z-update's ``z``
+    (module docstring). energy, denominator: ``[..., H, W//2+1]`` half spectra; returns ``[...]``.
+    """
+    height, width = shape
+    columns = (energy / denominator.square()).sum(dim=-2)  # [..., W//2+1]
+    # Every column of the half spectrum stands for itself and its mirror image, except column 0
+    # and, for an even width, the Nyquist column. (Slices only: an item assignment would copy a
+    # host scalar to the device, which CUDA-graph capture forbids.)
+    total = 2.0 * columns.sum(dim=-1) - columns[..., 0]
+    if width % 2 == 0:
+        total = total - columns[..., -1]
+    return (particles * total / (height * width)).sqrt() * sigma
 
 
 class HQSTerms(NamedTuple):
@@ -237,7 +272,7 @@ class HQSTerms(NamedTuple):
 
     coupling: float | Tensor  # nσ²β: the previous kernel's weight in Eq. 24's numerator
     shift: float | Tensor  # what Eq. 24's denominator adds to Σ|X|²
-    sigma_d: float  # the K-update's noise level √(λ/β); a float: no host-to-device copy
+    sigma_d: float  # √(λ/β): ℓ1's threshold root, PnP's floor under σ_z; a float: no host copy
 
 
 def hqs_terms(config: HQSConfig, particles: int, channels: int, shape: tuple[int, int],
@@ -252,7 +287,7 @@ def hqs_terms(config: HQSConfig, particles: int, channels: int, shape: tuple[int
     return HQSTerms(coupling, shift, (config.weight / config.beta) ** 0.5)
 
 
-def _kernel_step(z: Tensor, sigma_d: float, config: HQSConfig) -> Tensor:
+def _kernel_step(z: Tensor, sigma_d: float | Tensor, config: HQSConfig) -> Tensor:
     """The K-update (Eq. 25) before projection."""
     if config.kind == "pnp":
         return config.kernel_denoiser(z, sigma_d)

@@ -3,12 +3,17 @@
     python python/train_kernel_denoiser.py --size 33 --seed 0 --minutes 25 --out fastem_ext/weights/
 
 Data: clean kernels from ``fastem_ext.motion.motion_kernels`` on TRAIN seeds only (batch ``t`` of
-run seed ``s`` uses seeds ``1_000_000 + s·10^8 + t·batch …``, see :func:`kernel_seed_start`),
-corrupted per sample at a noise level σ_d log-uniform in [2e-4, 0.15] (the M-step uses
-σ_d = √(λ/β) ≈ 3e-4 … 0.1): white noise, or with probability 1/4 spatially correlated noise of the
-same standard deviation; then, with probability 1/2, clamp ≥ 0 and renormalise to sum 1 as the
-HQS projection does, so the denoiser also learns that regime (shrunk, biased, non-negative input).
-Validation uses EVAL-seed kernels only.
+run seed ``s`` uses seeds ``1_000_000 + s·10^8 + t·batch …``, see :func:`kernel_seed_start`).
+Half of each batch is corrupted generically, at a noise level σ_d log-uniform in [2e-4, 0.15]:
+white noise, or with probability 1/4 spatially correlated noise of the same standard deviation;
+then, with probability 1/2, clamp ≥ 0 and renormalise to sum 1 as the HQS projection does.
+The other half is what the M-step really hands the denoiser (:func:`hqs_inputs`): one simulated
+Z-update (Eq. 24) of the kernel seen through the power spectrum of a ``natural/train`` crop, with
+observation noise σ log-uniform in [0.5, 30]/255, coupling σ²β (β log-uniform in [1e3, 1e6]) and
+the previous kernel the M-step's Gaussian start, the true kernel or a softened one; then the HQS
+projection. Such a ``z`` is the kernel shrunk where the image has little energy plus coloured
+noise; its conditioning is the ``σ_z`` of ``fastem_ext.mstep.wiener_noise_std``, as in the M-step.
+Validation uses EVAL-seed kernels only (the HQS rows see them through the train crops' spectra).
 
 Loss: mean squared error divided by σ_d² per sample (the error in units of the noise, so every
 noise level counts), Adam, linear warm-up then cosine decay, gradient-norm clip 1.
@@ -26,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,11 +44,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fastem_ext.api import describe_device
+from fastem_ext.io import center_crop, read_image
 from fastem_ext.models.kernel_denoiser import (
     KernelDenoiser,
     save_kernel_denoiser,
 )
 from fastem_ext.motion import EVAL_SEEDS, TRAIN_SEEDS, check_seed_range, motion_kernels
+from fastem_ext.mstep import wiener_noise_std
+from fastem_ext.physics import gaussian_kernel, kernel_grid, otf2psf
 
 SIGMA_RANGE = (2e-4, 0.15)
 VAL_SIGMAS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -49,6 +59,12 @@ RUN_STRIDE = 100_000_000  # kernel seeds reserved per run seed
 MAX_RUN_SEED = (TRAIN_SEEDS.stop - TRAIN_SEEDS.start) // RUN_STRIDE - 1
 P_COLOURED = 0.25
 P_PROJECTED = 0.5
+P_HQS = 0.5  # share of each batch made by simulated Z-updates
+HQS_NOISE_RANGE = (0.5 / 255, 30 / 255)
+HQS_BETA_RANGE = (1e3, 1e6)
+HQS_GRID = 256  # the crops' side: the M-step's grid at the evaluation's 256×256 crops
+HQS_VAL_NOISE = (5, 10, 20)  # /255, validation rows (β = 1e5, Gaussian start)
+DATA = Path(os.environ.get("FASTEM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def kernel_seed_start(run_seed: int, step: int, batch: int) -> int:
@@ -104,6 +120,61 @@ def corrupt(
     return torch.where(projected[:, None, None, None], project(noisy), noisy), sigma
 
 
+@functools.cache
+def energy_bank(folder: Path = DATA / "natural" / "train") -> torch.Tensor:
+    """``Σ_c |F x_c|²`` ``[B, 256, 129]`` of the centre crops of every image of ``folder`` at
+    least 256 px on each side (the spectra the simulated Z-updates see the kernels through)."""
+    files = sorted(folder.glob("*.png"))
+    if not files:
+        raise FileNotFoundError(f"no training images in {folder} (set FASTEM_DATA)")
+    spectra = []
+    for f in files:
+        image = read_image(f)[0]
+        if min(image.shape[-2:]) >= HQS_GRID:
+            crop = center_crop(image, HQS_GRID)
+            spectra.append(torch.fft.rfft2(crop).abs().square().sum(0))
+    return torch.stack(spectra)
+
+
+def _log_uniform(b: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * torch.rand(b, generator=gen))
+
+
+def hqs_inputs(clean: torch.Tensor, bank: torch.Tensor, gen: torch.Generator,
+               noise: torch.Tensor | None = None, beta: torch.Tensor | None = None,
+               start: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One simulated Z-update per kernel ``clean [B, 1, K, K]``; returns ``(z, σ_z [B])``.
+
+    ``Z = (E·K + Ñ + c·K_prev) / (E + c)`` with ``E`` a train crop's energy spectrum, ``c = σ²β``
+    and ``Ñ = Σ_c conj(X_c)·F n_c`` drawn directly as complex noise of variance ``σ²·N·E`` (the
+    Hermitian half-plane only, as ``irfft2`` reads it); then the crop to ``K×K`` and the HQS
+    projection. ``noise``, ``beta``, ``start`` (``"gaussian"``/``"true"``/``"soft"``) fix what is
+    otherwise drawn per sample.
+    """
+    b, size = clean.shape[0], clean.shape[-1]
+    grid = (HQS_GRID, HQS_GRID)
+    energy = bank[torch.randint(0, bank.shape[0], (b,), generator=gen)]
+    sigma = _log_uniform(b, *HQS_NOISE_RANGE, gen) if noise is None else noise.expand(b)
+    beta = _log_uniform(b, *HQS_BETA_RANGE, gen) if beta is None else beta.expand(b)
+    coupling = (sigma.square() * beta)[:, None, None]
+    kernels = clean[:, 0]
+    starts = {"gaussian": gaussian_kernel(size, size / 16).expand(b, size, size), "true": kernels,
+              "soft": torch.nn.functional.conv2d(clean, gaussian_kernel(5, 1.0)[None, None],
+                                                 padding=2)[:, 0]}
+    pick = torch.randint(0, 3, (b,), generator=gen)
+    if start is not None:
+        pick = torch.full((b,), list(starts).index(start))
+    previous = torch.where((pick == 0)[:, None, None], starts["gaussian"],
+                           torch.where((pick == 1)[:, None, None], starts["true"], starts["soft"]))
+    draw = torch.complex(torch.randn(energy.shape, generator=gen),
+                         torch.randn(energy.shape, generator=gen))
+    data_noise = draw * (sigma[:, None, None].square() * grid[0] * grid[1] * energy / 2).sqrt()
+    spectrum = (energy * torch.fft.rfft2(kernel_grid(kernels, grid)) + data_noise
+                + coupling * torch.fft.rfft2(kernel_grid(previous, grid))) / (energy + coupling)
+    z = project(otf2psf(torch.fft.irfft2(spectrum, s=grid), size)[:, None])
+    return z, wiener_noise_std(energy, energy + coupling, sigma, grid)
+
+
 def validation_set(size: int, count: int) -> torch.Tensor:
     """``[count, 1, K, K]`` clean kernels from the first EVAL seeds."""
     check_seed_range(EVAL_SEEDS.start, count, "eval")
@@ -118,7 +189,9 @@ def psnr(est: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: KernelDenoiser, clean: torch.Tensor, sigmas: tuple[float, ...]) -> list[dict]:
-    """Denoising figures per σ_d, for white-noise inputs and for projected (clamp+renorm) inputs.
+    """Denoising figures per σ_d, for white-noise inputs and for projected (clamp+renorm) inputs;
+    then per observation noise σ for simulated Z-updates (β = 1e5, from the Gaussian start,
+    denoised at their σ_z; the row's σ_d is the mean σ_z).
 
     Rows: mean MSE and PSNR of the input, of the clamp+renorm baseline, of the denoiser and of the
     denoiser followed by clamp+renorm (what the M-step keeps).
@@ -126,17 +199,25 @@ def evaluate(model: KernelDenoiser, clean: torch.Tensor, sigmas: tuple[float, ..
     model.eval()
     rows = []
     gen = torch.Generator().manual_seed(12345)
+    cases = []
     for sigma in sigmas:
         noise = torch.randn(clean.shape, generator=gen)
         white = clean + sigma * noise
-        for regime, noisy in (("white", white), ("projected", project(white))):
-            out = torch.cat([model(c, sigma, check=False) for c in noisy.split(256)])
-            row: dict = {"sigma_d": sigma, "input": regime}
-            for name, est in (("noisy", noisy), ("clamp_renorm", project(noisy)),
-                              ("denoiser", out), ("denoiser_projected", project(out))):
-                row[f"mse_{name}"] = (est - clean).square().mean().item()
-                row[f"psnr_{name}"] = psnr(est, clean).mean().item()
-            rows.append(row)
+        cases += [(sigma, "white", white, sigma), (sigma, "projected", project(white), sigma)]
+    for noise in HQS_VAL_NOISE:
+        z, sigma_z = hqs_inputs(clean, energy_bank(), gen, noise=torch.tensor(noise / 255),
+                                beta=torch.tensor(1e5), start="gaussian")
+        cases.append((float(sigma_z.mean()), f"HQS σ={noise}/255", z, sigma_z))
+    for label, regime, noisy, sigma in cases:
+        levels = torch.as_tensor(sigma, dtype=noisy.dtype).expand(noisy.shape[0])
+        out = torch.cat([model(c, s, check=False)
+                         for c, s in zip(noisy.split(256), levels.split(256), strict=True)])
+        row: dict = {"sigma_d": label, "input": regime}
+        for name, est in (("noisy", noisy), ("clamp_renorm", project(noisy)),
+                          ("denoiser", out), ("denoiser_projected", project(out))):
+            row[f"mse_{name}"] = (est - clean).square().mean().item()
+            row[f"psnr_{name}"] = psnr(est, clean).mean().item()
+        rows.append(row)
     model.train()
     return rows
 
@@ -165,7 +246,10 @@ def train(args: argparse.Namespace, steps: int, log: list[dict] | None, deadline
             group["lr"] = lr_at(step, steps, args.lr, args.warmup)
         start = kernel_seed_start(args.seed, step, args.batch)
         clean = motion_kernels(args.batch, args.size, seed=start)[:, None]
-        noisy, sigma = corrupt(clean, gen)
+        split = round(P_HQS * args.batch)
+        z, sigma_z = hqs_inputs(clean[:split], energy_bank(), gen)
+        generic, sigma_g = corrupt(clean[split:], gen)
+        noisy, sigma = torch.cat((z, generic)), torch.cat((sigma_z, sigma_g))
         out = model(noisy, sigma, check=False)
         # Each sample's error relative to its input's error: identity scores 1 whatever the noise
         # level or regime, so neither tiny-σ_d nor projected samples swamp the batch. Half the
@@ -221,9 +305,13 @@ Plug-and-play blur-kernel denoiser for {size}×{size} kernels (`fastem_ext.model
 - Data: `fastem_ext.motion.motion_kernels({batch}, {size}, seed=s)` with s from TRAIN_SEEDS only
   (run seed {seed}: kernel seeds {first_seed} … {last_seed}); {kernels_seen} kernels, each seen
   once.
-- Noise: σ_d log-uniform in [{sig_lo:g}, {sig_hi:g}]; white Gaussian, or (p = {p_col}) Gaussian-
-  smoothed noise of the same std; then (p = {p_proj}) clamp ≥ 0 and renormalise to sum 1 (the HQS
-  projection).
+- Inputs, half of each batch: σ_d log-uniform in [{sig_lo:g}, {sig_hi:g}]; white Gaussian, or
+  (p = {p_col}) Gaussian-smoothed noise of the same std; then (p = {p_proj}) clamp ≥ 0 and
+  renormalise to sum 1 (the HQS projection).
+- Inputs, the other half: simulated HQS Z-updates (Eq. 24) through the power spectra of the
+  {bank} `natural/train` centre crops of 256×256 (observation noise σ log-uniform in
+  [0.5, 30]/255, β log-uniform in [1e3, 1e6], previous kernel the Gaussian start, the true or a
+  softened kernel), projected, conditioned on their σ_z (`fastem_ext.mstep.wiener_noise_std`).
 - Loss: per sample, ½ (MSE(D) + MSE(clamp+renorm of D)) / MSE(input), i.e. relative to the input's
   error; Adam, lr {lr:g}, {warmup} warm-up steps, cosine decay to 1 %; {steps} steps of batch
   {batch}; grad-norm clip 1.
@@ -234,7 +322,9 @@ Plug-and-play blur-kernel denoiser for {size}×{size} kernels (`fastem_ext.model
 ## Validation ({val_count} kernels from EVAL seeds {val_first} … {val_last})
 
 Mean MSE per pixel and mean PSNR (dB, peak = the clean kernel's maximum). `white`: clean +
-σ_d·N(0, 1). `projected`: the same, then clamp ≥ 0 and renormalise (what HQS hands the denoiser).
+σ_d·N(0, 1). `projected`: the same, then clamp ≥ 0 and renormalise. `HQS σ=…`: one simulated
+Z-update at that observation noise (β = 1e5, Gaussian start), denoised at its σ_z (the σ_d
+column: their mean) — what the M-step hands the denoiser.
 Baseline: clamp ≥ 0 + renormalise of the input. `D`: the denoiser. `D+proj`: the denoiser, then
 clamp ≥ 0 + renormalise (what the M-step keeps).
 
@@ -250,7 +340,7 @@ Training log (loss, validation PSNR every {log_every} steps): `kernel_denoiser_{
 def model_card(args: argparse.Namespace, info: dict, rows: list[dict]) -> str:
     """Markdown model card from the run's settings and the final validation table."""
     table = "\n".join(
-        f"| {r['sigma_d']:g} | {r['input']} | {r['mse_noisy']:.3g} | {r['mse_clamp_renorm']:.3g} "
+        f"| {r['sigma_d']:.3g} | {r['input']} | {r['mse_noisy']:.3g} | {r['mse_clamp_renorm']:.3g} "
         f"| {r['mse_denoiser']:.3g} | {r['mse_denoiser_projected']:.3g} | {r['psnr_noisy']:.1f} "
         f"| {r['psnr_clamp_renorm']:.1f} | {r['psnr_denoiser']:.1f} "
         f"| {r['psnr_denoiser_projected']:.1f} |"
@@ -265,6 +355,7 @@ def model_card(args: argparse.Namespace, info: dict, rows: list[dict]) -> str:
         batch=args.batch, seed=args.seed, first_seed=info["first_seed"],
         last_seed=info["last_seed"], kernels_seen=info["kernels_seen"], sig_lo=SIGMA_RANGE[0],
         sig_hi=SIGMA_RANGE[1], p_col=P_COLOURED, p_proj=P_PROJECTED, lr=args.lr,
+        bank=energy_bank().shape[0],
         warmup=args.warmup, steps=info["steps"], hardware=info["hardware"],
         wall_min=info["wall_s"] / 60, train_min=info["train_s"] / 60,
         val_count=info["val_count"], val_first=EVAL_SEEDS.start,

@@ -1,12 +1,14 @@
 """The fast engine's step on device-indexed tables must be the reference step, exactly."""
 
+import warnings
+
 import pytest
 import torch
 
 from fastem_ext import gaussian_kernel, run
 from fastem_ext.engine import EngineConfig, GraphedLoop, autocast_model, graphed_sample
 from fastem_ext.models import GaussianPrior
-from fastem_ext.mstep import HQSConfig
+from fastem_ext.mstep import HQSConfig, bundled_denoiser
 from fastem_ext.observation import Observation
 from fastem_ext.samplers import StepConfig, fast_em, sample
 from fastem_ext.schedule import Schedule
@@ -125,14 +127,21 @@ def test_run_reports_the_engine():
 
 
 @pytest.mark.cuda
-def test_cuda_graph_replay_matches_eager_fp32():
+@pytest.mark.parametrize("regularizer", ["l2", "pnp"])
+def test_cuda_graph_replay_matches_eager_fp32(regularizer):
+    """The step is captured (a capture failure, which would fall back to eager steps with a
+    warning, fails the test) and replays like the eager reference loop."""
     obs, kernel = _problem(3)
     obs = Observation(obs.y.cuda(), obs.sigma)
+    size = kernel.shape[-1]
+    denoiser = bundled_denoiser(size, "cuda") if regularizer == "pnp" else None
     args = dict(schedule=Schedule("8"), shape=(2, 3, 24, 20), kernel=kernel.cuda(),
-                mstep=HQSConfig(regularizer="l2").validate())
+                mstep=HQSConfig(regularizer=regularizer, denoiser=denoiser).validate(size))
     prior = GaussianPrior().cuda()
     ref = sample(prior, obs, generator=torch.Generator("cuda").manual_seed(1), **args)
-    fast = graphed_sample(prior, obs, generator=torch.Generator("cuda").manual_seed(1),
-                          engine=EngineConfig(precision="fp32"), **args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fast = graphed_sample(prior, obs, generator=torch.Generator("cuda").manual_seed(1),
+                              engine=EngineConfig(precision="fp32"), **args)
     torch.testing.assert_close(fast.particles, ref.particles, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast.kernel, ref.kernel, rtol=1e-4, atol=1e-6)

@@ -148,6 +148,25 @@ def test_training_script_uses_only_training_seeds(monkeypatch: pytest.MonkeyPatc
     assert seen == [(EVAL_SEEDS.start, 8)]
 
 
+def test_simulated_z_updates_are_projected_kernels_with_their_noise_level() -> None:
+    train = _train_module()
+    bank = 10.0 ** (4 * torch.rand(2, 256, 129, generator=torch.Generator().manual_seed(0)))
+    clean = motion_kernels(4, 15, seed=TRAIN_SEEDS.start)[:, None]
+
+    def draw(noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return train.hqs_inputs(clean, bank, torch.Generator().manual_seed(1),
+                                noise=torch.tensor(noise), beta=torch.tensor(1e5), start="true")
+
+    z, sigma_z = draw(10 / 255)
+    assert z.shape == clean.shape and sigma_z.shape == (4,)
+    assert (z >= 0).all() and torch.allclose(z.sum(dim=(1, 2, 3)), torch.ones(4))
+    assert torch.equal(z, draw(10 / 255)[0])  # deterministic per generator
+    assert torch.isfinite(sigma_z).all() and (sigma_z > 0).all()
+    low, high = draw(2 / 255), draw(20 / 255)
+    error = [float((zz - clean).square().mean()) for zz, _ in (low, high)]
+    assert error[0] < error[1]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [

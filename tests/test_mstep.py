@@ -1,14 +1,18 @@
 import pytest
 import torch
 from dense import circular_convolve, origin_kernel_matrix
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from fastem_ext import blur, estimate_kernel, gaussian_kernel, metrics
 from fastem_ext.mstep import (
     HQSConfig,
+    bundled_denoiser,
     hqs,
     kernel_spectra,
     project_kernel,
     recenter_kernel,
+    wiener_noise_std,
     z_update,
 )
 from fastem_ext.physics import otf2psf, psf2otf
@@ -102,7 +106,8 @@ def test_pnp_calls_the_denoiser_with_sigma_d():
     spectra, init = kernel_spectra(y, x), gaussian_kernel(7, 2.0)
     out = hqs(spectra, init, 0.02, HQSConfig(regularizer=denoiser, lam=4.0, beta=1e4, iters=3),
               (32, 32))
-    assert calls == pytest.approx([0.02] * 3)
+    noise = wiener_noise_std(spectra.energy, spectra.energy + 0.02**2 * 1e4, 0.02, (32, 32))
+    assert calls == pytest.approx([(4.0 / 1e4 + float(noise) ** 2) ** 0.5] * 3)
     plain = hqs(spectra, init, 0.02, HQSConfig(regularizer="none", beta=1e4, iters=3), (32, 32))
     assert float((out - plain).abs().max()) > 1e-3
 
@@ -177,3 +182,42 @@ def test_crop_layout_matches_psf2otf():
     k = torch.rand(5, 5)
     full = torch.fft.irfft2(psf2otf(k, (12, 12)), s=(12, 12))
     torch.testing.assert_close(otf2psf(full, 5), k)
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (12, 15)])
+def test_wiener_noise_std_is_the_std_of_the_noise_in_z(shape):
+    """σ_z against the empirical per-pixel std of the Z-update applied to pure noise."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(1, 3, *shape, generator=g, dtype=torch.float64)
+    spec_x = torch.fft.rfft2(x)
+    energy = spec_x.abs().square().sum(dim=(0, 1))
+    denominator = energy + 5.0
+    sigma, draws = 0.1, 4000
+    noise = sigma * torch.randn(draws, 3, *shape, generator=g, dtype=torch.float64)
+    z = torch.fft.irfft2((spec_x.conj() * torch.fft.rfft2(noise)).sum(1) / denominator, s=shape)
+    expected = wiener_noise_std(energy, denominator, sigma, shape)
+    assert float(z.std()) == pytest.approx(float(expected), rel=0.03)
+
+
+class _NoHostTensors(TorchDispatchMode):
+    """Fails any op that takes a host tensor: run on the meta device, a step that would copy
+    host data to the GPU (or read one back with .item()) fails here too."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for leaf in tree_leaves((args, kwargs or {})):
+            if isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu":
+                raise AssertionError(f"{func} got a host tensor {tuple(leaf.shape)}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("regularizer", ["pnp", "l1"])
+def test_mstep_touches_only_device_tensors(regularizer):
+    """What CUDA-graph capture needs (tested on a GPU by test_engine's capture test)."""
+    device = "meta"
+    x, y = torch.rand(1, 3, 64, 64).to(device), torch.rand(3, 64, 64).to(device)
+    denoiser = bundled_denoiser(33, device) if regularizer == "pnp" else None
+    config = HQSConfig(regularizer=regularizer, denoiser=denoiser, iters=2).validate(33)
+    spectra, init = kernel_spectra(y, x), gaussian_kernel(33, 2.0, device=device)
+    with _NoHostTensors():
+        kernel = hqs(spectra, init, 0.05, config, (64, 64), ridge_r2=torch.ones((), device=device))
+    assert kernel.shape == (33, 33) and kernel.device.type == device
