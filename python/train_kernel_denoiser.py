@@ -110,8 +110,7 @@ def corrupt(
     """Training input for ``clean: [B, 1, K, K]``; returns ``(noisy [B, 1, K, K], sigma [B])``."""
     b = clean.shape[0]
     if sigma is None:
-        lo, hi = math.log(SIGMA_RANGE[0]), math.log(SIGMA_RANGE[1])
-        sigma = torch.exp(lo + (hi - lo) * torch.rand(b, generator=gen))
+        sigma = _log_uniform(b, *SIGMA_RANGE, gen)
     noise = torch.randn(clean.shape, generator=gen)
     coloured = torch.rand(b, generator=gen) < P_COLOURED
     noise = torch.where(coloured[:, None, None, None], coloured_noise(clean.shape, gen), noise)
