@@ -4,13 +4,15 @@ import warnings
 
 import pytest
 import torch
+from device_only import NoHostTensors
 
 from fastem_ext import gaussian_kernel, run
 from fastem_ext.engine import EngineConfig, GraphedLoop, autocast_model, graphed_sample
+from fastem_ext.fused_step import FusedStep
 from fastem_ext.models import GaussianPrior
 from fastem_ext.mstep import HQSConfig, bundled_denoiser
 from fastem_ext.observation import Observation
-from fastem_ext.samplers import StepConfig, fast_em, sample
+from fastem_ext.samplers import StepConfig, fast_em, guided_step, sample
 from fastem_ext.schedule import Schedule
 
 
@@ -145,3 +147,27 @@ def test_cuda_graph_replay_matches_eager_fp32(regularizer):
                               engine=EngineConfig(precision="fp32"), **args)
     torch.testing.assert_close(fast.particles, ref.particles, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast.kernel, ref.kernel, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("regularizer", ["pnp", "l1"])
+@pytest.mark.parametrize("guidance", ["pigdm", "dps"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_steps_touch_only_device_tensors(regularizer, guidance, masked):
+    """The fused and the reference step on the meta device take no host tensor and read no
+    value back: what capturing them in a CUDA graph needs (tests/device_only.py)."""
+    device = torch.device("meta")
+    y = torch.rand(3, 32, 32).to(device)
+    mask = torch.ones(1, 32, 32).to(device) if masked else None
+    obs = Observation(y, 0.05, mask)
+    tables = Schedule("10").tables(device)
+    denoiser = bundled_denoiser(9, device) if regularizer == "pnp" else None
+    config = StepConfig(guidance=guidance,
+                        mstep=HQSConfig(regularizer=regularizer, denoiser=denoiser).validate(9))
+    prior = GaussianPrior().to(device)
+    x, kernel = torch.randn(2, 3, 32, 32, device=device), gaussian_kernel(9, 1.0, device=device)
+    index = torch.tensor(5, device=device)
+    fused = FusedStep(obs, tables, config)
+    with NoHostTensors():
+        for out in (fused(prior, index, x, kernel, None),
+                    guided_step(prior, obs, tables, index, x, kernel, config, None)):
+            assert out[0].shape == x.shape and out[1].shape == kernel.shape

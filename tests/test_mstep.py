@@ -1,8 +1,7 @@
 import pytest
 import torch
 from dense import circular_convolve, origin_kernel_matrix
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from device_only import NoHostTensors
 
 from fastem_ext import blur, estimate_kernel, gaussian_kernel, metrics
 from fastem_ext.mstep import (
@@ -199,17 +198,6 @@ def test_wiener_noise_std_is_the_std_of_the_noise_in_z(shape):
     assert float(z.std()) == pytest.approx(float(expected), rel=0.03)
 
 
-class _NoHostTensors(TorchDispatchMode):
-    """Fails any op that takes a host tensor: run on the meta device, a step that would copy
-    host data to the GPU (or read one back with .item()) fails here too."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        for leaf in tree_leaves((args, kwargs or {})):
-            if isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu":
-                raise AssertionError(f"{func} got a host tensor {tuple(leaf.shape)}")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("regularizer", ["pnp", "l1"])
 def test_mstep_touches_only_device_tensors(regularizer):
     """What CUDA-graph capture needs (tested on a GPU by test_engine's capture test)."""
@@ -218,6 +206,6 @@ def test_mstep_touches_only_device_tensors(regularizer):
     denoiser = bundled_denoiser(33, device) if regularizer == "pnp" else None
     config = HQSConfig(regularizer=regularizer, denoiser=denoiser, iters=2).validate(33)
     spectra, init = kernel_spectra(y, x), gaussian_kernel(33, 2.0, device=device)
-    with _NoHostTensors():
+    with NoHostTensors():
         kernel = hqs(spectra, init, 0.05, config, (64, 64), ridge_r2=torch.ones((), device=device))
     assert kernel.shape == (33, 33) and kernel.device.type == device
