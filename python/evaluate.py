@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from prior_common import val_files
 from tqdm import tqdm
 
 from fastem_ext.api import describe_device, run
@@ -31,14 +32,13 @@ from fastem_ext.metrics import kernel_mse, psnr, reblur_loss, ssim
 from fastem_ext.motion import EVAL_SEEDS, motion_kernel
 from fastem_ext.physics import blur, dirac_kernel
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "natural" / "val"
 METHODS = ("fastem-pigdm", "fastem-pigdm-4", "fastem-pigdm-16", "fastem-dps", "diffem-pigdm",
            "oracle", "none")
 
 
 def test_set(images: int, sigmas: list[int], kernel_size: int, size: int = 256):
     """Yields ``(case_id, sharp, kernel, sigma, blurry)``; deterministic."""
-    files = sorted(DATA.glob("*.png"))[:images]
+    files = val_files()[:images]
     for index, path in enumerate(files):
         sharp = center_crop(read_image(path)[0], size)
         kernel = motion_kernel(kernel_size, seed=EVAL_SEEDS.start + index)

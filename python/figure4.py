@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from prior_common import train_files, val_files
 
 from fastem_ext.api import describe_device
 from fastem_ext.io import center_crop, read_image
@@ -28,7 +29,6 @@ from fastem_ext.motion import EVAL_SEEDS, TUNE_SEEDS, motion_kernel
 from fastem_ext.mstep import estimate_kernel
 from fastem_ext.physics import blur
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "natural"
 REGULARIZERS = ("pnp", "l1", "l2", "none")
 LAMBDA_GRID = {"pnp": [0.0, 0.003, 0.01, 0.03, 0.1, 0.3], "l1": [10, 30, 100, 300],
                "l2": [1e4, 1e5, 1e6], "none": [0.0]}
@@ -37,8 +37,8 @@ SIGMAS = (0, 5, 10, 15, 20)
 MODEL_SIGMA_FLOOR = 0.5 / 255
 
 
-def load_crops(folder: Path, count: int, size: int = 256) -> list[torch.Tensor]:
-    files = sorted(folder.glob("*.png"))[:count]
+def load_crops(files: list[Path], count: int, size: int = 256) -> list[torch.Tensor]:
+    files = files[:count]
     return [center_crop(read_image(f)[0], size) for f in files]
 
 
@@ -67,7 +67,7 @@ def mean_mse(images, kernels, sigmas, size, regularizer, lam, denoiser) -> float
 
 def tune(size: int, denoiser, args) -> dict[str, float]:
     """λ per regulariser minimising the mean kernel MSE on train crops / TUNE-seed kernels."""
-    images = load_crops(DATA / "train", args.tune_images)
+    images = load_crops(train_files(), args.tune_images)
     kernels = [motion_kernel(size, seed=TUNE_SEEDS.start + s) for s in range(args.tune_kernels)]
     best = {}
     for regularizer in REGULARIZERS:
@@ -92,7 +92,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows, summary = [], {"device": describe_device(torch.device("cpu")), "sizes": {}}
-    val = load_crops(DATA / "val", args.val_images)
+    val = load_crops(val_files(), args.val_images)
     for size in args.sizes:
         denoiser = load_kernel_denoiser(size)
         lams = tune(size, denoiser, args)

@@ -34,7 +34,6 @@ import copy
 import functools
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from prior_common import train_files
 
 from fastem_ext.api import describe_device
 from fastem_ext.io import center_crop, read_image
@@ -50,7 +52,7 @@ from fastem_ext.models.kernel_denoiser import (
     save_kernel_denoiser,
 )
 from fastem_ext.motion import EVAL_SEEDS, TRAIN_SEEDS, check_seed_range, motion_kernels
-from fastem_ext.mstep import wiener_noise_std
+from fastem_ext.mstep import wiener_noise_std, z_spectrum
 from fastem_ext.physics import gaussian_kernel, kernel_grid, otf2psf
 
 SIGMA_RANGE = (2e-4, 0.15)
@@ -64,7 +66,6 @@ HQS_NOISE_RANGE = (0.5 / 255, 30 / 255)
 HQS_BETA_RANGE = (1e3, 1e6)
 HQS_GRID = 256  # the crops' side: the M-step's grid at the evaluation's 256×256 crops
 HQS_VAL_NOISE = (5, 10, 20)  # /255, validation rows (β = 1e5, Gaussian start)
-DATA = Path(os.environ.get("FASTEM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def kernel_seed_start(run_seed: int, step: int, batch: int) -> int:
@@ -120,14 +121,11 @@ def corrupt(
 
 
 @functools.cache
-def energy_bank(folder: Path = DATA / "natural" / "train") -> torch.Tensor:
-    """``Σ_c |F x_c|²`` ``[B, 256, 129]`` of the centre crops of every image of ``folder`` at
+def energy_bank() -> torch.Tensor:
+    """``Σ_c |F x_c|²`` ``[B, 256, 129]`` of the centre crops of every ``natural/train`` image at
     least 256 px on each side (the spectra the simulated Z-updates see the kernels through)."""
-    files = sorted(folder.glob("*.png"))
-    if not files:
-        raise FileNotFoundError(f"no training images in {folder} (set FASTEM_DATA)")
     spectra = []
-    for f in files:
+    for f in train_files():
         image = read_image(f)[0]
         if min(image.shape[-2:]) >= HQS_GRID:
             crop = center_crop(image, HQS_GRID)
@@ -168,8 +166,9 @@ def hqs_inputs(clean: torch.Tensor, bank: torch.Tensor, gen: torch.Generator,
     draw = torch.complex(torch.randn(energy.shape, generator=gen),
                          torch.randn(energy.shape, generator=gen))
     data_noise = draw * (sigma[:, None, None].square() * grid[0] * grid[1] * energy / 2).sqrt()
-    spectrum = (energy * torch.fft.rfft2(kernel_grid(kernels, grid)) + data_noise
-                + coupling * torch.fft.rfft2(kernel_grid(previous, grid))) / (energy + coupling)
+    cross = energy * torch.fft.rfft2(kernel_grid(kernels, grid)) + data_noise
+    spectrum = z_spectrum(cross, energy + coupling, torch.fft.rfft2(kernel_grid(previous, grid)),
+                          coupling)
     z = project(otf2psf(torch.fft.irfft2(spectrum, s=grid), size)[:, None])
     return z, wiener_noise_std(energy, energy + coupling, sigma, grid)
 

@@ -97,25 +97,16 @@ std::tuple<at::Tensor, at::Tensor> spectral_sums_cuda(
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
   auto* a = reinterpret_cast<float2*>(cross.data_ptr<c10::complex<float>>());
-  if (shared) {
-    spectral_sums_kernel<true><<<blocks_for(freqs), kThreads, 0, stream>>>(
-        as_float2(spec_x),
-        as_float2(spec_y),
-        a,
-        energy.data_ptr<float>(),
-        s.n,
-        s.channels,
-        freqs);
-  } else {
-    spectral_sums_kernel<false><<<blocks_for(freqs), kThreads, 0, stream>>>(
-        as_float2(spec_x),
-        as_float2(spec_y),
-        a,
-        energy.data_ptr<float>(),
-        s.n,
-        s.channels,
-        freqs);
-  }
+  const auto kernel =
+      shared ? spectral_sums_kernel<true> : spectral_sums_kernel<false>;
+  kernel<<<blocks_for(freqs), kThreads, 0, stream>>>(
+      as_float2(spec_x),
+      as_float2(spec_y),
+      a,
+      energy.data_ptr<float>(),
+      s.n,
+      s.channels,
+      freqs);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {cross, energy};
 }
