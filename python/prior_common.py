@@ -26,18 +26,22 @@ from fastem_ext.schedule import Schedule  # noqa: E402
 
 DATA = Path(os.environ.get("FASTEM_DATA", REPO.parent / "shared" / "data"))
 CURVE_SIGMAS_255 = (5, 10, 15, 25, 50)
-CURVE_TIMESTEPS = (100, 250, 500)
+CURVE_TIMESTEPS = (100, 250, 500, 750, 900, 999)
 ACCEPT_SIGMA_255 = 25
 EVAL_SEED = 2024  # noise of the validation metric: the same for every model and device
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
 def image_files(folder: Path) -> list[Path]:
-    """The PNG files of ``folder``, sorted by name (a stable order for a deterministic run)."""
-    files = sorted(folder.glob("*.png"))
+    """The PNG and JPEG files of ``folder``, sorted by name (a stable order for a deterministic
+    run)."""
+    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"no PNG images in {folder}")
+        raise FileNotFoundError(f"no PNG or JPEG images in {folder}")
     return files
 
 
@@ -46,8 +50,8 @@ def train_files(data_dir: Path = DATA) -> list[Path]:
     shares a name with a validation image (a copied Kodak image would leak the metric)."""
     files = image_files(data_dir / "natural" / "train")
     val_dir = (data_dir / "natural" / "val").resolve()
-    val_names = {p.name for p in val_dir.glob("*")}
-    leaked = [p for p in files if val_dir in p.resolve().parents or p.name in val_names]
+    val_names = {p.stem for p in val_dir.glob("*")}  # a re-encoded copy keeps the stem
+    leaked = [p for p in files if val_dir in p.resolve().parents or p.stem in val_names]
     if leaked:
         raise ValueError(f"validation images in the training list: {[str(p) for p in leaked]}")
     return files
@@ -89,49 +93,63 @@ def timestep_of_sigma(sigma: float) -> int:
 
 
 @torch.no_grad()
-def x0_psnr(
+def x0_stats(
     model: EpsModel, images: Tensor, t: int, device: torch.device | str = "cpu", batch: int = 4
-) -> tuple[float, float]:
-    """Mean PSNR of the x̂0 estimate and of the (clamped) noisy input ``x_t/√ᾱ`` at timestep t.
+) -> dict[str, float]:
+    """``{psnr, psnr_noisy, clamped}`` at timestep t: the mean PSNR of the x̂0 estimate, of the
+    (clamped) noisy input ``x_t/√ᾱ``, and the share of x̂0's values outside [-1, 1] before the
+    clamp (a saturated x̂0 is what misleads the M-step at high noise).
 
     images: ``[N, 3, H, W]`` in [0, 1] (CPU). The noise comes from a CPU generator seeded with
-    ``EVAL_SEED + t``, so every model and device sees the same noisy images. An untrained network
-    (ε̂ = 0) scores exactly the noisy input's PSNR.
+    ``EVAL_SEED + t``, so every model and device sees the same noisy images.
     """
     ac = float(_alphas_cumprod()[t])
     gen = torch.Generator().manual_seed(EVAL_SEED + t)
     noise = torch.randn(images.shape, generator=gen)
-    ours, noisy = [], []
+    ours, noisy, clamped = [], [], 0
     for img, eps in zip(images.split(batch), noise.split(batch), strict=True):
         x0 = 2 * img.to(device) - 1
         xt = ac**0.5 * x0 + (1 - ac) ** 0.5 * eps.to(device)
         tt = torch.full((img.shape[0],), t, dtype=torch.int64, device=device)
         eps_hat = model(xt, tt).float()
-        x0_hat = ((xt - (1 - ac) ** 0.5 * eps_hat) / ac**0.5).clamp(-1, 1)
-        ours.append(psnr((x0_hat.cpu() + 1) / 2, img))
+        x0_raw = (xt - (1 - ac) ** 0.5 * eps_hat) / ac**0.5
+        clamped += int((x0_raw.abs() > 1).sum())
+        ours.append(psnr((x0_raw.clamp(-1, 1).cpu() + 1) / 2, img))
         noisy.append(psnr(((xt / ac**0.5).clamp(-1, 1).cpu() + 1) / 2, img))
-    return torch.cat(ours).mean().item(), torch.cat(noisy).mean().item()
+    return {"psnr": torch.cat(ours).mean().item(), "psnr_noisy": torch.cat(noisy).mean().item(),
+            "clamped": clamped / images.numel()}
+
+
+def x0_psnr(
+    model: EpsModel, images: Tensor, t: int, device: torch.device | str = "cpu", batch: int = 4
+) -> tuple[float, float]:
+    """Mean PSNR of the x̂0 estimate and of the (clamped) noisy input at timestep t
+    (``x0_stats``)."""
+    stats = x0_stats(model, images, t, device, batch)
+    return stats["psnr"], stats["psnr_noisy"]
 
 
 def denoising_curve(
     model: EpsModel, images: Tensor, device: torch.device | str = "cpu",
     sigmas_255: Sequence[float] = CURVE_SIGMAS_255, timesteps: Sequence[int] = CURVE_TIMESTEPS,
 ) -> list[dict]:
-    """Rows ``{t, sigma_255, psnr, psnr_noisy}`` at the timesteps of ``sigmas_255`` (/255 in
-    [0, 1] units) and at ``timesteps``, sorted by t."""
+    """Rows ``{t, sigma_255, psnr, psnr_noisy, clamped}`` at the timesteps of ``sigmas_255``
+    (/255 in [0, 1] units) and at ``timesteps``, sorted by t."""
     ts = sorted({timestep_of_sigma(s / 255) for s in sigmas_255} | set(timesteps))
     rows = []
     for t in ts:
-        ours, noisy = x0_psnr(model, images, t, device)
+        stats = x0_stats(model, images, t, device)
         rows.append({"t": t, "sigma_255": round(255 * sigma_of_timestep(t), 2),
-                     "psnr": round(ours, 2), "psnr_noisy": round(noisy, 2)})
+                     "psnr": round(stats["psnr"], 2), "psnr_noisy": round(stats["psnr_noisy"], 2),
+                     "clamped": round(stats["clamped"], 5)})
     return rows
 
 
 def curve_table(rows: Sequence[dict]) -> str:
     """Markdown table of ``denoising_curve`` rows."""
-    lines = ["| t | σ·255 (noise of x_t/√ᾱ) | PSNR x̂0 (dB) | PSNR noisy input (dB) | gain (dB) |",
-             "|---|---|---|---|---|"]
+    lines = ["| t | σ·255 (noise of x_t/√ᾱ) | PSNR x̂0 (dB) | PSNR noisy input (dB) | gain (dB) "
+             "| x̂0 clamped (%) |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r['t']} | {r['sigma_255']:.2f} | {r['psnr']:.2f} | {r['psnr_noisy']:.2f} "
-              f"| {r['psnr'] - r['psnr_noisy']:+.2f} |" for r in rows]
+              f"| {r['psnr'] - r['psnr_noisy']:+.2f} | {100 * r['clamped']:.2f} |" for r in rows]
     return "\n".join(lines)

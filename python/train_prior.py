@@ -1,29 +1,38 @@
 """Train the bundled natural-image diffusion prior (``fastem_ext.models.natural_prior``).
 
-    python python/train_prior.py --config cpu --out runs/natural_cpu --minutes 55 --threads 1
-    python python/train_prior.py --config gpu --out runs/natural_gpu --device cuda --minutes 9
-    python python/train_prior.py --out runs/natural_gpu --export     # weights + model card
+    # one GPU run of at most 9 minutes wall, start-up included (FASTEM_DATA: a pack, see below)
+    python python/train_prior.py --config gpu --device cuda --minutes 8.5 --out runs/natural_gpu
+    # the CPU path, in the background on any working day (one thread, under nice)
+    nice python python/train_prior.py --config cpu --threads 1 --minutes 240 --out runs/natural_cpu
+    # then ship it: the weights, and their card (evaluated here)
+    cp runs/natural_gpu/natural_s2c32.safetensors fastem_ext/weights/
+    python python/evaluate_prior.py --card
 
-Data: random crops of ``../shared/data/natural/train`` only (``natural/val`` is the validation set),
-each from a random image, down-scaled by a factor uniform in [``scale_min``, 1] (antialiased
-bilinear resize of a ``crop/s`` window), then one of the 8 flips/90° rotations. Loss: MSE of ε̂
-against ε at a uniform t on the linear 1000-step schedule. AdamW, linear warm-up, then constant or
-cosine decay; gradient-norm clip; EMA of the weights (decay ramped as (1+n)/(10+n) early on);
-bf16 autocast on CUDA (``--amp``), float32 on CPU unless asked.
+Every run starts from a weights file (``--init``, default the bundled weights; ``--init none``
+starts from scratch) and writes ``OUT/natural_s2c32.safetensors``: the EMA weights in float16, whose
+header carries the whole training history (one record per run: hardware, steps, batch, minutes,
+validation PSNR), so the next run, on any machine, resumes from the shipped file itself. There is
+no optimiser checkpoint: a run re-warms AdamW over ``warmup`` steps. The weights are rewritten
+atomically every ``save_every`` steps and at the end, so a killed run leaves its last good file.
+``OUT/log.jsonl`` has one JSON object per logged step (loss, lr, validation PSNR).
 
-Determinism: every random draw of step n (data, t, ε) comes from generators seeded by
-``(seed, n)`` alone, so the data order is fixed per seed and the checkpoint needs no RNG state: a
-run resumed at step n continues exactly as the uninterrupted run (bit-exact on CPU with the same
-thread count and ``--ckpt-precision exact``).
+Data: ``natural/train`` only (PNG and JPEG; ``natural/val`` is the validation set), all of it
+resident on the training device as one uint8 canvas; every crop is cut, scaled and turned there
+in one batched ``grid_sample``, at a uniform position in a uniform image, in one of the 8 flips /
+90° rotations: half of them at the native scale (exact pixels, no interpolation: the prior must
+learn how sharp a photo really is), the others a window of ``crop/s`` pixels (s uniform in
+[``scale_min``, 1], at most the image's short side) sampled at twice the crop's resolution and
+2×2-averaged (antialiased down to 2×).
+``FASTEM_DATA`` points at another data folder (with ``natural/train`` and ``natural/val``), for
+example the compact pack that travels to a GPU machine (``python python/pack_training_data.py``).
 
-Checkpoints: ``OUT/ckpt_<step>/`` holds ``manifest.json`` (step, hyper-parameters, optimiser
-groups, wall time, hardware) and the tensors (model, EMA, Adam moments) packed into safetensors
-shards of at most 15 MiB each, so every file can leave a GPU machine (≤ 16 MB per file).
-``OUT/latest`` names the newest complete checkpoint (written last, by atomic rename); older ones are
-deleted. ``exact``: all float32 (~111 MB for 6.9 M parameters). ``compact``: model and EMA in
-float16, Adam moments in bfloat16 (the second moment needs bf16's range), ~56 MB: small enough to
-carry back into a fresh machine (64 MiB), at the price of one rounding of the weights per resume.
-The log, ``OUT/log.jsonl``, has one JSON object per line (loss, lr, validation PSNR).
+Loss: MSE of the network's v̂ against ``v = √ᾱ ε − √(1−ᾱ) x0`` at a uniform t on the linear
+1000-step schedule (see ``natural_prior`` for why v). AdamW, linear warm-up, then cosine decay to
+lr/10 at ``schedule_steps`` (``auto``: as many steps as the ``--minutes`` budget allows, measured
+over the first steps); gradient-norm clip; EMA of the weights (decay ramped as (1+n)/(10+n) over
+the run's first steps); bf16 autocast on CUDA, float32 on CPU unless asked. Each step's draws
+come from generators seeded by ``(seed, global step)``, so a run that continues another draws
+new data.
 """
 
 from __future__ import annotations
@@ -32,9 +41,9 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -53,158 +62,175 @@ from prior_common import (  # noqa: E402
 )
 
 from fastem_ext.api import describe_device  # noqa: E402
-from fastem_ext.models.natural_prior import NaturalPrior, build_natural_prior  # noqa: E402
+from fastem_ext.models.natural_prior import (  # noqa: E402
+    NATURAL_PRIOR_WEIGHTS,
+    NaturalPrior,
+    build_natural_prior,
+    natural_prior_metadata,
+    natural_prior_path,
+    save_natural_prior,
+)
 from fastem_ext.schedule import Schedule  # noqa: E402
 
-# Hyper-parameters fixed when a run starts (stored in the manifest, checked on resume).
-HPARAMS = ("seed", "batch", "crop", "scale_min", "lr", "warmup", "lr_decay", "schedule_steps",
-           "ema", "clip")
-# Settings that may change between the runs of one training.
-SETTINGS = ("val_every", "val_count", "val_crop", "ckpt_every", "log_every", "ckpt_precision",
-            "card_val_count", "card_val_crop")
+HPARAMS = ("seed", "batch", "crop", "scale_min", "lr", "warmup", "schedule_steps", "ema", "clip")
+SETTINGS = ("val_every", "val_count", "val_crop", "save_every", "log_every")
 PRESETS: dict[str, dict] = {
     "smoke": {"seed": 0, "batch": 2, "crop": 32, "scale_min": 0.5, "lr": 1e-3, "warmup": 2,
-              "lr_decay": "cosine", "schedule_steps": 6, "ema": 0.9, "clip": 1.0, "val_every": 3,
-              "val_count": 1, "val_crop": 64, "ckpt_every": 3, "log_every": 1,
-              "ckpt_precision": "exact", "card_val_count": 1, "card_val_crop": 64},
-    "cpu": {"seed": 0, "batch": 8, "crop": 96, "scale_min": 0.5, "lr": 5e-4, "warmup": 200,
-            "lr_decay": "cosine", "schedule_steps": 3200, "ema": 0.999, "clip": 1.0,
-            "val_every": 250, "val_count": 4, "val_crop": 256, "ckpt_every": 500,
-            "log_every": 25, "ckpt_precision": "exact", "card_val_count": 24,
-            "card_val_crop": 256},
-    "gpu": {"seed": 0, "batch": 64, "crop": 128, "scale_min": 0.5, "lr": 3e-4, "warmup": 1000,
-            "lr_decay": "cosine", "schedule_steps": 30000, "ema": 0.9995, "clip": 1.0,
-            "val_every": 1000, "val_count": 8, "val_crop": 256, "ckpt_every": 2500,
-            "log_every": 100, "ckpt_precision": "compact", "card_val_count": 24,
-            "card_val_crop": 256},
+              "schedule_steps": 6, "ema": 0.9, "clip": 1.0, "val_every": 3, "val_count": 1,
+              "val_crop": 64, "save_every": 3, "log_every": 1},
+    "cpu": {"seed": 0, "batch": 8, "crop": 96, "scale_min": 0.5, "lr": 4e-4, "warmup": 200,
+            "schedule_steps": "auto", "ema": 0.999, "clip": 1.0, "val_every": 250,
+            "val_count": 4, "val_crop": 256, "save_every": 500, "log_every": 25},
+    "gpu": {"seed": 0, "batch": 128, "crop": 128, "scale_min": 0.5, "lr": 4e-4, "warmup": 500,
+            "schedule_steps": "auto", "ema": 0.999, "clip": 1.0, "val_every": 1000,
+            "val_count": 8, "val_crop": 256, "save_every": 2000, "log_every": 100},
 }
-SHARD_BYTES = 15 * 2**20
-CKPT_DTYPES = {"exact": {"model": torch.float32, "ema": torch.float32, "adam": torch.float32},
-               "compact": {"model": torch.float16, "ema": torch.float16, "adam": torch.bfloat16}}
+# An automatic schedule ends where the budget's rate, measured over these steps (after the first
+# few, which pay for allocator and kernel warm-up), says the time runs out, less a margin for
+# validation and the final save.
+PROBE_SKIP, PROBE_STEPS, BUDGET_MARGIN = 5, 40, 0.95
+# Share of crops at the native scale (exact pixels); the others are down-scaled by s.
+NATIVE_SHARE = 0.5
+# The 8 flips / 90° rotations of the unit square, as matrices acting on (y, x) in [-1, 1].
+DIHEDRAL = torch.tensor([
+    [[1, 0], [0, 1]], [[0, -1], [1, 0]], [[-1, 0], [0, -1]], [[0, 1], [-1, 0]],
+    [[1, 0], [0, -1]], [[0, 1], [1, 0]], [[-1, 0], [0, 1]], [[0, -1], [-1, 0]],
+], dtype=torch.float32)
 
 
-def step_generators(seed: int, step: int, device: torch.device) -> tuple[torch.Generator, ...]:
-    """(CPU generator for the data draws, ``device`` generator for t and ε) of step ``step``."""
-    a, b = np.random.SeedSequence([seed, step]).generate_state(2, np.uint64).tolist()
-    return torch.Generator().manual_seed(a), torch.Generator(device).manual_seed(b)
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The ``device`` generator of all draws of global step ``step`` (data, t, ε)."""
+    (state,) = np.random.SeedSequence([seed, step]).generate_state(1, np.uint64).tolist()
+    return torch.Generator(device).manual_seed(state)
 
 
 class CropSampler:
-    """Random augmented crops of uint8 images kept on the training device."""
+    """Random augmented crops of uint8 images kept on the training device, drawn in one batch.
+
+    The images are turned to landscape (the 8 flips/rotations make orientation irrelevant) and
+    stored edge-replicated on one ``[N, 3, H, W]`` uint8 canvas, so a bilinear tap just outside
+    an image reads its own border, never another image or zeros.
+    """
 
     def __init__(self, files: list[Path], crop: int, scale_min: float, device: torch.device):
-        self.images = [load_uint8(p).to(device) for p in files]
-        self.crop, self.scale_min = crop, scale_min
-        small = min(min(im.shape[-2:]) for im in self.images)
-        if small < math.ceil(crop / scale_min):
-            raise ValueError(f"crop {crop} at scale {scale_min} needs images of at least "
-                             f"{math.ceil(crop / scale_min)} px, the smallest has {small}")
+        if not 0 < scale_min <= 1:
+            raise ValueError(f"scale_min must lie in (0, 1], got {scale_min}")
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            images = list(pool.map(load_uint8, files))  # Pillow decodes without the GIL
+        images = [im.transpose(-2, -1) if im.shape[-2] > im.shape[-1] else im for im in images]
+        height = max(im.shape[-2] for im in images)
+        width = max(im.shape[-1] for im in images)
+        self.canvas = torch.empty(len(images), 3, height, width, dtype=torch.uint8, device=device)
+        for i, im in enumerate(images):
+            pad = (0, width - im.shape[-1], 0, height - im.shape[-2])
+            self.canvas[i] = F.pad(im[None].float(), pad, mode="replicate")[0].to(torch.uint8)
+        self.sizes = torch.tensor([im.shape[-2:] for im in images], dtype=torch.float32,
+                                  device=device)
+        self.crop, self.scale_min, self.device = crop, scale_min, device
+        # Side of the square box gathered per crop: the largest window, plus the bilinear taps.
+        self.box = min(math.ceil(crop / scale_min) + 4, height, width)
+        # Sample centres [2c, 2c, (y, x)] in (-1, 1): twice the crop's resolution (scaled crops,
+        # 2×2-averaged after), and every pair snapped onto its output pixel's centre (native
+        # crops: the average of two equal taps is the pixel itself, no interpolation blur).
+        j = torch.arange(2 * crop, device=device, dtype=torch.float32)
+        self.units = [torch.stack(torch.meshgrid(g, g, indexing="ij"), -1)
+                      for g in ((j + 0.5) / crop - 1, (2 * (j // 2) + 1) / crop - 1)]
+        self.dihedral = DIHEDRAL.to(device)
+
+    def __len__(self) -> int:
+        return self.canvas.shape[0]
 
     def batch(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        """``[n, 3, crop, crop]`` float32 in [-1, 1] on the device."""
-        index = torch.randint(len(self.images), (n,), generator=gen).tolist()
-        scale = (self.scale_min + (1 - self.scale_min) * torch.rand(n, generator=gen)).tolist()
-        corner = torch.rand(n, 2, generator=gen).tolist()
-        turns = torch.randint(8, (n,), generator=gen).tolist()
-        out = []
-        for i, s, (u, v), k in zip(index, scale, corner, turns, strict=True):
-            image = self.images[i]
-            size = min(round(self.crop / s), *image.shape[-2:])
-            top = int(u * (image.shape[-2] - size + 1))
-            left = int(v * (image.shape[-1] - size + 1))
-            patch = image[None, :, top : top + size, left : left + size].float()
-            if size != self.crop:
-                # Antialiased down-scaling: photos at a smaller scale, with less noise and blur.
-                patch = F.interpolate(patch, size=(self.crop, self.crop), mode="bilinear",
-                                      antialias=True, align_corners=False)
-            patch = torch.rot90(patch, k % 4, dims=(-2, -1))
-            out.append(patch.flip(-1) if k >= 4 else patch)
-        # Clamp: the resize's weights sum to 1 only up to rounding.
-        return (torch.cat(out) / 127.5 - 1).clamp(-1, 1)
+        """``[n, 3, crop, crop]`` float32 in [-1, 1] on the device (``gen`` on the device)."""
+        dev, c = self.device, self.crop
+        index = torch.randint(len(self), (n,), generator=gen, device=dev)
+        u = torch.rand(n, 4, generator=gen, device=dev)
+        turn = torch.randint(8, (n,), generator=gen, device=dev)
+        hw = self.sizes[index]  # [n, (h, w)]
+        scale = self.scale_min + (1 - self.scale_min) * u[:, 0]
+        short = hw.min(1).values
+        # Half of the crops (and any whose window the image caps at c) at the native scale.
+        native = (u[:, 3] < NATIVE_SHARE) | (short <= c)
+        side = torch.where(native, torch.minimum(short, torch.tensor(float(c), device=dev)),
+                           torch.minimum(c / scale, short))  # window side, in source pixels
+        corner = u[:, 1:3] * (hw - side[:, None])  # window's top-left (y, x), continuous
+        corner = torch.where(native[:, None], corner.floor(), corner)  # native: on the pixels
+        # Gather a box around each window: the only pixels its bilinear taps can read.
+        limit = torch.tensor(self.canvas.shape[-2:], device=dev) - self.box
+        origin = (corner.floor() - 1).clamp(min=0)
+        origin = torch.minimum(origin, limit.float()).long()  # [n, (y, x)]
+        offsets = torch.arange(self.box, device=dev)
+        rows = origin[:, :1] + offsets  # [n, box]
+        cols = origin[:, 1:] + offsets
+        box = self.canvas[index[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+        box = box.permute(0, 3, 1, 2).float()  # [n, 3, box, box]
+        # Sample centres: the unit square turned, mapped onto the window, normalised to the box.
+        unit = torch.where(native[:, None, None, None], self.units[1], self.units[0])
+        unit = torch.einsum("nij,nhwj->nhwi", self.dihedral[turn], unit)
+        pos = corner[:, None, None, :] + (unit + 1) / 2 * side[:, None, None, None]
+        grid = (pos - origin[:, None, None, :]) / self.box * 2 - 1  # align_corners=False
+        patch = F.grid_sample(box, grid.flip(-1), mode="bilinear", padding_mode="border",
+                              align_corners=False)
+        patch = F.avg_pool2d(patch, 2)
+        # Clamp: bilinear weights sum to 1 only up to rounding.
+        return (patch / 127.5 - 1).clamp(-1, 1)
 
 
 def lr_at(step: int, h: dict) -> float:
-    """Linear warm-up over ``warmup`` steps, then constant or cosine down to lr/10."""
+    """Linear warm-up over ``warmup`` steps of the run, then cosine down to lr/10 at
+    ``schedule_steps`` (steps of this run), constant after."""
     if step < h["warmup"]:
         return h["lr"] * (step + 1) / h["warmup"]
-    if h["lr_decay"] == "none":
+    if h["schedule_steps"] == "auto":  # not measured yet
         return h["lr"]
     frac = min(1.0, (step - h["warmup"]) / max(1, h["schedule_steps"] - h["warmup"]))
     return h["lr"] * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
 
 
-def save_checkpoint(out: Path, step: int, model: NaturalPrior, ema: NaturalPrior,
-                    opt: torch.optim.Optimizer, manifest: dict, precision: str) -> Path:
-    """Write ``out/ckpt_<step>`` (shards + manifest), point ``out/latest`` at it, delete older
-    checkpoints."""
-    from safetensors.torch import save_file
+class Trainer:
+    """Model, EMA, optimiser and data of one run; ``step()`` does one optimisation step."""
 
-    dtypes = CKPT_DTYPES[precision]
-    tensors = {f"model/{k}": v.to(dtypes["model"]) for k, v in model.unet.state_dict().items()}
-    tensors |= {f"ema/{k}": v.to(dtypes["ema"]) for k, v in ema.unet.state_dict().items()}
-    opt_state = opt.state_dict()
-    for idx, state in opt_state["state"].items():
-        for key, value in state.items():
-            dtype = torch.float32 if key == "step" else dtypes["adam"]
-            tensors[f"adam/{idx}/{key}"] = value.to(dtype)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    used = 0
-    for name, value in tensors.items():
-        size = value.numel() * value.element_size()
-        if size > SHARD_BYTES:
-            raise ValueError(f"{name} ({size} bytes) does not fit one {SHARD_BYTES}-byte shard")
-        if used + size > SHARD_BYTES:
-            shards.append({})
-            used = 0
-        shards[-1][name] = value.detach().cpu().contiguous()
-        used += size
-    folder = out / f"ckpt_{step:08d}"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    names = []
-    for i, shard in enumerate(shards):
-        names.append(f"shard_{i:02d}.safetensors")
-        save_file(shard, folder / names[-1])
-    manifest = {**manifest, "step": step, "precision": precision, "shards": names,
-                "param_groups": opt_state["param_groups"]}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    tmp = out / "latest.tmp"
-    tmp.write_text(folder.name)
-    os.replace(tmp, out / "latest")
-    for old in out.glob("ckpt_*"):
-        if old != folder:
-            shutil.rmtree(old)
-    return folder
+    def __init__(self, h: dict, device: torch.device, amp: str,
+                 init: dict[str, torch.Tensor] | None) -> None:
+        self.h, self.device, self.amp = h, device, amp
+        torch.manual_seed(h["seed"])  # the initial weights, when there is no init file
+        # No phase cycling while training: random crops already randomise the 2×2 grid phase.
+        self.model = build_natural_prior(cycle_phase=False).to(device).train()
+        if init is not None:
+            self.model.unet.load_state_dict({k: v.float() for k, v in init.items()}, strict=True)
+        self.ema = build_natural_prior().to(device).eval()
+        self.ema.load_state_dict(self.model.state_dict())
+        self.ema.requires_grad_(False)
+        # Fused AdamW on CUDA (one kernel for all parameters).
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=h["lr"], weight_decay=0.0,
+                                     fused=device.type == "cuda" or None)
+        self.sampler = CropSampler(train_files(), h["crop"], h["scale_min"], device)
+        ac = Schedule("1").base_alphas_cumprod.to(device=device, dtype=torch.float32)
+        self.sqrt_ac, self.sqrt_one_minus_ac = ac.sqrt(), (1 - ac).sqrt()
 
-
-def load_checkpoint(out: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    """``(manifest, tensors)`` of ``out``'s latest checkpoint, or None when there is none."""
-    from safetensors.torch import load_file
-
-    if not (out / "latest").is_file():
-        return None
-    folder = out / (out / "latest").read_text().strip()
-    manifest = json.loads((folder / "manifest.json").read_text())
-    tensors: dict[str, torch.Tensor] = {}
-    for name in manifest["shards"]:
-        tensors |= load_file(folder / name)
-    return manifest, tensors
-
-
-def restore(model: NaturalPrior, ema: NaturalPrior, opt: torch.optim.Optimizer,
-            manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Load model, EMA and optimiser state (cast back to float32) from a checkpoint."""
-    def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
-
-    model.unet.load_state_dict(part("model/"), strict=True)
-    ema.unet.load_state_dict(part("ema/"), strict=True)
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in part("adam/").items():
-        idx, name = key.split("/")
-        state.setdefault(int(idx), {})[name] = value
-    groups = [{**g, "betas": tuple(g["betas"])} for g in manifest["param_groups"]]
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    def step(self, step: int, global_step: int) -> torch.Tensor:
+        """Optimisation step ``step`` of this run (0-based); returns the loss (device scalar)."""
+        h, model = self.h, self.model
+        gen = step_generator(h["seed"], global_step, self.device)
+        x0 = self.sampler.batch(h["batch"], gen)
+        t = torch.randint(1000, (h["batch"],), generator=gen, device=self.device)
+        eps = torch.randn(x0.shape, generator=gen, device=self.device)
+        a = self.sqrt_ac[t][:, None, None, None]
+        b = self.sqrt_one_minus_ac[t][:, None, None, None]
+        xt = a * x0 + b * eps
+        target = a * eps - b * x0 if model.prediction == "v" else eps
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(step, h)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp == "bf16"):
+            pred = model.network_output(xt, t)
+        loss = F.mse_loss(pred.float(), target)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), h["clip"])
+        self.opt.step()
+        decay = min(h["ema"], (1 + step) / (10 + step))
+        torch._foreach_lerp_(list(self.ema.parameters()), list(model.parameters()), 1 - decay)
+        return loss.detach()
 
 
 def validate(model: NaturalPrior, ema: NaturalPrior, crops: torch.Tensor,
@@ -219,146 +245,150 @@ def validate(model: NaturalPrior, ema: NaturalPrior, crops: torch.Tensor,
             "val_psnr_noisy": round(noisy, 3)}
 
 
-def resolve(args: argparse.Namespace, manifest: dict | None) -> tuple[dict, dict]:
-    """(hyper-parameters, settings): the preset overridden by the command line; when resuming,
-    the hyper-parameters are the run's own and a conflicting command-line value is an error."""
-    preset = PRESETS[args.config or (manifest["config"] if manifest else "cpu")]
+def resolve(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(hyper-parameters, settings): the preset overridden by the command line."""
+    preset = PRESETS[args.config]
     given = {k: getattr(args, k) for k in HPARAMS + SETTINGS if getattr(args, k) is not None}
-    settings = {k: given.get(k, preset[k]) for k in SETTINGS}
-    if manifest is None:
-        return {k: given.get(k, preset[k]) for k in HPARAMS}, settings
-    hp = manifest["hparams"]
-    clash = {k: (v, hp[k]) for k, v in given.items() if k in hp and v != hp[k]}
-    if clash:
-        raise SystemExit(f"{args.out} was started with other hyper-parameters (given, run): "
-                         f"{clash}; use a new --out")
-    return hp, settings
+    merged = {k: given.get(k, preset[k]) for k in HPARAMS + SETTINGS}
+    if merged["schedule_steps"] != "auto":
+        merged["schedule_steps"] = int(merged["schedule_steps"])
+        if merged["schedule_steps"] < 1:
+            raise SystemExit("--schedule-steps must be a positive integer or 'auto'")
+    if merged["schedule_steps"] == "auto" and math.isinf(args.minutes):
+        raise SystemExit("--schedule-steps auto needs a --minutes budget")
+    return {k: merged[k] for k in HPARAMS}, {k: merged[k] for k in SETTINGS}
 
 
-class Trainer:
-    """Model, EMA, optimiser and data of one run; ``step()`` does one optimisation step."""
+def load_init(spec: str) -> tuple[dict[str, torch.Tensor] | None, list[dict], str]:
+    """(UNet state dict or None, the history it carries, a description) of ``--init``."""
+    from safetensors.torch import load_file
 
-    def __init__(self, h: dict, device: torch.device, amp: str) -> None:
-        self.h, self.device, self.amp = h, device, amp
-        torch.manual_seed(h["seed"])  # the initial weights
-        # No phase cycling while training: random crops already randomise the 2×2 grid phase.
-        self.model = build_natural_prior(cycle_phase=False).to(device).train()
-        self.ema = build_natural_prior().to(device).eval()
-        self.ema.load_state_dict(self.model.state_dict())
-        self.ema.requires_grad_(False)
-        # Fused AdamW on CUDA (one kernel for all parameters); the state dict is the same.
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=h["lr"], weight_decay=0.0,
-                                     fused=device.type == "cuda" or None)
-        self.sampler = CropSampler(train_files(), h["crop"], h["scale_min"], device)
-        self.ac = Schedule("1").base_alphas_cumprod.to(device=device, dtype=torch.float32)
+    if spec == "none":
+        return None, [], "scratch"
+    path = natural_prior_path() if spec == "bundled" else Path(spec)
+    meta = natural_prior_metadata(path)
+    if "history" in meta:
+        history = json.loads(meta["history"])
+    else:  # the first, interim file: one CPU run whose record lives in its card
+        history = [{"prediction": meta["prediction"], "steps": int(meta.get("step", 0)),
+                    "seconds": float(meta.get("train_seconds", 0)),
+                    "note": "interim CPU run (ε-prediction, 120 PNGs, batch 8, 96² crops)"}]
+    note = f"{path.name} ({meta['prediction']}-prediction, {sum_steps(history)} steps)"
+    return load_file(os.fspath(path)), history, note
 
-    def step(self, step: int) -> torch.Tensor:
-        """Optimisation step number ``step`` (0-based); returns the loss (device scalar)."""
-        h, model = self.h, self.model
-        gen_data, gen_noise = step_generators(h["seed"], step, self.device)
-        x0 = self.sampler.batch(h["batch"], gen_data)
-        t = torch.randint(1000, (h["batch"],), generator=gen_noise, device=self.device)
-        eps = torch.randn(x0.shape, generator=gen_noise, device=self.device)
-        a = self.ac[t][:, None, None, None]
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        for group in self.opt.param_groups:
-            group["lr"] = lr_at(step, h)
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp == "bf16"):
-            pred = model(xt, t)
-        loss = F.mse_loss(pred.float(), eps)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), h["clip"])
-        self.opt.step()
-        decay = min(h["ema"], (1 + step) / (10 + step))
-        torch._foreach_lerp_(list(self.ema.parameters()), list(model.parameters()), 1 - decay)
-        return loss.detach()
+
+def sum_steps(history: list[dict]) -> int:
+    return sum(int(run.get("steps", 0)) for run in history)
+
+
+def save_weights(out: Path, ema: NaturalPrior, history: list[dict]) -> Path:
+    """Write ``out/NATURAL_PRIOR_WEIGHTS`` (EMA, float16, with the history) atomically."""
+    path = out / NATURAL_PRIOR_WEIGHTS
+    tmp = path.with_name(path.name + ".tmp")
+    save_natural_prior(ema, tmp, {"history": json.dumps(history),
+                                  "step": str(sum_steps(history))})
+    os.chmod(tmp, 0o644)  # an ordinary file, whatever mode the writer created it with
+    os.replace(tmp, path)
+    return path
 
 
 def train(args: argparse.Namespace) -> None:
-    """Train until ``--steps`` (default: the schedule length) or ``--minutes``, checkpointing every
-    ``ckpt_every`` steps and at the end."""
+    """Train until the schedule's end (or ``--steps``) or the ``--minutes`` wall budget, which
+    counts from the start of this function (data loading included)."""
     t_start = time.perf_counter()
     device = torch.device(args.device)
     amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    loaded = load_checkpoint(args.out)
-    h, s = resolve(args, loaded[0] if loaded else None)
-    stop = args.steps if args.steps is not None else h["schedule_steps"]
-    run = Trainer(h, device, amp)
-    if loaded:
-        restore(run.model, run.ema, run.opt, *loaded)
-        print(f"resumed {args.out} at step {loaded[0]['step']}", flush=True)
-    manifest = loaded[0] if loaded else {
-        "config": args.config or "cpu", "hparams": h, "train_seconds": 0.0, "segments": [],
-        "params": sum(p.numel() for p in run.model.parameters())}
-    step = manifest.get("step", 0)
-    if step >= stop:
-        print(f"{args.out} is at step {step} >= {stop}: nothing to train", flush=True)
-        return
+    torch.backends.cudnn.benchmark = True  # fixed training shapes: let cuDNN pick its kernels
+    h, s = resolve(args)
+    init, history, init_note = load_init(args.init)
+    run = Trainer(h, device, amp, init)
+    start_step = sum_steps(history)
+    budget = 60 * args.minutes
+    canvas_mib = run.sampler.canvas.numel() / 2**20
+    print(f"{len(run.sampler)} training images on {device} ({canvas_mib:.0f} MiB canvas), init: "
+          f"{init_note}, ready in {time.perf_counter() - t_start:.1f} s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    log_path = args.out / "log.jsonl"
-    if log_path.is_file():  # drop lines a crash wrote after the checkpoint we resume from
-        lines = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-        log_path.write_text("".join(ln + "\n" for ln in lines))
     crops = val_crops(s["val_count"], s["val_crop"])
-    t_loop, first, saved = time.perf_counter(), step, -1
+    record = {"hardware": describe_device(device), "amp": amp, "prediction": "v",
+              "init": init_note, "images": len(run.sampler), "start_step": start_step,
+              "steps": 0, "seconds": 0.0, "command": " ".join(sys.argv[1:]),
+              "date": time.strftime("%Y-%m-%d"), **h, "val": []}
 
-    def checkpoint() -> None:
-        nonlocal saved
-        saved = step
-        seconds = round(time.perf_counter() - t_loop, 1)
-        segment = {"hardware": describe_device(device), "amp": amp, "start_step": first,
-                   "end_step": step, "seconds": seconds}
-        save_checkpoint(args.out, step, run.model, run.ema, run.opt, {
-            **manifest, "train_seconds": round(manifest["train_seconds"] + seconds, 1),
-            "segments": [*manifest["segments"], segment]}, s["ckpt_precision"])
+    def save() -> None:
+        record["seconds"] = round(time.perf_counter() - t_start, 1)
+        save_weights(args.out, run.ema, [*history, record])
 
+    step, probe_t0, auto = 0, 0.0, h["schedule_steps"] == "auto"
+    stop = args.steps if args.steps is not None else math.inf
     loss_sum, count = torch.zeros((), device=device), 0
-    with log_path.open("a") as log:
-        while step < stop and time.perf_counter() - t_start < 60 * args.minutes:
-            loss_sum += run.step(step)
+    with (args.out / "log.jsonl").open("a") as log:
+        while step < stop and time.perf_counter() - t_start < budget:
+            if h["schedule_steps"] != "auto" and step >= h["schedule_steps"] and args.steps is None:
+                break
+            loss_sum += run.step(step, start_step + step)
             step, count = step + 1, count + 1
+            if auto:
+                if step == PROBE_SKIP:
+                    loss_sum.item()  # synchronise: the probe times whole steps
+                    probe_t0 = time.perf_counter()
+                elif step == PROBE_SKIP + PROBE_STEPS:
+                    loss_sum.item()
+                    rate = PROBE_STEPS / (time.perf_counter() - probe_t0)
+                    left = budget - (time.perf_counter() - t_start)
+                    h["schedule_steps"] = max(step + 1, int(step + BUDGET_MARGIN * rate * left))
+                    record["schedule_steps"] = h["schedule_steps"]
+                    record["probe_steps_per_s"] = round(rate, 2)
+                    auto = False
+                    print(f"{rate:.2f} steps/s: schedule of {h['schedule_steps']} steps",
+                          flush=True)
             entry: dict = {}
-            if step % s["log_every"] == 0 or step == stop:
+            if step % s["log_every"] == 0:
                 entry |= {"loss": loss_sum.item() / count, "lr": lr_at(step - 1, h)}
                 loss_sum.zero_()
                 count = 0
-            if step % s["val_every"] == 0 or step == stop:
+            if step % s["val_every"] == 0:
                 entry |= validate(run.model, run.ema, crops, device)
             if entry:
-                elapsed = manifest["train_seconds"] + time.perf_counter() - t_loop
-                line = json.dumps({"step": step, "train_s": round(elapsed, 1), **entry})
+                elapsed = round(time.perf_counter() - t_start, 1)
+                line = json.dumps({"step": start_step + step, "run_step": step,
+                                   "wall_s": elapsed, **entry})
                 log.write(line + "\n")
                 log.flush()
                 print(line, flush=True)
-            if step % s["ckpt_every"] == 0 and step < stop:
-                checkpoint()
-    if saved != step:
-        checkpoint()
-    print(f"checkpoint at step {step} in {args.out}", flush=True)
+                if "val_psnr_ema" in entry:
+                    record["val"].append([start_step + step, elapsed, entry["val_psnr_model"],
+                                          entry["val_psnr_ema"]])
+            record["steps"] = step
+            if step % s["save_every"] == 0:
+                save()
+    end = validate(run.model, run.ema, crops, device)
+    if not record["val"] or record["val"][-1][0] != start_step + step:
+        record["val"].append([start_step + step, round(time.perf_counter() - t_start, 1),
+                              end["val_psnr_model"], end["val_psnr_ema"]])
+    record["val_psnr_ema_end"] = end["val_psnr_ema"]
+    record["steps"] = step
+    save()
+    print(json.dumps({"end": start_step + step, **end}), flush=True)
+    print(f"{step} steps in {record['seconds']:.0f} s: {args.out / NATURAL_PRIOR_WEIGHTS}",
+          flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log)")
-    p.add_argument("--config", choices=sorted(PRESETS), default=None,
-                   help="preset (default: the run's own when resuming, else cpu)")
-    p.add_argument("--export", action="store_true",
-                   help="export the latest checkpoint's EMA weights + model card; no training")
-    p.add_argument("--export-to", type=Path, default=None,
-                   help="weights file for --export (default: the bundled file)")
-    p.add_argument("--timing-json", type=Path, action="append",
-                   help="for --export: outputs of evaluate_prior.py --timing to show in the card")
+    p.add_argument("--out", type=Path, required=True, help="run folder (weights, log)")
+    p.add_argument("--config", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--init", default="bundled",
+                   help="weights to start from: 'bundled' (default), a file, or 'none'")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--amp", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 autocast on CUDA, float32 on CPU")
-    p.add_argument("--minutes", type=float, default=math.inf, help="wall budget of this run")
-    p.add_argument("--steps", type=int, default=None,
-                   help="stop at this global step (default: schedule_steps)")
+    p.add_argument("--minutes", type=float, default=math.inf,
+                   help="wall budget of this run, data loading included")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many steps")
     for name in HPARAMS + SETTINGS:
-        kind = str if name in ("lr_decay", "ckpt_precision") else (
-            float if name in ("scale_min", "lr", "ema", "clip") else int)
+        kind = float if name in ("scale_min", "lr", "ema", "clip") else (
+            str if name == "schedule_steps" else int)
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     return p.parse_args(argv)
 
@@ -367,12 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.export:
-        from evaluate_prior import export
-
-        export(args)
-    else:
-        train(args)
+    train(args)
 
 
 if __name__ == "__main__":
