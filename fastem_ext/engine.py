@@ -116,14 +116,14 @@ class GraphedLoop:
     def run(self, callback: StepCallback | None = None) -> SamplerOutput:
         if self.device.type == "cuda" and self.engine.graphs:
             self.graph = self._capture()
-        for _ in range(self.steps):
+        for i in reversed(range(self.steps)):
             if self.graph is not None:
                 self.graph.replay()
             else:
                 self._step()
             if callback is not None:
-                # The step index is only known on the device; the callback needs no host value.
-                callback(-1, (self.x0 + 1.0) / 2.0, self.kernel)
+                # The device index counts down with the host loop: i is known without a sync.
+                callback(i, (self.x0 + 1.0) / 2.0, self.kernel)
         particles = ((self.x.clamp(-1.0, 1.0) + 1.0) / 2.0).clone()
         return SamplerOutput(particles, None if self.kernel is None else self.kernel.clone())
 

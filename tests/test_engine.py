@@ -171,3 +171,18 @@ def test_steps_touch_only_device_tensors(regularizer, guidance, masked):
         for out in (fused(prior, index, x, kernel, None),
                     guided_step(prior, obs, tables, index, x, kernel, config, None)):
             assert out[0].shape == x.shape and out[1].shape == kernel.shape
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_engine_callback_gets_the_step_index(fused):
+    """The engine reports the same respaced indices, S−1 down to 0, as the reference loop."""
+    obs, kernel = _problem(2)
+    seen = {"reference": [], "engine": []}
+    args = dict(schedule=Schedule("5"), shape=(1, 3, 24, 20), kernel=kernel,
+                mstep=HQSConfig(regularizer="none").validate(5))
+    sample(GaussianPrior(), obs, generator=torch.Generator().manual_seed(1),
+           callback=lambda i, x0, k: seen["reference"].append(i), **args)
+    graphed_sample(GaussianPrior(), obs, generator=torch.Generator().manual_seed(1),
+                   callback=lambda i, x0, k: seen["engine"].append(i),
+                   engine=EngineConfig(precision="fp32", fused=fused), **args)
+    assert seen["reference"] == seen["engine"] == [4, 3, 2, 1, 0]
