@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -21,7 +21,7 @@ from .observation import Observation
 from .physics import blur_spectrum, gaussian_kernel, psf2otf
 from .priors import load_prior
 from .progress import StepProgress
-from .samplers import Runner, SamplerOutput, diffusion_em, fast_em, nonblind, sample
+from .samplers import Runner, SamplerOutput, StepCallback, diffusion_em, fast_em, nonblind, sample
 from .schedule import Schedule
 
 METHODS = ("fastem-pigdm", "fastem-dps", "diffem-pigdm", "pigdm", "dps")
@@ -51,7 +51,8 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         kernel_size: int = 33, seed: int = 0, device: str | torch.device | None = None,
         progress: bool = True, kernel: Tensor | None = None, boundary: str = "valid",
         regularizer: str = "pnp", rounds: int = 10, r2: str = "reference",
-        guidance_scale: float = 1.0, engine: str = "auto", precision: str = "bf16") -> Result:
+        guidance_scale: float = 1.0, engine: str = "auto", precision: str = "bf16",
+        mstep: HQSConfig | None = None, callback: StepCallback | None = None) -> Result:
     """Blind (or non-blind) deblurring of one photo.
 
     blurry: a path, PIL image, ``H×W(×C)`` numpy array (uint8, uint16 or float in [0, 1]) or a
@@ -63,7 +64,11 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     no wrap-around), ``circular`` for synthetic circularly blurred data. regularizer: the
     M-step's kernel prior (``pnp`` uses the bundled kernel denoiser). engine: ``fast`` (the
     step captured as a CUDA graph, network in ``precision``), ``reference`` (eager float32) or
-    ``auto`` (fast on CUDA, reference on CPU).
+    ``auto`` (fast on CUDA, reference on CPU). mstep: the M-step's settings in full (an
+    ``HQSConfig``; its regulariser replaces ``regularizer``); default: the tuned ones.
+    callback: called after every step as ``callback(i, x0, kernel)`` with the respaced step
+    ``i`` (counting down to 0), the current ``x̂0`` ``[n, C, H, W]`` in [0, 1] cropped to the
+    photo's frame, and the current kernel (device tensors; reading them synchronises).
     """
     started = time.perf_counter()
     loaded = load_image(blurry)
@@ -90,6 +95,9 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     runner = sample if engine == "reference" else partial(
         graphed_sample, engine=EngineConfig(precision=precision).validate())
     schedule = Schedule(DEFAULT_STEPS[method] if steps is None else steps, r2=r2)
+    mstep = _mstep_config(regularizer, kernel_size, device, mstep)
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be callable, got {type(callback).__name__}")
 
     net_prior = load_prior(prior, device)
     frame = Frame.plan(*image.shape[-2:], kernel_size, net_prior.size_multiple, boundary)
@@ -103,12 +111,18 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
 
     total = len(schedule) * (rounds if method == "diffem-pigdm" else 1)
     reporter = StepProgress(total, obs, enabled=progress, desc=method)
+    step_callback = reporter
+    if callback is not None:
+        def step_callback(i: int, x0: Tensor, k: Tensor | None) -> None:
+            reporter(i, x0, k)
+            callback(i, frame.crop(x0), k)
+
     if torch.cuda.is_available() and device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sample_start = time.perf_counter()
     try:
         out = _sample(method, net_prior.model, obs, kernel, schedule, particles, generator,
-                      regularizer, rounds, guidance_scale, reporter, runner)
+                      mstep, rounds, guidance_scale, step_callback, runner)
     finally:
         reporter.close()
     if device.type == "cuda":
@@ -126,7 +140,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         "method": method, "prior": net_prior.name, "particles": particles,
         "steps": len(schedule), "rounds": rounds if method == "diffem-pigdm" else 1,
         "sigma": sigma, "sigma_estimated": estimated, "kernel_size": kernel_size,
-        "boundary": boundary, "grid": [frame.grid_h, frame.grid_w], "regularizer": regularizer,
+        "boundary": boundary, "grid": [frame.grid_h, frame.grid_w], "regularizer": mstep.kind,
         "r2": r2, "seed": seed, "engine": engine,
         "precision": precision if engine == "fast" else "fp32", "device": describe_device(device),
         "source": loaded.source, "bits": loaded.bits,
@@ -140,22 +154,29 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
 
 
 def _sample(method: str, model, obs: Observation, kernel: Tensor, schedule: Schedule,
-            particles: int, generator: torch.Generator, regularizer: str, rounds: int,
+            particles: int, generator: torch.Generator, mstep: HQSConfig, rounds: int,
             scale: float, callback, runner: Runner) -> SamplerOutput:
     guidance = "dps" if method.endswith("dps") else "pigdm"
     common = dict(schedule=schedule, particles=particles, generator=generator,
                   guidance=guidance, guidance_scale=scale, callback=callback, runner=runner)
     if method in ("pigdm", "dps"):
         return nonblind(model, obs, kernel, **common)
-    mstep = _mstep_config(regularizer, kernel.shape[-1], kernel.device)
     if method == "diffem-pigdm":
         return diffusion_em(model, obs, kernel, mstep=mstep, rounds=rounds, **common)
     return fast_em(model, obs, kernel, mstep=mstep, **common)
 
 
-def _mstep_config(regularizer: str, size: int, device: torch.device) -> HQSConfig:
-    denoiser = bundled_denoiser(size, device) if regularizer == "pnp" else None
-    return HQSConfig(regularizer=regularizer, denoiser=denoiser).validate(size)
+def _mstep_config(regularizer: str, size: int, device: torch.device,
+                  given: HQSConfig | None) -> HQSConfig:
+    """The validated M-step settings: ``given`` (its regulariser wins), else the tuned ones for
+    ``regularizer``; a plug-and-play regulariser without a denoiser gets the bundled one."""
+    if given is None:
+        given = HQSConfig(regularizer=regularizer)
+    elif not isinstance(given, HQSConfig):
+        raise ValueError(f"mstep must be an HQSConfig, got {type(given).__name__}")
+    if given.kind == "pnp" and given.kernel_denoiser is None:
+        given = replace(given, denoiser=bundled_denoiser(size, device))
+    return given.validate(size)
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

@@ -84,7 +84,7 @@ def _write_panel(path: Path, images: list[Tensor], true_kernel: Tensor, estimate
 
     size = images[0].shape[-1]
     row = torch.cat([img.expand(3, -1, -1) for img in images], dim=-1)
-    kernels = [_kernel_tile(k, size) for k in (true_kernel, estimate)]
+    kernels = [kernel_tile(k, size) for k in (true_kernel, estimate)]
     blank = torch.ones(3, size, size)
     canvas = torch.cat([row, torch.cat([*kernels, blank], dim=-1)], dim=-2)
     pixels = (canvas.clamp(0, 1).numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
@@ -103,7 +103,8 @@ def _write_panel(path: Path, images: list[Tensor], true_kernel: Tensor, estimate
     atomic_write(path, buffer.getvalue())
 
 
-def _kernel_tile(kernel: Tensor, size: int) -> Tensor:
+def kernel_tile(kernel: Tensor, size: int) -> Tensor:
+    """``[3, size, size]``: the kernel scaled to peak 1 (white), nearest-neighbour upsampled."""
     scaled = (kernel / kernel.max().clamp_min(1e-12))[None, None]
     tile = F.interpolate(scaled, size=(size, size), mode="nearest")[0]
     return tile.expand(3, -1, -1)

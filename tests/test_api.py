@@ -87,6 +87,9 @@ def test_circular_boundary_keeps_the_grid():
         ({"blurry": torch.rand(3, 1, 30)}, "too small"),
         ({"blurry": torch.full((3, 30, 30), float("nan"))}, "NaN"),
         ({"blurry": "/no/such/file.png"}, "not found"),
+        ({"mstep": {"iters": 3}}, "mstep"),
+        ({"mstep": fastem_ext.HQSConfig(iters=0)}, "iters"),
+        ({"callback": "print"}, "callback"),
     ],
 )
 def test_bad_input_gives_one_clear_value_error(kwargs, match, monkeypatch, tmp_path):
@@ -95,6 +98,22 @@ def test_bad_input_gives_one_clear_value_error(kwargs, match, monkeypatch, tmp_p
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         run(args.pop("blurry"), args.pop("sigma"), **args)
+
+
+def test_mstep_settings_and_step_callback():
+    """``mstep=`` replaces the tuned M-step (its regulariser wins over ``regularizer``); the
+    callback sees every step, x̂0 cropped to the photo's frame."""
+    from fastem_ext import HQSConfig
+
+    seen = []
+    result = run(_photo(), 0.02, mstep=HQSConfig(regularizer="l1", lam=1.0, iters=2),
+                 callback=lambda i, x0, k: seen.append((i, tuple(x0.shape), tuple(k.shape))),
+                 **FAST)
+    assert [i for i, *_ in seen] == [3, 2, 1, 0]
+    assert all(shape == (1, 3, 30, 41) and k == (5, 5) for _, shape, k in seen)
+    assert result.info["regularizer"] == "l1"
+    default = run(_photo(), 0.02, **FAST)
+    assert not torch.equal(default.kernel, result.kernel)
 
 
 def test_public_names():
