@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from fastem_ext.api import describe_device
 from fastem_ext.demo import sample_image
 from fastem_ext.engine import EngineConfig, graphed_sample
+from fastem_ext.hardware import describe_device
 from fastem_ext.metrics import psnr
 from fastem_ext.motion import motion_kernel
 from fastem_ext.mstep import HQSConfig, bundled_denoiser

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -12,8 +11,16 @@ import torch
 from torch import Tensor
 
 from .boundary import BOUNDARIES, Frame
-from .checks import check_choice, check_int, check_kernel, check_kernel_size, check_sigma
+from .checks import (
+    check_choice,
+    check_int,
+    check_kernel,
+    check_kernel_size,
+    check_positive,
+    check_sigma,
+)
 from .engine import EngineConfig, graphed_sample
+from .hardware import describe_device
 from .io import load_image
 from .mstep import REGULARIZERS, HQSConfig, bundled_denoiser
 from .noise import estimate_noise
@@ -29,6 +36,7 @@ BLIND = ("fastem-pigdm", "fastem-dps", "diffem-pigdm")
 DEFAULT_STEPS = {"fastem-pigdm": "100", "fastem-dps": "1000", "diffem-pigdm": "100",
                  "pigdm": "100", "dps": "1000"}
 MAX_PARTICLES = 256
+MAX_GUIDANCE_SCALE = 100.0  # far beyond any useful value; larger ones overflow the update
 ENGINES = ("auto", "fast", "reference")
 
 
@@ -79,6 +87,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     particles = check_int("particles", particles, low=1, high=MAX_PARTICLES)
     rounds = check_int("rounds", rounds, low=1)
     seed = check_int("seed", seed, low=0, high=2**63 - 1)
+    guidance_scale = check_positive("guidance_scale", guidance_scale, high=MAX_GUIDANCE_SCALE)
     if kernel is not None:
         kernel = check_kernel("kernel", kernel).detach().float().cpu()
         kernel_size = kernel.shape[-1]
@@ -191,20 +200,3 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device}")
     return device
-
-
-def describe_device(device: torch.device | str) -> str:
-    """One line naming the device for reports: the GPU, or the CPU model, its cores and torch's
-    threads; with the torch version."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"cpu: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), "
-            f"torch {torch.__version__}")

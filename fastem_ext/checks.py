@@ -96,13 +96,15 @@ def check_kernel_size(name: str, size: object, image_hw: tuple[int, int]) -> int
     return check_int(name, size, low=3, high=limit)
 
 
-def check_positive(name: str, value: object) -> float:
-    """A finite number > 0."""
+def check_positive(name: str, value: object, *, high: float = math.inf) -> float:
+    """A finite number > 0 (and ≤ ``high``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number, got {value!r}")
     value = float(value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    if value > high:
+        raise ValueError(f"{name} must be at most {high:g}, got {value:g}")
     return value
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-GUIDANCES = ("pigdm", "dps")
-
 
 def pigdm_vector(spec_residual: Tensor, otf: Tensor, r2: Tensor | float,
                  sigma: Tensor | float, shape: tuple[int, int]) -> Tensor:

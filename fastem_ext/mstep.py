@@ -70,13 +70,14 @@ import torch
 from torch import Tensor
 
 from .checks import check_image, check_kernel, check_kernel_size, check_positive, check_sigma
+from .models.kernel_denoiser import bundled_size, load_kernel_denoiser
 from .physics import gaussian_kernel, otf2psf, psf2otf
 
 REGULARIZERS = ("pnp", "l1", "l2", "none")
 # λ per regulariser and kernel size (ℓ1 thresholds at λ/β; ℓ2 weighs a Tikhonov term against the
 # coupling nσ²β; PnP denoises at σ_d² = λ/β + σ_z²), tuned by python/figure4.py for non-blind
-# kernel estimation on natural/train crops with TUNE-seed kernels (python/results/figure4). Sizes
-# up to 48 use the 33 row, larger ones the 64 row (as the kernel denoisers do).
+# kernel estimation on natural/train crops with TUNE-seed kernels (python/results/figure4), one
+# row per bundled kernel denoiser (``bundled_size`` picks it).
 DEFAULT_LAMBDA = {
     33: {"pnp": 0.03, "l1": 100.0, "l2": 1e4, "none": 0.0},
     64: {"pnp": 0.0, "l1": 100.0, "l2": 1e5, "none": 0.0},
@@ -85,15 +86,13 @@ DEFAULT_LAMBDA = {
 
 @functools.lru_cache(maxsize=8)
 def _load_denoiser(model_size: int, device: str):
-    from .models.kernel_denoiser import load_kernel_denoiser
-
     return load_kernel_denoiser(model_size, device)
 
 
 def bundled_denoiser(kernel_size: int, device: torch.device | str) -> KernelDenoiser:
     """The bundled plug-and-play kernel denoiser for ``kernel_size`` (loaded once per device),
     called without input checks: no host sync inside the M-step."""
-    model = _load_denoiser(33 if kernel_size <= 48 else 64, str(device))
+    model = _load_denoiser(bundled_size(kernel_size), str(device))
 
     def denoiser(kernel: Tensor, sigma_d: float) -> Tensor:
         return model(kernel, sigma_d, check=False)
@@ -103,7 +102,7 @@ def bundled_denoiser(kernel_size: int, device: torch.device | str) -> KernelDeno
 
 def default_lambda(kind: str, kernel_size: int) -> float:
     """The tuned λ of a regulariser for kernels of side ``kernel_size``."""
-    return DEFAULT_LAMBDA[33 if kernel_size <= 48 else 64][kind]
+    return DEFAULT_LAMBDA[bundled_size(kernel_size)][kind]
 
 KernelDenoiser = Callable[[Tensor, Tensor], Tensor]
 """``denoiser(kernel [K, K], sigma_d) -> [K, K]`` (plug-and-play kernel prior); the M-step passes
@@ -123,6 +122,18 @@ def kernel_spectra(y: Tensor, x: Tensor) -> KernelSpectra:
     """y: ``[C, H, W]`` (or one target per particle, ``[n, C, H, W]``); x: ``[n, C, H, W]``."""
     cross, energy = spectral_sums(torch.fft.rfft2(y), torch.fft.rfft2(x))
     return KernelSpectra(cross, energy, x.shape[0], x.shape[1])
+
+
+def gradient_spectra(y: Tensor, x: Tensor) -> KernelSpectra:
+    """``kernel_spectra`` of the images' gradients: each frequency weighted by
+    ``|F∂_h|² + |F∂_v|²`` (forward differences), normalised to mean 1."""
+    spectra = kernel_spectra(y, x)
+    height, width = y.shape[-2:]
+    wy = torch.fft.fftfreq(height, device=y.device, dtype=y.dtype)[:, None]
+    wx = torch.fft.rfftfreq(width, device=y.device, dtype=y.dtype)[None, :]
+    weight = torch.sin(torch.pi * wy).square() + torch.sin(torch.pi * wx).square()
+    return KernelSpectra(spectra.cross * weight, spectra.energy * weight, spectra.particles,
+                         spectra.channels)
 
 
 def spectral_sums(spec_y: Tensor, spec_x: Tensor) -> tuple[Tensor, Tensor]:
@@ -149,6 +160,9 @@ class HQSConfig:
     lam: float | None = None
     regularizer: str | KernelDenoiser = "pnp"
     denoiser: KernelDenoiser | None = None
+    ridge: float = 1.0
+    start: int = 1000
+    gradient: bool = False
 
     @property
     def kind(self) -> str:
@@ -170,6 +184,8 @@ class HQSConfig:
             raise ValueError(f"iters must be an integer >= 1, got {self.iters!r}")
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not self.ridge >= 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
         if not self.weight >= 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
         if self.kind == "pnp" and self.kernel_denoiser is None:

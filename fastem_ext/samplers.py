@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .guidance import dps_guidance, pigdm_guidance
-from .mstep import HQSConfig, hqs, kernel_spectra
+from .mstep import HQSConfig, gradient_spectra, hqs, kernel_spectra
 from .observation import Observation
 from .physics import psf2otf
 from .schedule import Schedule, StepTables, at
@@ -91,10 +91,18 @@ def guided_step(eps_model: EpsModel, obs: Observation | None, tables: StepTables
         x_t = x.detach().requires_grad_(config.guidance is not None)
         x0 = predict_x0(eps_model, x_t, tables, i)
         if config.mstep is not None:
-            ridge = at(tables.r2, i) / 4.0 if config.guidance == "pigdm" else None
+            mstep = config.mstep
+            ridge = (at(tables.r2, i) / 4.0 * mstep.ridge
+                     if config.guidance == "pigdm" and mstep.ridge > 0 else None)
             x0_image = (x0.detach() + 1.0) / 2.0
-            spectra = kernel_spectra(obs.mstep_target(x0_image, kernel), x0_image)
-            kernel = hqs(spectra, kernel, obs.sigma, config.mstep, x.shape[-2:], ridge_r2=ridge)
+            target = obs.mstep_target(x0_image, kernel)
+            if mstep.gradient:
+                spectra = gradient_spectra(target, x0_image)
+            else:
+                spectra = kernel_spectra(target, x0_image)
+            new = hqs(spectra, kernel, obs.sigma, mstep, x.shape[-2:], ridge_r2=ridge)
+            kernel = new if mstep.start >= 1000 else torch.where(
+                at(tables.t, i) < mstep.start, new, kernel)
         step = _guidance_step(x_t, x0, obs, kernel, config, tables, i)
     x0 = x0.detach()
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -33,7 +33,7 @@ from prior_common import (  # noqa: E402
     val_crops,
 )
 
-from fastem_ext.api import describe_device  # noqa: E402
+from fastem_ext.hardware import describe_device  # noqa: E402
 from fastem_ext.models.natural_prior import (  # noqa: E402
     NATURAL_PRIOR_CONFIG,
     NATURAL_PRIOR_PATCH,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from prior_common import train_files, val_files
 
-from fastem_ext.api import describe_device
+from fastem_ext.hardware import describe_device
 from fastem_ext.io import center_crop, read_image
 from fastem_ext.metrics import kernel_mse
 from fastem_ext.models.kernel_denoiser import load_kernel_denoiser

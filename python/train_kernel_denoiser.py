@@ -45,10 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from prior_common import train_files
 
-from fastem_ext.api import describe_device
+from fastem_ext.hardware import describe_device
 from fastem_ext.io import center_crop, read_image
 from fastem_ext.models.kernel_denoiser import (
     KernelDenoiser,
+    bundled_size,
     save_kernel_denoiser,
 )
 from fastem_ext.motion import EVAL_SEEDS, TRAIN_SEEDS, check_seed_range, motion_kernels
@@ -80,8 +81,9 @@ def kernel_seed_start(run_seed: int, step: int, batch: int) -> int:
 
 
 def architecture(size: int) -> dict:
-    """The reference DnCNN (5 × 32) up to 48 px; a small U-Net above (receptive field ≥ 64 px)."""
-    if size <= 48:
+    """The reference DnCNN (5 × 32) for the 33 model; a small U-Net for the 64 model (receptive
+    field ≥ 64 px)."""
+    if bundled_size(size) == 33:
         return {"arch": "dncnn", "width": 32, "depth": 5, "sigma_data": 0.03}
     return {"arch": "unet", "width": 16, "levels": 3, "sigma_data": 0.02}
 

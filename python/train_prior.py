@@ -61,7 +61,7 @@ from prior_common import (  # noqa: E402
     x0_psnr,
 )
 
-from fastem_ext.api import describe_device  # noqa: E402
+from fastem_ext.hardware import describe_device  # noqa: E402
 from fastem_ext.models.natural_prior import (  # noqa: E402
     NATURAL_PRIOR_WEIGHTS,
     NaturalPrior,

@@ -90,6 +90,10 @@ def test_circular_boundary_keeps_the_grid():
         ({"mstep": {"iters": 3}}, "mstep"),
         ({"mstep": fastem_ext.HQSConfig(iters=0)}, "iters"),
         ({"callback": "print"}, "callback"),
+        ({"guidance_scale": float("nan")}, "guidance_scale"),
+        ({"guidance_scale": 1e30}, "guidance_scale"),
+        ({"guidance_scale": "2"}, "guidance_scale"),
+        ({"guidance_scale": 0}, "guidance_scale"),
     ],
 )
 def test_bad_input_gives_one_clear_value_error(kwargs, match, monkeypatch, tmp_path):

@@ -209,3 +209,29 @@ def test_mstep_touches_only_device_tensors(regularizer):
     with NoHostTensors():
         kernel = hqs(spectra, init, 0.05, config, (64, 64), ridge_r2=torch.ones((), device=device))
     assert kernel.shape == (33, 33) and kernel.device.type == device
+
+
+def test_bundled_denoiser_size_split():
+    from fastem_ext.models.kernel_denoiser import bundled_size, bundled_weights_path
+
+    assert [bundled_size(k) for k in (3, 33, 48, 49, 64, 128)] == [33, 33, 33, 64, 64, 64]
+    assert bundled_weights_path(48).name == "kernel_denoiser_33.safetensors"
+    assert bundled_weights_path(49).name == "kernel_denoiser_64.safetensors"
+
+
+def test_gradient_spectra_are_the_spectra_of_finite_differences():
+    """Weighting each frequency by (|F∂_h|² + |F∂_v|²)/4 is fitting the kernel on the images'
+    forward differences (circular), horizontal and vertical together."""
+    from fastem_ext.mstep import gradient_spectra
+
+    g = torch.Generator().manual_seed(0)
+    y, x = torch.rand(3, 20, 17, generator=g), torch.rand(2, 3, 20, 17, generator=g)
+
+    def diffs(a):
+        return [a - a.roll(1, -1), a - a.roll(1, -2)]
+
+    parts = [kernel_spectra(dy, dx) for dy, dx in zip(diffs(y), diffs(x), strict=True)]
+    ours = gradient_spectra(y, x)
+    close = dict(rtol=2e-5, atol=1e-3)
+    torch.testing.assert_close(ours.cross, (parts[0].cross + parts[1].cross) / 4, **close)
+    torch.testing.assert_close(ours.energy, (parts[0].energy + parts[1].energy) / 4, **close)

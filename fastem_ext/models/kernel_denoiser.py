@@ -41,7 +41,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 __all__ = [
+    "BUNDLED_SIZES",
     "KernelDenoiser",
+    "bundled_size",
     "bundled_weights_path",
     "load_kernel_denoiser",
     "save_kernel_denoiser",
@@ -51,6 +53,12 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 BUNDLED_SIZES = (33, 64)
 # Sizes up to this use the 33×33 model, larger ones the 64×64 model.
 _SIZE_SPLIT = 48
+
+
+def bundled_size(kernel_size: int) -> int:
+    """Which bundled model (33 or 64) serves kernels of side ``kernel_size``: the nearer training
+    size (33 up to 48 px, 64 above)."""
+    return BUNDLED_SIZES[0] if kernel_size <= _SIZE_SPLIT else BUNDLED_SIZES[1]
 _SIGMA_REF = 0.01
 _SIGMA_FLOOR = 1e-6  # log encoding only; D(k, 0) = k holds through c_out = 0
 
@@ -208,8 +216,7 @@ def bundled_weights_path(size: int) -> Path:
         raise ValueError(f"size must be an int, got {type(size).__name__}")  # noqa: TRY004
     if not 3 <= size <= 128:
         raise ValueError(f"size must be in [3, 128] for the bundled kernel denoisers, got {size}")
-    model = 33 if size <= _SIZE_SPLIT else 64
-    return WEIGHTS_DIR / f"kernel_denoiser_{model}.safetensors"
+    return WEIGHTS_DIR / f"kernel_denoiser_{bundled_size(size)}.safetensors"
 
 
 def load_kernel_denoiser(
