@@ -6,7 +6,8 @@ only the image's power spectrum, so it cannot tell a kernel from its phase-shift
 for tests and smoke runs, not to estimate real kernels.
 ``ffhq`` / ``imagenet`` — the guided-diffusion FFHQ-256 and ImageNet-256 unconditional checkpoints
 that users bring, looked up in ``$FASTEM_WEIGHTS`` or ``~/.cache/fastem``. Nothing is downloaded.
-A path to a guided-diffusion ``.pt`` is recognised by its keys. An ``nn.Module`` or callable
+A path to a guided-diffusion ``.pt`` is recognised by its keys; a ``.safetensors`` path is a natural
+prior's weights (``python/train_prior.py`` writes them). An ``nn.Module`` or callable
 ``eps(x_t, t)`` is used as it is.
 """
 
@@ -74,13 +75,22 @@ def load_prior(spec: str | os.PathLike | nn.Module | Callable | Prior,
                 "FASTEM_WEIGHTS to the folder that holds it); fastem never downloads weights."
             )
         return _from_checkpoint(path, spec, device)
+    if isinstance(spec, (str, os.PathLike)) and Path(spec).suffix == ".safetensors":
+        from .models.natural_prior import load_natural_prior
+
+        try:
+            model = load_natural_prior(device=device, path=spec)
+        except (FileNotFoundError, ValueError) as err:
+            raise ValueError(f"prior {os.fspath(spec)!r}: {err}") from None
+        return Prior(Path(spec).stem, _freeze(model, device), model.size_multiple)
     if isinstance(spec, (str, os.PathLike)) and Path(spec).suffix in (".pt", ".pth"):
         if not Path(spec).is_file():
             raise ValueError(f"prior checkpoint not found: {spec}")
         return _from_checkpoint(Path(spec), Path(spec).stem, device)
     raise ValueError(
         f"prior must be one of {', '.join(map(repr, NAMES))}, a path to a guided-diffusion .pt "
-        f"checkpoint, or an eps(x_t, t) module; got {spec!r}"
+        f"checkpoint or to natural-prior weights (.safetensors), or an eps(x_t, t) module; "
+        f"got {spec!r}"
     )
 
 

@@ -38,3 +38,15 @@ def test_a_module_is_used_as_it_is():
     model = UNet.from_config(**TINY)
     prior = load_prior(model, torch.device("cpu"))
     assert prior.model is model and prior.size_multiple == 2
+
+
+def test_natural_weights_file_is_a_prior(tmp_path):
+    from fastem_ext.models.natural_prior import build_natural_prior, save_natural_prior
+
+    path = tmp_path / "mine.safetensors"
+    save_natural_prior(build_natural_prior(), path)
+    prior = load_prior(str(path), torch.device("cpu"))
+    assert prior.name == "mine" and prior.size_multiple == 16
+    assert prior.model.prediction == "v"
+    with pytest.raises(ValueError, match="missing.safetensors"):
+        load_prior(str(tmp_path / "missing.safetensors"), torch.device("cpu"))
