@@ -29,7 +29,8 @@ example the compact pack that travels to a GPU machine (``python python/pack_tra
 Loss: MSE of the network's v̂ against ``v = √ᾱ ε − √(1−ᾱ) x0`` at a uniform t on the linear
 1000-step schedule (see ``natural_prior`` for why v). AdamW, linear warm-up, then cosine decay to
 lr/10 at ``schedule_steps`` (``auto``: as many steps as the ``--minutes`` budget allows, measured
-over the first steps); gradient-norm clip; EMA of the weights (decay ramped as (1+n)/(10+n) over
+over the first steps, for a dedicated GPU; ``time``: over the wall budget itself, for a CPU shared
+with other work, whose step rate changes); gradient-norm clip; EMA of the weights (decay ramped as (1+n)/(10+n) over
 the run's first steps); bf16 autocast on CUDA, float32 on CPU unless asked. Each step's draws
 come from generators seeded by ``(seed, global step)``, so a run that continues another draws
 new data.
@@ -79,7 +80,7 @@ PRESETS: dict[str, dict] = {
               "schedule_steps": 6, "ema": 0.9, "clip": 1.0, "val_every": 3, "val_count": 1,
               "val_crop": 64, "save_every": 3, "log_every": 1},
     "cpu": {"seed": 0, "batch": 8, "crop": 96, "scale_min": 0.5, "lr": 4e-4, "warmup": 200,
-            "schedule_steps": "auto", "ema": 0.999, "clip": 1.0, "val_every": 250,
+            "schedule_steps": "time", "ema": 0.999, "clip": 1.0, "val_every": 250,
             "val_count": 4, "val_crop": 256, "save_every": 500, "log_every": 25},
     "gpu": {"seed": 0, "batch": 128, "crop": 128, "scale_min": 0.5, "lr": 4e-4, "warmup": 500,
             "schedule_steps": "auto", "ema": 0.999, "clip": 1.0, "val_every": 1000,
@@ -176,15 +177,17 @@ class CropSampler:
         return (patch / 127.5 - 1).clamp(-1, 1)
 
 
-def lr_at(step: int, h: dict) -> float:
+def lr_at(step: int, h: dict, time_frac: float = 0.0) -> float:
     """Linear warm-up over ``warmup`` steps of the run, then cosine down to lr/10 at
-    ``schedule_steps`` (steps of this run), constant after."""
+    ``schedule_steps`` (steps of this run), constant after; with ``schedule_steps="time"`` the
+    cosine runs over ``time_frac``, the share of the wall budget spent."""
     if step < h["warmup"]:
         return h["lr"] * (step + 1) / h["warmup"]
-    if h["schedule_steps"] == "auto":  # not measured yet
-        return h["lr"]
-    frac = min(1.0, (step - h["warmup"]) / max(1, h["schedule_steps"] - h["warmup"]))
-    return h["lr"] * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+    if h["schedule_steps"] == "time":
+        frac = time_frac
+    else:
+        frac = (step - h["warmup"]) / max(1, h["schedule_steps"] - h["warmup"])
+    return h["lr"] * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
 class Trainer:
@@ -208,8 +211,9 @@ class Trainer:
         ac = Schedule("1").base_alphas_cumprod.to(device=device, dtype=torch.float32)
         self.sqrt_ac, self.sqrt_one_minus_ac = ac.sqrt(), (1 - ac).sqrt()
 
-    def step(self, step: int, global_step: int) -> torch.Tensor:
-        """Optimisation step ``step`` of this run (0-based); returns the loss (device scalar)."""
+    def step(self, step: int, global_step: int, lr: float) -> torch.Tensor:
+        """Optimisation step ``step`` of this run (0-based) at learning rate ``lr``; returns the
+        loss (device scalar)."""
         h, model = self.h, self.model
         gen = step_generator(h["seed"], global_step, self.device)
         x0 = self.sampler.batch(h["batch"], gen)
@@ -220,7 +224,7 @@ class Trainer:
         xt = a * x0 + b * eps
         target = a * eps - b * x0 if model.prediction == "v" else eps
         for group in self.opt.param_groups:
-            group["lr"] = lr_at(step, h)
+            group["lr"] = lr
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp == "bf16"):
             pred = model.network_output(xt, t)
         loss = F.mse_loss(pred.float(), target)
@@ -250,12 +254,15 @@ def resolve(args: argparse.Namespace) -> tuple[dict, dict]:
     preset = PRESETS[args.config]
     given = {k: getattr(args, k) for k in HPARAMS + SETTINGS if getattr(args, k) is not None}
     merged = {k: given.get(k, preset[k]) for k in HPARAMS + SETTINGS}
-    if merged["schedule_steps"] != "auto":
-        merged["schedule_steps"] = int(merged["schedule_steps"])
+    if merged["schedule_steps"] not in ("auto", "time"):
+        try:
+            merged["schedule_steps"] = int(merged["schedule_steps"])
+        except ValueError:
+            merged["schedule_steps"] = 0
         if merged["schedule_steps"] < 1:
-            raise SystemExit("--schedule-steps must be a positive integer or 'auto'")
-    if merged["schedule_steps"] == "auto" and math.isinf(args.minutes):
-        raise SystemExit("--schedule-steps auto needs a --minutes budget")
+            raise SystemExit("--schedule-steps must be a positive integer, 'auto' or 'time'")
+    elif math.isinf(args.minutes):
+        raise SystemExit(f"--schedule-steps {merged['schedule_steps']} needs a --minutes budget")
     return {k: merged[k] for k in HPARAMS}, {k: merged[k] for k in SETTINGS}
 
 
@@ -321,11 +328,17 @@ def train(args: argparse.Namespace) -> None:
     step, probe_t0, auto = 0, 0.0, h["schedule_steps"] == "auto"
     stop = args.steps if args.steps is not None else math.inf
     loss_sum, count = torch.zeros((), device=device), 0
+
+    def time_frac() -> float:
+        return (time.perf_counter() - t_start) / budget
+
     with (args.out / "log.jsonl").open("a") as log:
         while step < stop and time.perf_counter() - t_start < budget:
-            if h["schedule_steps"] != "auto" and step >= h["schedule_steps"] and args.steps is None:
+            fixed = h["schedule_steps"] not in ("auto", "time")
+            if fixed and step >= h["schedule_steps"] and args.steps is None:
                 break
-            loss_sum += run.step(step, start_step + step)
+            lr = lr_at(step, h, time_frac())
+            loss_sum += run.step(step, start_step + step, lr)
             step, count = step + 1, count + 1
             if auto:
                 if step == PROBE_SKIP:
@@ -343,7 +356,7 @@ def train(args: argparse.Namespace) -> None:
                           flush=True)
             entry: dict = {}
             if step % s["log_every"] == 0:
-                entry |= {"loss": loss_sum.item() / count, "lr": lr_at(step - 1, h)}
+                entry |= {"loss": loss_sum.item() / count, "lr": lr}
                 loss_sum.zero_()
                 count = 0
             if step % s["val_every"] == 0:
