@@ -119,7 +119,7 @@ def test_one_captured_graph_replays_every_step(monkeypatch, backend):
     monkeypatch.setenv("FASTEM_BACKEND", backend)
     g = torch.Generator().manual_seed(0)
     shape = (32, 32)
-    x_t, eps = (torch.randn(2, 3, *shape, generator=g).to(device) for _ in range(2))
+    x_t, eps, noise = (torch.randn(2, 3, *shape, generator=g).to(device) for _ in range(3))
     spec_y = torch.fft.rfft2(torch.rand(3, *shape, generator=g).to(device))
     tables = Schedule("10").tables(device)
     coefs, ridge = ops.ddpm_coefficients(tables), tables.r2 / 4
@@ -134,7 +134,7 @@ def test_one_captured_graph_replays_every_step(monkeypatch, backend):
                           ridge_r2=ridge, step=step)
         filtered = ops.pigdm_filter(spec_x, torch.fft.rfft2(grid), spec_y, ridge, step, 0.05)
         v = torch.fft.irfft2(filtered, s=shape)
-        return ops.ddpm_update(x_t, eps, coefs, step, grad=v, seed=3)[0], k
+        return ops.ddpm_update(x_t, eps, coefs, step, noise, grad=v)[0], k
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
