@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ops_helpers import NO_EXT
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FASTEM_DATA", REPO.parent / "shared" / "data"))
@@ -35,7 +36,7 @@ def op_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 
     name, device = request.param
     device = torch.device(device)
-    if name == "cpp" and os.environ.get("FASTEM_NO_EXT", "0") not in ("", "0"):
+    if name == "cpp" and NO_EXT:
         pytest.skip("FASTEM_NO_EXT is set: no C++ extension")
     if name == "triton" and _backend.triton is None:
         pytest.skip("triton is not installed")

@@ -17,14 +17,13 @@ from ops_helpers import (
 )
 
 from fastem_ext import ops
-from fastem_ext.samplers import ancestral_step, tweedie_x0
 from fastem_ext.schedule import Schedule
 
 C = 3
 
 
 def _x0(x_t, eps, coefs, step):
-    return tweedie_x0(x_t, eps, coefs[0, step], coefs[1, step]).clamp(-1.0, 1.0)
+    return ((x_t - coefs[1, step] * eps) / coefs[0, step]).clamp(-1.0, 1.0)
 
 
 def _predict_reference(x_t, eps, coefs, step):
@@ -33,7 +32,7 @@ def _predict_reference(x_t, eps, coefs, step):
 
 def _update_reference(x_t, eps, coefs, step, noise, grad, scale):
     x0 = _x0(x_t, eps[:, :C], coefs, step)
-    x = ancestral_step(x0, x_t, noise, coefs[2, step], coefs[3, step], coefs[4, step])
+    x = coefs[2, step] * x0 + coefs[3, step] * x_t + coefs[4, step] * noise
     return x if grad is None else x + (scale * coefs[5, step]) * grad, (x0 + 1.0) / 2.0
 
 

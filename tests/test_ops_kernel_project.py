@@ -9,7 +9,7 @@ import torch
 from ops_helpers import SHAPES, assert_float64_rule, generator, randn, registered_op
 
 from fastem_ext import ops
-from fastem_ext.mstep import project_kernel, recenter_kernel, soft_threshold
+from fastem_ext.ops.kernel_project import project_kernel, recenter_kernel, soft_threshold
 from fastem_ext.physics import kernel_grid, otf2psf
 
 

@@ -1,6 +1,7 @@
-"""Fused op 3, the DDPM step in one pass over the particles (``samplers.guided_step``).
+"""Fused op 3, the DDPM step in one pass over the particles (``step.guided_step``).
 
-- ``predict_x0``: ``x̂0 = clamp((x_t − √(1−ᾱ)·ε)/√ᾱ, −1, 1)`` mapped to [0, 1].
+- ``predict_x0``: ``x̂0 = clamp((x_t − √(1−ᾱ)·ε)/√ᾱ, −1, 1)`` mapped to [0, 1]
+  (``schedule.tweedie_x0``, ``schedule.to_image``).
 - ``ddpm_update``: the same ``x̂0`` and the guided ancestral update
   ``x_{t−1} = coef_x0·x̂0 + coef_xt·x_t + √β̃·z + (scale·w)·g``, returning ``(x_{t−1}, x̂0)``.
 
@@ -15,8 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..samplers import ancestral_step, tweedie_x0
-from ..schedule import StepTables, at
+from ..schedule import StepTables, at, to_image, tweedie_x0
 from . import _backend, _checks
 from ._backend import tl, triton
 
@@ -41,17 +41,17 @@ def _clamped_x0(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor) -> Tensor
 
 
 def _predict_reference(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor) -> Tensor:
-    return (_clamped_x0(x_t, eps, coefs, step) + 1.0) / 2.0
+    return to_image(_clamped_x0(x_t, eps, coefs, step))
 
 
 def _update_reference(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor, noise: Tensor,
                       grad: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     x0 = _clamped_x0(x_t, eps, coefs, step)
-    x_prev = ancestral_step(x0, x_t, noise, at(coefs[2], step), at(coefs[3], step),
-                            at(coefs[4], step))
+    # The unguided ancestral sample μ̃(x̂0, x_t) + √β̃ z (Eq. 14), then the guidance step.
+    x_prev = at(coefs[2], step) * x0 + at(coefs[3], step) * x_t + at(coefs[4], step) * noise
     if grad is not None:
         x_prev = x_prev + (scale * at(coefs[5], step)) * grad
-    return x_prev, (x0 + 1.0) / 2.0
+    return x_prev, to_image(x0)
 
 
 def _predict_fake(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor) -> Tensor:
@@ -151,7 +151,7 @@ def _check(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor) -> int:
 def predict_x0(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor) -> Tensor:
     """x̂0 in [0, 1] ``[n, C, H, W]`` from x_t ``[n, C, H, W]`` and ε ``[n, C or 2C, H, W]``."""
     eps = eps[:, : x_t.shape[1]]
-    impl = _backend.dispatch("predict_x0", x_t.device, _predict_reference, _predict_triton)
+    impl = _backend.dispatch("predict_x0", x_t, _predict_reference, _predict_triton)
     return impl(x_t, eps, coefs, step)
 
 
@@ -163,5 +163,5 @@ def ddpm_update(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor, noise: Te
     guidance multiplier.
     """
     eps = eps[:, : x_t.shape[1]]
-    impl = _backend.dispatch("ddpm_update", x_t.device, _update_reference, _update_triton)
+    impl = _backend.dispatch("ddpm_update", x_t, _update_reference, _update_triton)
     return impl(x_t, eps, coefs, step, noise, grad, float(scale))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..guidance import pigdm_spectrum
 from ..schedule import at
 from . import _backend, _checks
 from ._backend import tl, triton
@@ -23,7 +22,8 @@ BLOCK = 256  # frequencies per program
 def _pigdm_reference(spec: Tensor, otf: Tensor, spec_y: Tensor | None, r2: Tensor, step: Tensor,
                      sigma: float) -> Tensor:
     residual = spec if spec_y is None else spec_y - otf * spec
-    return pigdm_spectrum(residual, otf, at(r2, step), sigma)
+    gain = otf.real.square() + otf.imag.square()
+    return otf.conj() * residual / (at(r2, step) * gain + sigma**2)
 
 
 def _pigdm_fake(spec: Tensor, otf: Tensor, spec_y: Tensor | None, r2: Tensor, step: Tensor,
@@ -95,5 +95,5 @@ def pigdm_filter(spec: Tensor, otf: Tensor, spec_y: Tensor | None, r2: Tensor, s
 
     r2: ``[S]`` float32 table; step: 0-d int64; sigma: the noise level in the units of ``Y``.
     """
-    impl = _backend.dispatch("pigdm_filter", spec.device, _pigdm_reference, _pigdm_triton)
+    impl = _backend.dispatch("pigdm_filter", spec, _pigdm_reference, _pigdm_triton)
     return impl(*_backend.dense(spec, otf, spec_y), r2, step, float(sigma))
