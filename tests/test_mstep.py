@@ -231,20 +231,20 @@ def test_mstep_touches_only_device_tensors(regularizer, ridge):
 
 @pytest.mark.parametrize("regularizer", ["l1", "l2", "none", "pnp"])
 @pytest.mark.parametrize("n", [1, 3])
-def test_hqs_on_the_fused_ops_matches_the_reference(op_backend, regularizer, n):
+def test_hqs_on_the_fused_ops_matches_the_reference(fused_backend, regularizer, n):
     """The whole M-step (ten projections with clamps compound rounding) under each backend
     against the same code on the references, by the float64 rule of the single ops."""
     g = generator(n, regularizer)
     shape = (16, 12)
-    x = rand((n, C, *shape), g, op_backend)
-    truth = rand((5, 5), g, op_backend)
-    y = blur(x[0], truth / truth.sum()) + 0.01 * rand((C, *shape), g, op_backend)
+    x = rand((n, C, *shape), g, fused_backend)
+    truth = rand((5, 5), g, fused_backend)
+    y = blur(x[0], truth / truth.sum()) + 0.01 * rand((C, *shape), g, fused_backend)
     spectra = _spectra(y, x)
-    ridge, step = rand((4,), g, op_backend) * 1e-3, torch.tensor(2, device=op_backend)
-    denoiser = bundled_denoiser(7, op_backend) if regularizer == "pnp" else None
+    ridge, step = rand((4,), g, fused_backend) * 1e-3, torch.tensor(2, device=fused_backend)
+    denoiser = bundled_denoiser(7, fused_backend) if regularizer == "pnp" else None
     config = HQSConfig(regularizer=regularizer, denoiser=denoiser,
                        lam={"l1": 1e2}.get(regularizer)).validate(7)
-    init = gaussian_kernel(7, 1.0, device=op_backend)
+    init = gaussian_kernel(7, 1.0, device=fused_backend)
     backend = os.environ["FASTEM_BACKEND"]
 
     def reference(cross, energy, kernel, table):

@@ -68,9 +68,9 @@ def test_ddpm_update(op_backend, shape, n, guided):
     assert_float64_rule(out, _update_reference, (x_t, eps, coefs, step, noise, grad, 0.7))
 
 
-def test_rejects_bad_inputs(op_backend):
-    x_t, eps, coefs, _ = _inputs(2, (6, 5), op_backend)
-    step = torch.tensor(0, device=op_backend)
+def test_rejects_bad_inputs(fused_backend):
+    x_t, eps, coefs, _ = _inputs(2, (6, 5), fused_backend)
+    step = torch.tensor(0, device=fused_backend)
     with pytest.raises((ValueError, RuntimeError), match="contiguous"):
         ops.ddpm_update(x_t, eps.transpose(2, 3).contiguous().transpose(2, 3), coefs, step, x_t)
     with pytest.raises((ValueError, RuntimeError), match="step"):
@@ -79,14 +79,14 @@ def test_rejects_bad_inputs(op_backend):
         ops.ddpm_update(x_t, eps, coefs, step, x_t[:1])
 
 
-def test_opcheck(op_backend):
-    x_t, eps, coefs, g = _inputs(2, (6, 5), op_backend, 2 * C)
-    step = torch.tensor(5, device=op_backend)
+def test_opcheck(fused_backend):
+    x_t, eps, coefs, g = _inputs(2, (6, 5), fused_backend, 2 * C)
+    step = torch.tensor(5, device=fused_backend)
     backend = os.environ["FASTEM_BACKEND"]
     eps = eps[:, :C]
     torch.library.opcheck(registered_op("predict_x0", backend), (x_t, eps, coefs, step))
-    grad = rand(x_t.shape, g, op_backend)
+    grad = rand(x_t.shape, g, fused_backend)
     update = registered_op("ddpm_update", backend)
-    noise = randn(x_t.shape, g, op_backend)
+    noise = randn(x_t.shape, g, fused_backend)
     torch.library.opcheck(update, (x_t, eps, coefs, step, noise, grad, 0.5))
     torch.library.opcheck(update, (x_t, eps, coefs, step, noise, None, 1.0))

@@ -46,12 +46,12 @@ def test_pigdm_filter(op_backend, shape, n, target):
     assert_float64_rule(ops.pigdm_filter(*args), _pigdm_reference, args)
 
 
-def test_opcheck(op_backend):
+def test_opcheck(fused_backend):
     backend = os.environ["FASTEM_BACKEND"]
-    spec, otf, spec_y, g = _inputs(2, (6, 9), "shared", op_backend)
+    spec, otf, spec_y, g = _inputs(2, (6, 9), "shared", fused_backend)
     otf = otf.contiguous()  # the registered ops take dense tensors (cuFFT may return strided)
-    step = torch.tensor(0, device=op_backend)
-    r2 = rand((2,), g, op_backend)
+    step = torch.tensor(0, device=fused_backend)
+    r2 = rand((2,), g, fused_backend)
     torch.library.opcheck(registered_op("pigdm_filter", backend),
                           (spec, otf, spec_y, r2, step, 0.1))
     torch.library.opcheck(registered_op("pigdm_filter", backend), (spec, otf, None, r2, step, 0.1))

@@ -26,11 +26,11 @@ def test_wiener_z(op_backend, shape):
     assert_float64_rule(ops.wiener_z(*args), _reference, args)
 
 
-def test_opcheck(op_backend):
+def test_opcheck(fused_backend):
     g = generator(7)
-    spec = spectrum((6, 9), g, op_backend)
-    energy = rand((6, 5), g, op_backend) + 1
-    shift = rand((2,), g, op_backend) + 1
-    step = torch.tensor(1, device=op_backend)
+    spec = spectrum((6, 9), g, fused_backend)
+    energy = rand((6, 5), g, fused_backend) + 1
+    shift = rand((2,), g, fused_backend) + 1
+    step = torch.tensor(1, device=fused_backend)
     torch.library.opcheck(registered_op("wiener_z", os.environ["FASTEM_BACKEND"]),
-                          (spec, energy, spectrum((6, 9), g, op_backend), shift, step, 3.0))
+                          (spec, energy, spectrum((6, 9), g, fused_backend), shift, step, 3.0))
