@@ -96,7 +96,8 @@ def test_mstep_settings_ridge_start_and_gradient_change_the_step():
 
     default = kernel_after()
     assert not torch.equal(default, kernel)
-    assert not torch.allclose(kernel_after(ridge=0.0), default, rtol=0, atol=1e-6)
+    for ridge in (0.0, 0.5):  # the ridge r²/4 times the setting (0: no ridge)
+        assert not torch.allclose(kernel_after(ridge=ridge), default, rtol=0, atol=1e-6)
     assert not torch.allclose(kernel_after(gradient=True), default, rtol=0, atol=1e-6)
     t = int(Schedule("10").timesteps[STEP])
     assert torch.equal(kernel_after(start=t), kernel)  # t_i ≥ start: the kernel is kept
