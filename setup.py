@@ -54,7 +54,10 @@ def _extensions() -> tuple[list, dict]:
         return [], {}
 
     sources = sorted(glob("csrc/*.cpp") + glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3"]
+    # No FP trap handlers are ever enabled: without this GCC keeps the clamps of the elementwise
+    # kernels as branches (it may not speculate a comparison that could trap) and does not
+    # vectorise them (30x on ddpm_update's clamp, 256² × 3); results are unchanged.
+    cxx = ["-O3", "-fno-trapping-math"]
     use_cuda, reason = _cuda_choice()
     if use_cuda:
         print(f"fastem: building fastem_ext._C as a CUDAExtension (CPU + CUDA): {reason}")

@@ -7,18 +7,19 @@ GPU (build the CUDA extension first; about 4 minutes on an H100 in all):
 
 (benchmarks/RESULTS.md has the one prepared command that also runs the CUDA tests.)
 
-CPU (small shapes; tests/test_bench_ops_script.py runs this):
+CPU (small shapes; tests/test_bench_tools.py runs this):
 
     PYTHONPATH=. python benchmarks/bench_ops.py --device cpu --size 32 --particles 1 3
 
-For each op and n: the median time of the reference (eager and, on CUDA, captured in a CUDA
-graph), of the Triton kernels and of the C++ ops (graph-captured on CUDA), the bytes the op must
-move at least, the fraction of the measured copy bandwidth that the fastest fused version
-reaches, and each fused result's max deviation from the reference (relative to its scale). Then
-the whole non-UNet part of a step: Fast-EM M-step (10 HQS iterations, ℓ1, ΠGDM ridge), ΠGDM
-filter and DDPM update. The network's VJP is not part of it: the filtered vector stands in for
-the guidance gradient. The L2 is flushed before every timed run. Writes bench_ops.json and
-bench_ops.csv (device, versions, date, command) under --out.
+Every case calls the library's own entry point once per backend (``FASTEM_BACKEND``): the ops,
+the M-step (``mstep.hqs``, 10 HQS iterations, ℓ1, ΠGDM ridge) and the whole step
+(``step.guided_step``: the same Fast EM ΠGDM step as the engine's, with a one-layer stand-in for
+the network so that the step's own cost shows). For each case and n: the median time of the
+references (eager and, on CUDA, captured in a CUDA graph), of the Triton kernels and of the C++
+ops (graph-captured on CUDA), the bytes the op must move at least, the fraction of the measured
+copy bandwidth that the fastest fused version reaches, and each fused result's max deviation from
+the references (relative to its scale). The L2 is flushed before every timed run. Writes
+bench_ops.json and bench_ops.csv (device, versions, date, command) under --out.
 """
 
 from __future__ import annotations
@@ -39,36 +40,34 @@ import torch
 from torch import Tensor
 
 from fastem_ext import ops
-from fastem_ext.guidance import pigdm_vector
-from fastem_ext.mstep import HQSConfig, KernelSpectra, hqs
-from fastem_ext.mstep import spectral_sums as reference_sums
+from fastem_ext.mstep import HQSConfig, hqs, kernel_spectra
+from fastem_ext.observation import Observation
 from fastem_ext.ops import _backend
-from fastem_ext.ops.ddpm_update import _update_reference as ddpm_reference
-from fastem_ext.ops.kernel_project import _reference as project_reference
-from fastem_ext.ops.pigdm_filter import _blur_reference, _pigdm_reference
-from fastem_ext.physics import _valid_conv, gaussian_kernel, kernel_grid, psf2otf
-from fastem_ext.samplers import ancestral_step, tweedie_x0
-from fastem_ext.schedule import Schedule, at
+from fastem_ext.physics import gaussian_kernel, kernel_grid, psf2otf
+from fastem_ext.schedule import Schedule
+from fastem_ext.step import StepConfig, guided_step, plan_step
 
 C, STEP, SIGMA = 3, 50, 10 / 255
 # Issue 7: fused at n = 16 vs the graph-captured reference; whole step in a graph, in ms.
-SPEEDUP_TARGETS = {"particle_blur": 3.0, "pigdm_filter": 3.0, "ddpm_update": 3.0,
-                   "wiener_hqs": 2.0, "kernel_project": 2.0}
+SPEEDUP_TARGETS = {"pigdm_filter": 3.0, "ddpm_update": 3.0, "wiener_hqs": 2.0,
+                   "kernel_project": 2.0}
 STEP_TARGET_MS = {1: 0.25, 16: 0.4}
 
 
 @dataclass
 class Case:
-    """One op at one n. ``fused`` (run under each fused backend) and ``reference`` are timed;
-    ``checks`` gives the (fused, reference) pair compared for the deviation, default the same."""
+    """One library call at one n, timed and checked under each backend."""
 
     name: str
-    fused: Callable[[], object]
-    reference: Callable[[], object]
+    run: Callable[[], object]
     bytes: int
-    checks: tuple[Callable[[], object], Callable[[], object]] | None = None
     times: dict[str, float] = field(default_factory=dict)
     errors: dict[str, float] = field(default_factory=dict)
+
+
+def stand_in_network(x: Tensor, t: Tensor) -> Tensor:
+    """ε = x/2: cheap, differentiable, and the same on every backend."""
+    return 0.5 * x
 
 
 def problem(n: int, size: int, kernel_size: int, device: torch.device) -> dict:
@@ -77,101 +76,53 @@ def problem(n: int, size: int, kernel_size: int, device: torch.device) -> dict:
     shape = (size, size)
     tables = Schedule("100").tables(device)
     kernel = gaussian_kernel(kernel_size, kernel_size / 8, device=device)
-    p = {"n": n, "shape": shape, "tables": tables, "kernel": kernel,
+    config = HQSConfig(iters=10, regularizer="l1").validate()
+    y = torch.rand(C, *shape, generator=g).to(device)
+    p = {"n": n, "shape": shape, "tables": tables, "kernel": kernel, "config": config,
          "step": torch.tensor(STEP, device=device),
          "x_t": torch.randn(n, C, *shape, generator=g).to(device),
          "eps": torch.randn(n, C, *shape, generator=g).to(device),
          "noise": torch.randn(n, C, *shape, generator=g).to(device),
          "x0": torch.rand(n, C, *shape, generator=g).to(device),
-         "y": torch.rand(C, *shape, generator=g).to(device),
-         "config": HQSConfig(iters=10, regularizer="l1").validate(),
-         # ΠGDM in image units: r²/4 is both the M-step ridge and the filter's r² (the factor
-         # 1/2 between the net- and image-unit filters goes into the guidance weight row).
-         "r2_image": tables.r2 / 4}
-    p["coefs"] = ops.ddpm_coefficients(tables)
-    p["coefs"][5] *= 0.5
-    p["spec_x"], p["spec_y"] = torch.fft.rfft2(p["x0"]), torch.fft.rfft2(p["y"])
+         "coefs": ops.ddpm_coefficients(tables),
+         "plan": plan_step(Observation(y, SIGMA), tables, StepConfig("pigdm", config))}
+    p["spec_x"], p["spec_y"] = torch.fft.rfft2(p["x0"]), torch.fft.rfft2(y)
     p["otf"] = psf2otf(kernel, shape)
     p["z"] = kernel_grid(kernel, shape) + 1e-4 * torch.randn(shape, generator=g).to(device)
     return p
 
 
-def reference_mstep(p: dict) -> Tensor:
-    spectra = KernelSpectra(*reference_sums(p["spec_y"], p["spec_x"]), p["n"], C)
+def mstep(p: dict) -> Tensor:
+    """The M-step of one Fast EM ΠGDM step (its spectral sums included)."""
+    spectra = kernel_spectra(p["spec_y"], p["spec_x"])
     return hqs(spectra, p["kernel"], SIGMA, p["config"], p["shape"],
-               ridge_r2=at(p["r2_image"], p["step"]))
+               ridge_r2=p["tables"].x0_var, step=p["step"])
 
 
-def fused_mstep(p: dict) -> Tensor:
-    spectra = ops.kernel_spectra(p["spec_y"], p["spec_x"])
-    return ops.hqs(spectra, p["kernel"], SIGMA, p["config"], p["shape"], ridge_r2=p["r2_image"],
-                   step=p["step"])[0]
-
-
-def reference_step(p: dict, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The reference engine's step (samplers.guided_step) minus the network and its VJP."""
-    t, i = p["tables"], p["step"]
-    x0 = tweedie_x0(p["x_t"], p["eps"], at(t.sqrt_ac, i), at(t.sqrt_one_minus_ac, i))
-    x0 = x0.clamp(-1.0, 1.0)
-    x0_image = (x0 + 1.0) / 2.0
-    spectra = KernelSpectra(*reference_sums(p["spec_y"], torch.fft.rfft2(x0_image)), p["n"], C)
-    kernel = hqs(spectra, p["kernel"], SIGMA, p["config"], p["shape"], ridge_r2=at(t.r2, i) / 4.0)
-    otf = psf2otf(kernel, p["shape"])
-    residual = torch.fft.rfft2(2.0 * p["y"] - 1.0) - otf * torch.fft.rfft2(x0)
-    v = pigdm_vector(residual, otf, at(t.r2, i), 2.0 * SIGMA, p["shape"])
-    noise = torch.randn_like(x0) if noise is None else noise
-    x = ancestral_step(x0, p["x_t"], noise, at(t.coef_x0, i), at(t.coef_xt, i), at(t.noise_std, i))
-    return x + at(t.pigdm_weight, i) * v, kernel
-
-
-def fused_step(p: dict, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The same step on the fused ops (in-kernel Philox noise unless ``noise`` is given)."""
-    step, shape = p["step"], p["shape"]
-    x0_image = ops.predict_x0(p["x_t"], p["eps"], p["coefs"], step)
-    spec_x = torch.fft.rfft2(x0_image)
-    kernel, grid = ops.hqs(ops.kernel_spectra(p["spec_y"], spec_x), p["kernel"], SIGMA,
-                           p["config"], shape, ridge_r2=p["r2_image"], step=step)
-    filtered = ops.pigdm_filter(spec_x, torch.fft.rfft2(grid), p["spec_y"], p["r2_image"], step,
-                                SIGMA)
-    v = torch.fft.irfft2(filtered, s=shape)
-    x, _ = ops.ddpm_update(p["x_t"], p["eps"], p["coefs"], step, noise=noise, grad=v)
-    return x, kernel
+def step(p: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """The engine's step with the stand-in network (its noise from the default generator)."""
+    return guided_step(stand_in_network, p["plan"], p["step"], p["x_t"], p["kernel"], None)
 
 
 def cases(p: dict) -> list[Case]:
     n, (h, w), k = p["n"], p["shape"], p["kernel"].shape[-1]
     image, freqs, grid = n * C * h * w * 4, h * (w // 2 + 1), h * w * 4
     spectra = n * C * freqs * 8
-    x_t, eps, coefs, step, noise = p["x_t"], p["eps"], p["coefs"], p["step"], p["noise"]
-    blur_args = (p["spec_x"], p["otf"], p["spec_y"])
-    filter_args = (*blur_args, p["r2_image"], step, SIGMA)
-    project_args = (p["z"], p["kernel"], 1e-5, True)
+    x_t, eps, coefs, index, noise = p["x_t"], p["eps"], p["coefs"], p["step"], p["noise"]
+    filter_args = (p["spec_x"], p["otf"], p["spec_y"], p["tables"].x0_var, index, SIGMA)
     # Per HQS iteration: rfft2 of the grid, the Z-update, irfft2, the projection.
     iteration = 2 * grid + freqs * 8 * 4 + freqs * 4 + grid + k * k * 8
     return [
         Case("spectral_sums", lambda: ops.spectral_sums(p["spec_y"], p["spec_x"]),
-             lambda: reference_sums(p["spec_y"], p["spec_x"]),
              spectra + C * freqs * 8 + freqs * 12),
-        Case("wiener_hqs", lambda: fused_mstep(p), lambda: reference_mstep(p),
-             spectra + C * freqs * 8 + 10 * iteration),
-        Case("kernel_project", lambda: ops.kernel_project(*project_args),
-             lambda: project_reference(*project_args), 2 * k * k * 4 + grid + k * k * 4),
-        Case("particle_blur", lambda: ops.particle_blur(*blur_args),
-             lambda: _blur_reference(*blur_args), 2 * spectra + (C + 1) * freqs * 8),
+        Case("wiener_hqs", lambda: mstep(p), spectra + C * freqs * 8 + 10 * iteration),
+        Case("kernel_project", lambda: ops.kernel_project(p["z"], p["kernel"], 1e-5, True),
+             2 * k * k * 4 + grid + k * k * 4),
         Case("pigdm_filter", lambda: ops.pigdm_filter(*filter_args),
-             lambda: _pigdm_reference(*filter_args),
              2 * spectra + (C + 1) * freqs * 8),
-        # Timed with the noise drawn (in the kernel / by torch.randn), compared with it given.
-        Case("ddpm_update", lambda: ops.ddpm_update(x_t, eps, coefs, step, grad=noise),
-             lambda: ddpm_reference(x_t, eps, coefs, step, torch.randn_like(x_t), noise, 1.0, 0),
-             5 * image,
-             checks=(lambda: ops.ddpm_update(x_t, eps, coefs, step, noise=noise, grad=noise),
-                     lambda: ddpm_reference(x_t, eps, coefs, step, noise, noise, 1.0, 0))),
-        Case("blur_valid", lambda: ops.blur_valid(p["x0"], p["kernel"]),
-             lambda: _valid_conv(p["x0"], p["kernel"]),
-             image + n * C * (h - k + 1) * (w - k + 1) * 4),
-        Case("step", lambda: fused_step(p), lambda: reference_step(p), 0,
-             checks=(lambda: fused_step(p, noise), lambda: reference_step(p, noise))),
+        Case("ddpm_update", lambda: ops.ddpm_update(x_t, eps, coefs, index, noise, grad=noise),
+             5 * image),
+        Case("step", lambda: step(p), 0),
     ]
 
 
@@ -241,6 +192,12 @@ def with_backend(backend: str, fn: Callable[[], object]) -> Callable[[], object]
     return run
 
 
+def checked(backend: str, fn: Callable[[], object]) -> object:
+    """``fn()`` under ``backend`` with the default generators reseeded (the step's noise)."""
+    torch.manual_seed(0)
+    return with_backend(backend, fn)()
+
+
 def measure(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     timer = Timer(device, args.repeats)
@@ -250,16 +207,15 @@ def measure(args: argparse.Namespace) -> dict:
     for n in args.particles:
         p = problem(n, args.size, args.kernel_size, device)
         for case in cases(p):
-            reference = with_backend("reference", case.reference)
+            reference = with_backend("reference", case.run)
             case.times["reference"] = timer(reference)
             if on_gpu:
                 case.times["reference_graph"] = timer.graphed(reference)
-            fused_check, reference_check = case.checks or (case.fused, case.reference)
-            expected = with_backend("reference", reference_check)()
+            expected = checked("reference", case.run)
             for backend in fused:
-                run = with_backend(backend, case.fused)
+                run = with_backend(backend, case.run)
                 case.times[backend] = timer.graphed(run) if on_gpu else timer(run)
-                case.errors[backend] = deviation(with_backend(backend, fused_check)(), expected)
+                case.errors[backend] = deviation(checked(backend, case.run), expected)
             rows.append({"op": case.name, "n": n, "bytes": case.bytes, "times_s": case.times,
                          "max_rel_deviation": case.errors})
     os.environ.pop("FASTEM_BACKEND", None)

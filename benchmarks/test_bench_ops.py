@@ -42,4 +42,4 @@ def test_op(benchmark, monkeypatch, problems, name, n, backend):
     monkeypatch.setenv("FASTEM_BACKEND", backend)
     case = next(c for c in cases(problems[n]) if c.name == name)
     benchmark.group = f"{name} n={n}"
-    benchmark(case.reference if backend == "reference" else case.fused)
+    benchmark(case.run)

@@ -165,9 +165,6 @@ inline int64_t check_diffusion_inputs(
   const auto device = x_t.device();
   check_input(x_t, "x_t", at::kFloat, device);
   FASTEM_CHECK(x_t.dim() == 4, "x_t must be [n, C, H, W], got ", x_t.sizes());
-  FASTEM_CHECK(
-      x_t.numel() < (int64_t{1} << 32),
-      "x_t has more than 2^32 elements (the noise counter is 32-bit)");
   FASTEM_CHECK(eps.device() == device, "eps must be on ", device);
   FASTEM_CHECK(eps.scalar_type() == at::kFloat, "eps must be float32");
   FASTEM_CHECK(
@@ -192,18 +189,25 @@ inline int64_t check_diffusion_inputs(
 }
 
 inline void check_like(
+    const at::Tensor& t,
+    const char* name,
+    const at::Tensor& like) {
+  check_input(t, name, at::kFloat, like.device());
+  FASTEM_CHECK(
+      t.sizes() == like.sizes(),
+      name,
+      " must be ",
+      like.sizes(),
+      ", got ",
+      t.sizes());
+}
+
+inline void check_like(
     const c10::optional<at::Tensor>& t,
     const char* name,
     const at::Tensor& like) {
   if (t.has_value()) {
-    check_input(*t, name, at::kFloat, like.device());
-    FASTEM_CHECK(
-        t->sizes() == like.sizes(),
-        name,
-        " must be ",
-        like.sizes(),
-        ", got ",
-        t->sizes());
+    check_like(*t, name, like);
   }
 }
 
@@ -229,25 +233,6 @@ inline void check_projection_inputs(
       k,
       " must be in [1, min(64, H, W)] for z of shape ",
       z.sizes());
-}
-
-inline void check_blur_inputs(const at::Tensor& x, const at::Tensor& kernel) {
-  check_input(x, "x", at::kFloat, x.device());
-  check_input(kernel, "kernel", at::kFloat, x.device());
-  FASTEM_CHECK(x.dim() >= 2, "x must be [..., H, W], got ", x.sizes());
-  const int64_t k = kernel.size(-1);
-  FASTEM_CHECK(
-      kernel.dim() == 2 && kernel.size(0) == k && k <= kMaxKernelSize,
-      "kernel must be square [K, K] with K <= 64, got ",
-      kernel.sizes());
-  FASTEM_CHECK(
-      k <= x.size(-2) && k <= x.size(-1),
-      "kernel ",
-      k,
-      "x",
-      k,
-      " is larger than the image ",
-      x.sizes());
 }
 
 } // namespace fastem

@@ -36,13 +36,11 @@ TORCH_LIBRARY(fastem, m) {
   m.def(
       "pigdm_filter(Tensor spec, Tensor otf, Tensor? spec_y, Tensor r2, Tensor step, "
       "float sigma) -> Tensor");
-  m.def("particle_blur(Tensor spec, Tensor otf, Tensor? spec_y) -> Tensor");
-  m.def("blur_valid(Tensor x, Tensor kernel) -> Tensor");
   m.def(
       "predict_x0(Tensor x_t, Tensor eps, Tensor coefs, Tensor step) -> Tensor");
   m.def(
-      "ddpm_update(Tensor x_t, Tensor eps, Tensor coefs, Tensor step, Tensor? noise, "
-      "Tensor? grad, float scale, int seed) -> (Tensor, Tensor)");
+      "ddpm_update(Tensor x_t, Tensor eps, Tensor coefs, Tensor step, Tensor noise, "
+      "Tensor? grad, float scale) -> (Tensor, Tensor)");
 }
 
 } // namespace fastem

@@ -1,11 +1,11 @@
 """The fast engine: one sampling step captured as a CUDA graph and replayed for every step.
 
-The step is ``samplers.guided_step`` — the network forward and its VJP, the M-step, the guidance
-and the DDPM update — or the same step on the fused ops (``fused_step``), run on static buffers
-with the step index held in a 0-d device tensor, so every per-step scalar is a gather from the
-schedule's device tables and the whole step replays without a host round trip. The network runs
-under bf16 autocast (FFTs and the M-step stay float32). Where capture is impossible (CPU, or a
-failure on CUDA) the same step runs eagerly, with one warning in the failure case.
+The step is ``step.guided_step`` — the network forward and its VJP, the M-step, the guidance and
+the DDPM update on the fused ops — run on static buffers with the step index held in a 0-d device
+tensor, so every per-step scalar is a gather from the schedule's device tables and the whole step
+replays without a host round trip. The network runs under bf16 autocast (FFTs and the M-step stay
+float32). Where capture is impossible (CPU, or a failure on CUDA) the same step runs eagerly, with
+one warning in the failure case.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from .observation import Observation
-from .samplers import EpsModel, SamplerOutput, StepCallback, StepConfig, guided_step
-from .schedule import Schedule
+from .samplers import SamplerOutput, StepCallback
+from .schedule import Schedule, to_image
+from .step import EpsModel, StepConfig, guided_step, plan_step
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -28,13 +29,11 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 @dataclass(frozen=True)
 class EngineConfig:
     """precision: the network's autocast dtype (``bf16``, ``fp16`` or ``fp32`` = none);
-    graphs: capture the step as a CUDA graph when on CUDA; fused: run the step on the fused ops
-    (``fused_step``) instead of the reference functions; warmup: eager steps run (and undone)
+    graphs: capture the step as a CUDA graph when on CUDA; warmup: eager steps run (and undone)
     before capture so that lazy initialisation happens outside the graph."""
 
     precision: str = "bf16"
     graphs: bool = True
-    fused: bool = True
     warmup: int = 2
 
     def validate(self) -> EngineConfig:
@@ -84,29 +83,19 @@ class GraphedLoop:
                  kernel: Tensor | None, engine: EngineConfig) -> None:
         self.device = x_init.device
         self.model = autocast_model(eps_model, self.device, engine.precision)
-        self.obs, self.config, self.generator, self.engine = obs, config, generator, engine
-        self.tables = schedule.tables(self.device, x_init.dtype)
-        self.steps = len(self.tables)
-        if obs is not None:
-            _ = obs.spec_y_net  # computed once, outside any graph
+        self.generator, self.engine = generator, engine
+        tables = schedule.tables(self.device, x_init.dtype)
+        self.plan = plan_step(obs, tables, config)  # outside any graph
+        self.steps = len(tables)
         self.x = x_init.clone()
         self.kernel = None if kernel is None else kernel.clone()
         self.x0 = torch.zeros_like(x_init)
         self.index = torch.full((), self.steps - 1, dtype=torch.int64, device=self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.fused = None
-        if engine.fused:
-            from .fused_step import FusedStep  # lazily: importing fastem_ext loads no ops
-
-            self.fused = FusedStep(obs, self.tables, config)
 
     def _step(self) -> None:
-        if self.fused is not None:
-            x, kernel, x0 = self.fused(self.model, self.index, self.x, self.kernel,
-                                       self.generator)
-        else:
-            x, kernel, x0 = guided_step(self.model, self.obs, self.tables, self.index, self.x,
-                                        self.kernel, self.config, self.generator)
+        x, kernel, x0 = guided_step(self.model, self.plan, self.index, self.x, self.kernel,
+                                    self.generator)
         self.x.copy_(x)
         self.x0.copy_(x0)
         if kernel is not None and kernel is not self.kernel:
@@ -123,8 +112,8 @@ class GraphedLoop:
                 self._step()
             if callback is not None:
                 # The device index counts down with the host loop: i is known without a sync.
-                callback(i, (self.x0 + 1.0) / 2.0, self.kernel)
-        particles = ((self.x.clamp(-1.0, 1.0) + 1.0) / 2.0).clone()
+                callback(i, self.x0.clone(), self.kernel)
+        particles = to_image(self.x.clamp(-1.0, 1.0))
         return SamplerOutput(particles, None if self.kernel is None else self.kernel.clone())
 
     def _capture(self) -> torch.cuda.CUDAGraph | None:

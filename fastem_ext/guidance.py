@@ -1,12 +1,12 @@
-"""Likelihood guidance ``g = ∇_{x_t} log p(y | x_t, k)`` (Eqs. 16–17), in the network's units.
+"""Likelihood guidance (Eqs. 16–17) in image units: the gradient ``v`` of the log-likelihood
+with respect to the denoised estimate ``x̂0 ∈ [0, 1]``, for the current kernel.
 
-The samplers map ``y ↦ 2y − 1`` and ``σ ↦ 2σ`` so that ``y' = k ⊛ x' + n'`` holds in [-1, 1] units
-(a kernel summing to 1 preserves constants). The log-likelihood is a scalar, so its gradient with
-respect to ``x_t`` is the same in either unit system.
+The step turns it into ``g = ∇_{x_t} log p(y | x_t, k) = (∂x̂0/∂x_t)ᵀ v`` with one vector-Jacobian
+product through the network (``step.guided_step``), so the network's units never reach this
+module. ``x̂0`` here is the *clamped* estimate: the vectors are evaluated at the clamped values.
 
-``x0`` below is the *clamped* estimate with a straight-through gradient (see ``samplers``): the
-residual uses the clamped values; the VJP goes through the network's unclamped Tweedie estimate,
-because the clamp's zero gradient would freeze every saturated pixel.
+The fused ops (``fastem_ext.ops``) are imported inside the functions that call them: importing
+fastem_ext loads no op (their Triton kernels and torch.compile hooks cost a second).
 """
 
 from __future__ import annotations
@@ -14,44 +14,38 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .observation import Observation
+from .physics import blur_spectrum
 
-def pigdm_vector(spec_residual: Tensor, otf: Tensor, r2: Tensor | float,
-                 sigma: Tensor | float, shape: tuple[int, int]) -> Tensor:
-    """``v = Hᵀ (r² HHᵀ + σ² I)⁻¹ (y − H x̂0)`` for a circulant ``H`` (Eq. 17).
 
-    spec_residual: ``rfft2(y − H x̂0)`` ``[n, C, H, W//2+1]``; otf: ``[H, W//2+1]``. ``H`` has the
-    eigenvalues ``otf``, so the inverse is the per-frequency filter
-    ``conj(K) R / (r² |K|² + σ²)``. shape: ``(H, W)``. Returns ``[n, C, H, W]``.
+def pigdm_vector(obs: Observation, spec_x0: Tensor, otf: Tensor, r2: Tensor,
+                 step: Tensor) -> Tensor:
+    """ΠGDM (Eq. 17): ``v = Hᵀ (r² HHᵀ + σ² I)⁻¹ (y − H x̂0)``, the gradient with respect to
+    ``x̂0`` of ``log N(y; H x̂0, r² HHᵀ + σ² I)``, ``[n, C, H, W]``.
+
+    ``H`` circulant has the eigenvalues ``otf`` (``[H, W//2+1]``), so the inverse is the
+    per-frequency filter ``conj(K) R / (r² |K|² + σ²)`` (``ops.pigdm_filter``). With a mask the
+    residual is taken on the observed pixels and then filtered as if ``H`` were circulant.
+    spec_x0: ``rfft2(x̂0)`` ``[n, C, H, W//2+1]``; r2: ``x0 | x_t``'s variance in image units, a
+    table ``[S]`` read at ``step`` (0-d int64).
     """
-    return torch.fft.irfft2(pigdm_spectrum(spec_residual, otf, r2, sigma), s=shape)
+    from . import ops  # lazily (module docstring)
+
+    if obs.mask is None:
+        filtered = ops.pigdm_filter(spec_x0, otf, obs.spec_y, r2, step, obs.sigma)
+    else:
+        residual = torch.fft.rfft2(obs.residual(spec_x0, otf))
+        filtered = ops.pigdm_filter(residual, otf, None, r2, step, obs.sigma)
+    return torch.fft.irfft2(filtered, s=obs.y.shape[-2:])
 
 
-def pigdm_spectrum(spec_residual: Tensor, otf: Tensor, r2: Tensor | float,
-                   sigma: Tensor | float) -> Tensor:
-    """The ΠGDM filter per frequency, ``conj(K) R / (r² |K|² + σ²)``; shapes as ``pigdm_vector``."""
-    gain = otf.real.square() + otf.imag.square()
-    return otf.conj() * spec_residual / (r2 * gain + sigma**2)
+def dps_vector(obs: Observation, spec_x0: Tensor, otf: Tensor) -> Tensor:
+    """DPS (Eq. 16): ``v = −∇_{x̂0^i} ‖y − H x̂0^i‖₂ = Hᵀ r^i / ‖r^i‖`` with one norm **per
+    particle** ``i`` (no norm shared across the batch), ``r = y − H x̂0`` on the observed pixels.
 
-
-def pigdm_guidance(x_t: Tensor, x0: Tensor, spec_residual: Tensor, otf: Tensor,
-                   r2: Tensor | float, sigma: Tensor | float) -> Tensor:
-    """ΠGDM: ``g = (∂x̂0/∂x_t)ᵀ v`` — one vector-Jacobian product through the network.
-
-    x_t: ``[n, C, H, W]`` with ``requires_grad``; x0: ``[n, C, H, W]`` computed from it;
-    spec_residual: the spectrum of ``y − H x̂0`` (see ``pigdm_vector``).
+    spec_x0: ``rfft2(x̂0)`` ``[n, C, H, W//2+1]``; otf: ``[H, W//2+1]``. Returns ``[n, C, H, W]``
+    (zero for a particle that explains ``y`` exactly).
     """
-    v = pigdm_vector(spec_residual, otf, r2, sigma, x_t.shape[-2:])
-    (grad,) = torch.autograd.grad(x0, x_t, grad_outputs=v)
-    return grad
-
-
-def dps_guidance(x_t: Tensor, residual: Tensor) -> Tensor:
-    """DPS: ``g = −∇_{x_t} ‖y − H x̂0^i‖₂`` with one norm **per particle** (Eq. 16).
-
-    residual: ``y − H x̂0`` ``[n, C, H, W]``, a differentiable function of ``x_t``. The particles
-    are independent, so the gradient of the sum of their norms gives each particle the gradient
-    of its own norm.
-    """
-    norms = residual.flatten(1).norm(dim=1)
-    (grad,) = torch.autograd.grad(norms.sum(), x_t)
-    return -grad
+    residual = obs.residual(spec_x0, otf)
+    norms = residual.flatten(1).norm(dim=1).clamp_min(torch.finfo(residual.dtype).tiny)
+    return blur_spectrum(residual, otf.conj()) / norms[:, None, None, None]

@@ -15,7 +15,8 @@ and ``F(z ⊛ x) = Z·X``, so per frequency ``f`` (after multiplying by ``N``)::
     Z_f = (Σ_{i,c} conj(X^i_c) Y_c + nσ²β K_j) / (Σ_{i,c} |X^i_c|² + nσ²β [+ ρ] [+ nσ²λ])
 
 The sums over particles *and colour channels* (one kernel, joint least squares) do not depend on
-``j``: ``kernel_spectra`` computes them once per M-step.
+``j``: ``kernel_spectra`` computes them once per M-step (``ops.spectral_sums``), and ``hqs_terms``
+gives the denominator's shift, which ``ops.wiener_z`` adds per frequency.
 
 **ΠGDM ridge (Appendix D).** Under ΠGDM the particle is not a point but ``x ~ N(x̂0, r² I)`` (``r²``
 in [0, 1] image units). Then, for one particle and one channel with ``N`` pixels and circular
@@ -57,6 +58,13 @@ Z-updates through natural/train spectra, conditioned on their ``σ_z``).
 After the ``J`` iterations the kernel is re-centred on its centre of mass (integer shift, on the
 device): blind deconvolution cannot tell a shifted kernel from a shifted image, and without this the
 kernel drifts to the edge of its support and is cropped.
+
+Every iteration runs on the fused ops (``ops.wiener_z``, then ``ops.kernel_project``: crop, clamp,
+normalise, the ℓ1 threshold, and the re-centring on the last iteration); the plug-and-play
+denoiser, a network, runs between two projections.
+
+The fused ops (``fastem_ext.ops``) are imported inside the functions that call them: importing
+fastem_ext loads no op (their Triton kernels and torch.compile hooks cost a second).
 """
 
 from __future__ import annotations
@@ -71,7 +79,8 @@ from torch import Tensor
 
 from .checks import check_image, check_kernel, check_kernel_size, check_positive, check_sigma
 from .models.kernel_denoiser import bundled_size, load_kernel_denoiser
-from .physics import gaussian_kernel, otf2psf, psf2otf
+from .physics import gaussian_kernel, kernel_grid
+from .schedule import at
 
 REGULARIZERS = ("pnp", "l1", "l2", "none")
 # λ per regulariser and kernel size (ℓ1 thresholds at λ/β; ℓ2 weighs a Tikhonov term against the
@@ -89,7 +98,7 @@ def _load_denoiser(model_size: int, device: str):
     return load_kernel_denoiser(model_size, device)
 
 
-def bundled_denoiser(kernel_size: int, device: torch.device | str) -> KernelDenoiser:
+def bundled_denoiser(kernel_size: int, device: torch.device | str) -> DenoiserFn:
     """The bundled plug-and-play kernel denoiser for ``kernel_size`` (loaded once per device),
     called without input checks: no host sync inside the M-step."""
     model = _load_denoiser(bundled_size(kernel_size), str(device))
@@ -104,9 +113,10 @@ def default_lambda(kind: str, kernel_size: int) -> float:
     """The tuned λ of a regulariser for kernels of side ``kernel_size``."""
     return DEFAULT_LAMBDA[bundled_size(kernel_size)][kind]
 
-KernelDenoiser = Callable[[Tensor, Tensor], Tensor]
-"""``denoiser(kernel [K, K], sigma_d) -> [K, K]`` (plug-and-play kernel prior); the M-step passes
-``sigma_d`` as a 0-d tensor on the kernel's device."""
+DenoiserFn = Callable[[Tensor, Tensor], Tensor]
+"""``denoiser(kernel [K, K], sigma_d) -> [K, K]`` (plug-and-play kernel prior, e.g. a
+``models.kernel_denoiser.KernelDenoiser``); the M-step passes ``sigma_d`` as a 0-d tensor on the
+kernel's device."""
 
 
 class KernelSpectra(NamedTuple):
@@ -118,32 +128,26 @@ class KernelSpectra(NamedTuple):
     channels: int
 
 
-def kernel_spectra(y: Tensor, x: Tensor) -> KernelSpectra:
-    """y: ``[C, H, W]`` (or one target per particle, ``[n, C, H, W]``); x: ``[n, C, H, W]``."""
-    cross, energy = spectral_sums(torch.fft.rfft2(y), torch.fft.rfft2(x))
-    return KernelSpectra(cross, energy, x.shape[0], x.shape[1])
+def kernel_spectra(spec_y: Tensor, spec_x: Tensor, weight: Tensor | None = None) -> KernelSpectra:
+    """The sums of Eq. 24 from half spectra: spec_y ``[C, H, Wh]`` (or one target per particle,
+    ``[n, C, H, Wh]``), spec_x ``[n, C, H, Wh]``; ``weight`` (``[H, Wh]``, e.g.
+    ``gradient_weight``) weighs each frequency of the fit."""
+    from . import ops  # lazily (module docstring)
+
+    cross, energy = ops.spectral_sums(spec_y, spec_x)
+    if weight is not None:
+        cross, energy = cross * weight, energy * weight
+    return KernelSpectra(cross, energy, spec_x.shape[0], spec_x.shape[1])
 
 
-def gradient_spectra(y: Tensor, x: Tensor) -> KernelSpectra:
-    """``kernel_spectra`` of the images' gradients: each frequency weighted by
-    ``|F∂_h|² + |F∂_v|²`` (forward differences), normalised to mean 1."""
-    spectra = kernel_spectra(y, x)
-    height, width = y.shape[-2:]
-    wy = torch.fft.fftfreq(height, device=y.device, dtype=y.dtype)[:, None]
-    wx = torch.fft.rfftfreq(width, device=y.device, dtype=y.dtype)[None, :]
-    weight = torch.sin(torch.pi * wy).square() + torch.sin(torch.pi * wx).square()
-    return KernelSpectra(spectra.cross * weight, spectra.energy * weight, spectra.particles,
-                         spectra.channels)
-
-
-def spectral_sums(spec_y: Tensor, spec_x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(Σ_{i,c} conj(X^i_c)·Y_c, Σ_{i,c} |X^i_c|²)``, each ``[H, W//2+1]``.
-
-    spec_x: ``[n, C, H, W//2+1]``; spec_y: ``[C, H, W//2+1]`` or ``[n, C, H, W//2+1]``.
-    """
-    cross = (spec_x.conj() * spec_y).sum(dim=(0, 1))
-    energy = (spec_x.real.square() + spec_x.imag.square()).sum(dim=(0, 1))
-    return cross, energy
+def gradient_weight(shape: tuple[int, int], device: torch.device | str,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(|F∂_h|² + |F∂_v|²)/4`` per frequency ``[H, W//2+1]`` (forward differences; mean 1 over
+    the full spectrum): fitting the kernel on the images' gradients instead of the images."""
+    height, width = shape
+    wy = torch.fft.fftfreq(height, device=device, dtype=dtype)[:, None]
+    wx = torch.fft.rfftfreq(width, device=device, dtype=dtype)[None, :]
+    return torch.sin(torch.pi * wy).square() + torch.sin(torch.pi * wx).square()
 
 
 @dataclass(frozen=True)
@@ -158,8 +162,8 @@ class HQSConfig:
     iters: int = 10
     beta: float = 1e5
     lam: float | None = None
-    regularizer: str | KernelDenoiser = "pnp"
-    denoiser: KernelDenoiser | None = None
+    regularizer: str | DenoiserFn = "pnp"
+    denoiser: DenoiserFn | None = None
     ridge: float = 1.0
     start: int = 1000
     gradient: bool = False
@@ -198,73 +202,39 @@ class HQSConfig:
         return self
 
     @property
-    def kernel_denoiser(self) -> KernelDenoiser | None:
+    def kernel_denoiser(self) -> DenoiserFn | None:
         return self.regularizer if callable(self.regularizer) else self.denoiser
 
 
-def project_kernel(z: Tensor, fallback: Tensor) -> Tensor:
-    """Clamp ``≥ 0`` and normalise to sum 1; where the mass vanishes, return ``fallback``."""
-    z = z.clamp_min(0.0)
-    mass = z.sum()
-    tiny = torch.finfo(z.dtype).tiny
-    return torch.where(mass > 1e-12, z / mass.clamp_min(tiny), fallback)
-
-
-def recenter_kernel(kernel: Tensor) -> Tensor:
-    """Shift ``[K, K]`` by whole pixels so its centre of mass is at ``(K//2, K//2)``.
-
-    Mass shifted past the border is dropped and the rest renormalised. Device-only (no ``.item()``).
-    """
-    size = kernel.shape[-1]
-    index = torch.arange(size, device=kernel.device)
-    mass = kernel.sum().clamp_min(torch.finfo(kernel.dtype).tiny)
-    com_row = (kernel.sum(1) * index).sum() / mass
-    com_col = (kernel.sum(0) * index).sum() / mass
-    rows, row_ok = _shifted_index(index, torch.round(size // 2 - com_row).long())
-    cols, col_ok = _shifted_index(index, torch.round(size // 2 - com_col).long())
-    shifted = kernel.index_select(0, rows).index_select(1, cols)
-    shifted = shifted * (row_ok[:, None] & col_ok[None, :])
-    return project_kernel(shifted, kernel)
-
-
-def _shifted_index(index: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
-    # out[i] = in[i - shift], zero where i - shift falls outside.
-    source = index - shift
-    valid = (source >= 0) & (source < index.shape[0])
-    return source.clamp(0, index.shape[0] - 1), valid
-
-
-def z_update(spectra: KernelSpectra, kernel: Tensor, coupling: Tensor | float,
-             denominator: Tensor, shape: tuple[int, int]) -> Tensor:
-    """One Eq. 24 solve: the full-grid ``z`` ``[H, W]`` from the previous kernel ``[K, K]``."""
-    spectrum = z_spectrum(spectra.cross, denominator, psf2otf(kernel, shape), coupling)
-    return torch.fft.irfft2(spectrum, s=shape)
-
-
-def z_spectrum(cross: Tensor, denominator: Tensor, otf: Tensor, coupling: Tensor | float) -> Tensor:
-    """Eq. 24 per frequency: ``(cross + coupling·otf) / denominator``, all ``[H, W//2+1]``."""
-    return (cross + coupling * otf) / denominator
-
-
-def hqs(spectra: KernelSpectra, kernel: Tensor, sigma: float | Tensor, config: HQSConfig,
-        shape: tuple[int, int], ridge_r2: Tensor | float | None = None) -> Tensor:
+def hqs(spectra: KernelSpectra, kernel: Tensor, sigma: float, config: HQSConfig,
+        shape: tuple[int, int], ridge_r2: Tensor | float | None = None,
+        step: Tensor | None = None) -> Tensor:
     """``J`` HQS iterations from ``kernel`` ``[K, K]``, then re-centring. Returns ``[K, K]``.
 
     sigma: noise level in the units of ``y``; ridge_r2: ``r²`` of the ΠGDM variant in the same
-    units (``None`` for point particles). ``config`` must already be validated.
+    units: ``None`` (point particles), a float, or a per-step table ``[S]`` read at ``step`` (a 0-d
+    int64 device tensor; then nothing here touches the host). ``config`` must be validated.
     """
-    size = kernel.shape[-1]
+    from . import ops  # lazily (module docstring)
+
     terms = hqs_terms(config, spectra.particles, spectra.channels, shape, sigma, ridge_r2)
-    denominator = spectra.energy + terms.shift
-    sigma_d = terms.sigma_d
-    if config.kind == "pnp":
-        noise = wiener_noise_std(spectra.energy, denominator, sigma, shape, spectra.particles)
-        sigma_d = (sigma_d**2 + noise.square()).sqrt()
-    for _ in range(config.iters):
-        z = project_kernel(
-            otf2psf(z_update(spectra, kernel, terms.coupling, denominator, shape), size), kernel)
-        kernel = project_kernel(_kernel_step(z, sigma_d, config), z)
-    return recenter_kernel(kernel)
+    shift, step = ops.table_index(terms.shift, kernel, step)
+    threshold = terms.sigma_d**2 if config.kind == "l1" else 0.0  # ℓ1: soft threshold at λ/β
+    denoiser = config.kernel_denoiser if config.kind == "pnp" else None
+    if denoiser is not None:
+        noise = wiener_noise_std(spectra.energy, spectra.energy + at(shift, step), sigma, shape,
+                                 spectra.particles)
+        sigma_d = (terms.sigma_d**2 + noise.square()).sqrt()
+    grid = kernel_grid(kernel, shape)
+    for j in range(config.iters):
+        spectrum = ops.wiener_z(spectra.cross, spectra.energy, torch.fft.rfft2(grid), shift, step,
+                                terms.coupling)
+        z = torch.fft.irfft2(spectrum, s=shape)
+        if denoiser is not None:  # Eq. 25: the denoiser between two projections
+            kernel, _ = ops.kernel_project(z, kernel)
+            z = kernel_grid(denoiser(kernel, sigma_d), shape)
+        kernel, grid = ops.kernel_project(z, kernel, threshold, recenter=j == config.iters - 1)
+    return kernel
 
 
 def wiener_noise_std(energy: Tensor, denominator: Tensor, sigma: float | Tensor,
@@ -303,24 +273,10 @@ def hqs_terms(config: HQSConfig, particles: int, channels: int, shape: tuple[int
     return HQSTerms(coupling, shift, (config.weight / config.beta) ** 0.5)
 
 
-def _kernel_step(z: Tensor, sigma_d: float | Tensor, config: HQSConfig) -> Tensor:
-    """The K-update (Eq. 25) before projection."""
-    if config.kind == "pnp":
-        return config.kernel_denoiser(z, sigma_d)
-    if config.kind == "l1":
-        return soft_threshold(z, sigma_d**2)  # z ≥ 0 here: soft threshold at λ/β
-    return z
-
-
-def soft_threshold(z: Tensor, threshold: float) -> Tensor:
-    """The ℓ1 proximal map on a non-negative kernel: ``max(z − threshold, 0)``."""
-    return (z - threshold).clamp_min(0.0)
-
-
 def estimate_kernel(sharp: Tensor, blurry: Tensor, sigma: float, *, kernel_size: int = 33,
-                    regularizer: str | KernelDenoiser = "pnp", iters: int = 10,
+                    regularizer: str | DenoiserFn = "pnp", iters: int = 10,
                     lam: float | None = None, beta: float = 1e5,
-                    denoiser: KernelDenoiser | None = None, init: Tensor | None = None) -> Tensor:
+                    denoiser: DenoiserFn | None = None, init: Tensor | None = None) -> Tensor:
     """Non-blind kernel estimation: the M-step alone, from a sharp/blurry pair.
 
     sharp: ``[C, H, W]`` (or ``[n, C, H, W]`` particles) in [0, 1]; blurry: ``[C, H, W]``;
@@ -350,5 +306,5 @@ def estimate_kernel(sharp: Tensor, blurry: Tensor, sigma: float, *, kernel_size:
         if init.shape[-1] != size:
             raise ValueError(f"init must be [{size}, {size}], got {tuple(init.shape)}")
         init = init.to(blurry) / init.sum()
-    spectra = kernel_spectra(blurry, particles)
+    spectra = kernel_spectra(torch.fft.rfft2(blurry), torch.fft.rfft2(particles))
     return hqs(spectra, init, sigma, config, tuple(blurry.shape[-2:]))

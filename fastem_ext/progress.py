@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .observation import Observation
-from .physics import blur_spectrum, psf2otf
+from .physics import psf2otf
 
 
 class StepProgress:
@@ -43,11 +43,11 @@ class StepProgress:
         self.bar.update(1)
 
     def _residual(self, x0: Tensor, kernel: Tensor) -> Tensor:
-        residual = self.obs.y - blur_spectrum(x0, psf2otf(kernel, x0.shape[-2:]))
+        residual = self.obs.residual(torch.fft.rfft2(x0), psf2otf(kernel, x0.shape[-2:]))
         if self.obs.mask is None:
             return residual.square().mean().sqrt()
         weight = self.obs.mask.mean() * x0.shape[0] * x0.shape[1]
-        return ((residual * self.obs.mask).square().mean(dim=(-2, -1)).sum() / weight).sqrt()
+        return (residual.square().mean(dim=(-2, -1)).sum() / weight).sqrt()
 
     def close(self) -> None:
         self.bar.close()

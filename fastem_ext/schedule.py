@@ -7,6 +7,12 @@ a subset of the original timesteps ``t_0 < t_1 < … < t_{S-1}`` and defines the
 
 Every per-step scalar lives in a device table (``StepTables``), indexed by the respaced step ``i``:
 the sampling loop never builds CPU tensors or synchronises with the host.
+
+**Units.** The diffusion runs in the network's units, ``x' = 2x − 1`` for an image ``x`` in
+[0, 1]: lengths scale by ``NETWORK_SCALE = 2``, variances by 4. The conversion lives here and
+nowhere else: ``to_image`` maps the network's estimate back to [0, 1], and ``Schedule.tables``
+gives the two per-step scalars that meet the observation (the ΠGDM variance and the DPS step) in
+image units. The observation, the M-step and the guidance work in image units only.
 """
 
 from __future__ import annotations
@@ -20,6 +26,17 @@ NUM_TRAIN_TIMESTEPS = 1000
 BETA_START = 1e-4
 BETA_END = 0.02
 R2_RULES = ("reference", "pigdm")
+NETWORK_SCALE = 2.0  # x' = 2x − 1: one image unit is two network units
+
+
+def to_image(x: Tensor) -> Tensor:
+    """Network units → image units: ``(x' + 1) / 2`` (shapes of ``x``)."""
+    return (x + 1.0) / NETWORK_SCALE
+
+
+def tweedie_x0(x_t: Tensor, eps: Tensor, sqrt_ac: Tensor, sqrt_one_minus_ac: Tensor) -> Tensor:
+    """The unclamped Tweedie estimate ``(x_t − √(1−ᾱ) ε)/√ᾱ`` (network units, shapes of ``x_t``)."""
+    return (x_t - sqrt_one_minus_ac * eps) / sqrt_ac
 
 
 def linear_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Tensor:
@@ -85,9 +102,11 @@ class StepTables:
 
     ``t``: original timesteps fed to the network (int64). ``sqrt_ac``, ``sqrt_one_minus_ac``:
     ``√ᾱ``, ``√(1−ᾱ)``. ``coef_x0``, ``coef_xt``: the DDPM posterior mean
-    ``μ̃ = coef_x0·x̂0 + coef_xt·x_t``. ``noise_std``: ``√β̃`` (0 at ``i = 0``). ``r2``: the ΠGDM
-    variance of ``x0 | x_t`` in the network's [-1, 1] units. ``pigdm_weight``:
-    ``√ᾱ·r²·(1+v)^{-1/2}`` with ``v = β̃``. ``dps_weight``: ``ζ = √ᾱ``.
+    ``μ̃ = coef_x0·x̂0 + coef_xt·x_t``. ``noise_std``: ``√β̃`` (0 at ``i = 0``). ``x0_var``: ΠGDM's
+    variance of ``x0 | x_t`` in image units, ``r²/4`` (``Schedule.pigdm_r2`` is in network units).
+    ``pigdm_weight``: ``√ᾱ·r²·(1+v)^{-1/2}`` with ``v = β̃``. ``dps_weight``: DPS's step
+    ``ζ = √ᾱ`` on the residual norm in network units, i.e. ``2√ᾱ`` on the norm in image units that
+    the guidance measures.
     """
 
     t: Tensor
@@ -96,7 +115,7 @@ class StepTables:
     coef_x0: Tensor
     coef_xt: Tensor
     noise_std: Tensor
-    r2: Tensor
+    x0_var: Tensor
     pigdm_weight: Tensor
     dps_weight: Tensor
 
@@ -148,7 +167,7 @@ class Schedule:
         return self.alphas_cumprod.sqrt() * self.pigdm_r2 / (1.0 + v).sqrt()
 
     def tables(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> StepTables:
-        """All per-step tables, cast once and moved to ``device``."""
+        """All per-step tables, cast once and moved to ``device`` (``StepTables`` for the units)."""
         ac = self.alphas_cumprod
         values = {
             "t": self.timesteps,
@@ -157,9 +176,9 @@ class Schedule:
             "coef_x0": self.posterior_mean_coef_x0,
             "coef_xt": self.posterior_mean_coef_xt,
             "noise_std": self.posterior_variance.sqrt(),
-            "r2": self.pigdm_r2,
+            "x0_var": self.pigdm_r2 / NETWORK_SCALE**2,
             "pigdm_weight": self.pigdm_weight,
-            "dps_weight": ac.sqrt(),
+            "dps_weight": NETWORK_SCALE * ac.sqrt(),
         }
         return StepTables(**{
             name: v.to(device) if v.dtype == torch.int64 else v.to(device=device, dtype=dtype)

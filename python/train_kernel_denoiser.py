@@ -53,7 +53,8 @@ from fastem_ext.models.kernel_denoiser import (
     save_kernel_denoiser,
 )
 from fastem_ext.motion import EVAL_SEEDS, TRAIN_SEEDS, check_seed_range, motion_kernels
-from fastem_ext.mstep import wiener_noise_std, z_spectrum
+from fastem_ext.mstep import wiener_noise_std
+from fastem_ext.ops.wiener_z import z_spectrum
 from fastem_ext.physics import gaussian_kernel, kernel_grid, otf2psf
 
 SIGMA_RANGE = (2e-4, 0.15)

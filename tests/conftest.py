@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ops_helpers import NO_EXT
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FASTEM_DATA", REPO.parent / "shared" / "data"))
@@ -16,7 +17,7 @@ DATA = Path(os.environ.get("FASTEM_DATA", REPO.parent / "shared" / "data"))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-OP_BACKENDS = [
+FUSED_BACKENDS = [
     pytest.param(("cpp", "cpu"), id="cpp-cpu"),
     pytest.param(("triton", "cpu"), id="triton-cpu"),
     pytest.param(("cpp", "cuda"), id="cpp-cuda", marks=pytest.mark.cuda),
@@ -24,9 +25,8 @@ OP_BACKENDS = [
 ]
 
 
-@pytest.fixture(params=OP_BACKENDS)
-def op_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
-    """Forces each fused backend in turn (``FASTEM_BACKEND``); returns the device to test on.
+def _force_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
+    """Sets ``FASTEM_BACKEND`` to the parameter's backend; returns the device to test on.
 
     The C++ extension must be built (``pip install --no-build-isolation -e .``) unless
     ``FASTEM_NO_EXT=1`` says it is not; Triton cases skip only where triton is not installed.
@@ -35,7 +35,7 @@ def op_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 
     name, device = request.param
     device = torch.device(device)
-    if name == "cpp" and os.environ.get("FASTEM_NO_EXT", "0") not in ("", "0"):
+    if name == "cpp" and NO_EXT:
         pytest.skip("FASTEM_NO_EXT is set: no C++ extension")
     if name == "triton" and _backend.triton is None:
         pytest.skip("triton is not installed")
@@ -46,6 +46,19 @@ def op_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
         pytest.fail(f"backend {name} unavailable on {device}: {why}")
     monkeypatch.setenv("FASTEM_BACKEND", name)
     return device
+
+
+@pytest.fixture(params=[pytest.param(("reference", "cpu"), id="reference-cpu"), *FUSED_BACKENDS])
+def op_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
+    """Each implementation of the ops in turn, the pure-torch references included: they are the
+    CPU fallback, so the tests' own oracles check them too."""
+    return _force_backend(request, monkeypatch)
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
+def fused_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
+    """Each fused backend in turn: registered ops (opcheck), input checks, fused vs reference."""
+    return _force_backend(request, monkeypatch)
 
 
 @pytest.fixture(scope="session")

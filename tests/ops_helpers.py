@@ -8,6 +8,7 @@ get exactly right).
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 EPS32 = torch.finfo(torch.float32).eps
+NO_EXT = os.environ.get("FASTEM_NO_EXT", "0") not in ("", "0")  # the README's mode without C++
 SHAPES = [(8, 8), (9, 7), (6, 11)]  # even, odd and non-square grids
 PARTICLES = [1, 3, 16]
 

@@ -1,4 +1,4 @@
-"""The fast engine's step on device-indexed tables must be the reference step, exactly."""
+"""The fast engine replays the reference loop's step: the same results, on every backend."""
 
 import warnings
 
@@ -8,12 +8,12 @@ from device_only import NoHostTensors
 
 from fastem_ext import gaussian_kernel, run
 from fastem_ext.engine import EngineConfig, GraphedLoop, autocast_model, graphed_sample
-from fastem_ext.fused_step import FusedStep
 from fastem_ext.models import GaussianPrior
 from fastem_ext.mstep import HQSConfig, bundled_denoiser
 from fastem_ext.observation import Observation
-from fastem_ext.samplers import StepConfig, fast_em, guided_step, sample
+from fastem_ext.samplers import fast_em, sample
 from fastem_ext.schedule import Schedule
+from fastem_ext.step import StepConfig, guided_step, plan_step
 
 
 def _problem(seed=0):
@@ -31,24 +31,21 @@ def test_device_indexed_loop_equals_the_reference_loop(guidance, blind):
     prior = GaussianPrior()
     ref = sample(prior, obs, generator=torch.Generator().manual_seed(1), **args)
     fast = graphed_sample(prior, obs, generator=torch.Generator().manual_seed(1),
-                          engine=EngineConfig(precision="fp32", fused=False), **args)
+                          engine=EngineConfig(precision="fp32"), **args)
     assert torch.equal(ref.particles, fast.particles)
     assert torch.equal(ref.kernel, fast.kernel)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
 @pytest.mark.parametrize("guidance, regularizer, masked", [
     ("pigdm", "l2", False), ("pigdm", "pnp", False), ("pigdm", "l1", True),
     ("dps", "none", False), ("pigdm", None, True)])
-def test_fused_step_matches_the_reference_step(monkeypatch, backend, guidance, regularizer,
-                                               masked):
-    """The fused ops reorder float32 arithmetic only: the whole run agrees to rounding."""
-    from fastem_ext.mstep import bundled_denoiser
+def test_fused_backends_match_the_references(monkeypatch, guidance, regularizer, masked):
+    """The C++ ops reorder float32 arithmetic only: the whole run agrees to rounding with the
+    same run on the pure-torch references."""
     from fastem_ext.ops import _backend
 
-    if backend == "cpp" and _backend.unavailable("cpp", torch.device("cpu")):
+    if _backend.unavailable("cpp", torch.device("cpu")):
         pytest.skip("no C++ extension")
-    monkeypatch.setenv("FASTEM_BACKEND", backend)
     g = torch.Generator().manual_seed(7)
     y = torch.rand(3, 32, 32, generator=g)
     mask = None
@@ -63,9 +60,11 @@ def test_fused_step_matches_the_reference_step(monkeypatch, backend, guidance, r
     args = dict(schedule=Schedule("5"), shape=(2, 3, 32, 32), guidance=guidance,
                 kernel=gaussian_kernel(9, 1.5), mstep=mstep)
     prior = GaussianPrior()
+    monkeypatch.setenv("FASTEM_BACKEND", "reference")
     ref = sample(prior, obs, generator=torch.Generator().manual_seed(1), **args)
+    monkeypatch.setenv("FASTEM_BACKEND", "cpp")
     fast = graphed_sample(prior, obs, generator=torch.Generator().manual_seed(1),
-                          engine=EngineConfig(precision="fp32", fused=True), **args)
+                          engine=EngineConfig(precision="fp32"), **args)
     torch.testing.assert_close(fast.particles, ref.particles, rtol=0, atol=2e-4)
     torch.testing.assert_close(fast.kernel, ref.kernel, rtol=0, atol=2e-5)
 
@@ -99,8 +98,7 @@ def test_capture_failure_falls_back_to_eager_with_one_warning(monkeypatch):
 
     def make_loop():
         return GraphedLoop(GaussianPrior(), obs, Schedule("3"), StepConfig("pigdm"),
-                           torch.Generator().manual_seed(4), x, kernel,
-                           EngineConfig(fused=False))
+                           torch.Generator().manual_seed(4), x, kernel, EngineConfig())
 
     expected = make_loop().run()  # CPU: eager
     loop = make_loop()
@@ -152,9 +150,9 @@ def test_cuda_graph_replay_matches_eager_fp32(regularizer):
 @pytest.mark.parametrize("regularizer", ["pnp", "l1"])
 @pytest.mark.parametrize("guidance", ["pigdm", "dps"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_steps_touch_only_device_tensors(regularizer, guidance, masked):
-    """The fused and the reference step on the meta device take no host tensor and read no
-    value back: what capturing them in a CUDA graph needs (tests/device_only.py)."""
+def test_step_touches_only_device_tensors(regularizer, guidance, masked):
+    """The step on the meta device takes no host tensor and reads no value back: what capturing
+    it in a CUDA graph needs (tests/device_only.py)."""
     device = torch.device("meta")
     y = torch.rand(3, 32, 32).to(device)
     mask = torch.ones(1, 32, 32).to(device) if masked else None
@@ -166,15 +164,13 @@ def test_steps_touch_only_device_tensors(regularizer, guidance, masked):
     prior = GaussianPrior().to(device)
     x, kernel = torch.randn(2, 3, 32, 32, device=device), gaussian_kernel(9, 1.0, device=device)
     index = torch.tensor(5, device=device)
-    fused = FusedStep(obs, tables, config)
+    plan = plan_step(obs, tables, config)
     with NoHostTensors():
-        for out in (fused(prior, index, x, kernel, None),
-                    guided_step(prior, obs, tables, index, x, kernel, config, None)):
-            assert out[0].shape == x.shape and out[1].shape == kernel.shape
+        x_prev, kernel_out, x0 = guided_step(prior, plan, index, x, kernel, None)
+    assert x_prev.shape == x0.shape == x.shape and kernel_out.shape == kernel.shape
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_engine_callback_gets_the_step_index(fused):
+def test_engine_callback_gets_the_step_index():
     """The engine reports the same respaced indices, S−1 down to 0, as the reference loop."""
     obs, kernel = _problem(2)
     seen = {"reference": [], "engine": []}
@@ -184,5 +180,5 @@ def test_engine_callback_gets_the_step_index(fused):
            callback=lambda i, x0, k: seen["reference"].append(i), **args)
     graphed_sample(GaussianPrior(), obs, generator=torch.Generator().manual_seed(1),
                    callback=lambda i, x0, k: seen["engine"].append(i),
-                   engine=EngineConfig(precision="fp32", fused=fused), **args)
+                   engine=EngineConfig(precision="fp32"), **args)
     assert seen["reference"] == seen["engine"] == [4, 3, 2, 1, 0]

@@ -1,26 +1,30 @@
+import os
+
 import pytest
 import torch
 from dense import circular_convolve, origin_kernel_matrix
 from device_only import NoHostTensors
+from ops_helpers import assert_float64_rule, generator, rand
 
-from fastem_ext import blur, estimate_kernel, gaussian_kernel, metrics
+from fastem_ext import blur, estimate_kernel, gaussian_kernel, metrics, ops
 from fastem_ext.mstep import (
     HQSConfig,
     bundled_denoiser,
+    gradient_weight,
     hqs,
+    hqs_terms,
     kernel_spectra,
-    project_kernel,
-    recenter_kernel,
     wiener_noise_std,
-    z_update,
 )
+from fastem_ext.ops.kernel_project import project_kernel, recenter_kernel
 from fastem_ext.physics import otf2psf, psf2otf
 
 HW, C = (6, 7), 3
 
 
-def _dense_z(x, y, k_prev, sigma, beta, r2):
-    """Eq. 22 solved as one dense least-squares problem over the full-grid z (origin layout).
+def _dense_z(x, y, k_prev, sigma, beta, r2, lam):
+    """Eq. 22 (times 2nσ², with the ℓ2 term nσ²λ‖z‖²) solved as one dense least-squares problem
+    over the full-grid z (origin layout).
 
     The ΠGDM ridge is built from its definition, E_e[X_eᵀ X_e] = r² Σ_m X_{δm}ᵀ X_{δm} for
     white e ~ N(0, r² I), not from the closed form under test.
@@ -28,7 +32,7 @@ def _dense_z(x, y, k_prev, sigma, beta, r2):
     n = x.shape[0]
     n_pix = HW[0] * HW[1]
     k_origin = torch.fft.irfft2(psf2otf(k_prev, HW), s=HW).reshape(-1)
-    lhs = n * sigma**2 * beta * torch.eye(n_pix, dtype=torch.float64)
+    lhs = n * sigma**2 * (beta + lam) * torch.eye(n_pix, dtype=torch.float64)
     rhs = n * sigma**2 * beta * k_origin
     impulse_gram = torch.zeros(n_pix, n_pix, dtype=torch.float64)
     for m in range(n_pix):
@@ -45,8 +49,11 @@ def _dense_z(x, y, k_prev, sigma, beta, r2):
 
 
 @pytest.mark.parametrize("n", [1, 3])
-@pytest.mark.parametrize("r2", [0.0, 0.05])
-def test_z_update_equals_dense_least_squares(n, r2):
+@pytest.mark.parametrize("r2", [None, 0.05])
+@pytest.mark.parametrize("regularizer", ["none", "l2"])
+def test_z_update_equals_dense_least_squares(n, r2, regularizer):
+    """The code's own Z-update (``kernel_spectra``, ``hqs_terms``' shift and ``ops.wiener_z``, in
+    float64) against Eq. 22 solved densely, ΠGDM ridge and ℓ2 term included."""
     g = torch.Generator().manual_seed(n)
     x = torch.rand(n, C, *HW, generator=g, dtype=torch.float64)
     k_true = torch.rand(3, 3, generator=g, dtype=torch.float64)
@@ -54,12 +61,16 @@ def test_z_update_equals_dense_least_squares(n, r2):
                                                                             dtype=torch.float64)
     k_prev = torch.rand(3, 3, generator=g, dtype=torch.float64)
     k_prev = k_prev / k_prev.sum()
-    sigma, beta = 0.05, 40.0
-    spectra = kernel_spectra(y, x)
-    coupling = n * sigma**2 * beta
-    denominator = spectra.energy + coupling + n * C * HW[0] * HW[1] * r2
-    z = z_update(spectra, k_prev, coupling, denominator, HW)
-    torch.testing.assert_close(z, _dense_z(x, y, k_prev, sigma, beta, r2), rtol=1e-9, atol=1e-11)
+    sigma, beta, lam = 0.05, 40.0, 7.0
+    spectra = kernel_spectra(torch.fft.rfft2(y), torch.fft.rfft2(x))
+    config = HQSConfig(regularizer=regularizer, beta=beta, lam=lam).validate(3)
+    terms = hqs_terms(config, n, C, HW, sigma, r2)
+    shift, step = ops.table_index(terms.shift, k_prev)
+    spectrum = ops.wiener_z(spectra.cross, spectra.energy, psf2otf(k_prev, HW), shift, step,
+                            terms.coupling)
+    z = torch.fft.irfft2(spectrum, s=HW)
+    expected = _dense_z(x, y, k_prev, sigma, beta, r2 or 0.0, lam if regularizer == "l2" else 0.0)
+    torch.testing.assert_close(z, expected, rtol=1e-9, atol=1e-11)
 
 
 def test_projection_and_fallback():
@@ -80,11 +91,15 @@ def test_recenter_moves_the_centre_of_mass_to_the_middle():
     assert torch.equal(recenter_kernel(out), out)  # idempotent once centred
 
 
+def _spectra(y, x):
+    return kernel_spectra(torch.fft.rfft2(y), torch.fft.rfft2(x))
+
+
 def test_l2_is_not_a_no_op_and_l1_sparsifies():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, 32, 32, generator=g)
     y = blur(x[0], gaussian_kernel(7, 1.2)) + 0.05 * torch.randn(3, 32, 32, generator=g)
-    spectra, init = kernel_spectra(y, x), gaussian_kernel(7, 2.0)
+    spectra, init = _spectra(y, x), gaussian_kernel(7, 2.0)
     none = hqs(spectra, init, 0.05, HQSConfig(regularizer="none"), (32, 32))
     l2 = hqs(spectra, init, 0.05, HQSConfig(regularizer="l2", lam=1e5), (32, 32))
     l1 = hqs(spectra, init, 0.05, HQSConfig(regularizer="l1", lam=300.0), (32, 32))
@@ -102,7 +117,7 @@ def test_pnp_calls_the_denoiser_with_sigma_d():
     g = torch.Generator().manual_seed(1)
     x = torch.rand(1, 3, 32, 32, generator=g)
     y = blur(x[0], gaussian_kernel(7, 1.0))
-    spectra, init = kernel_spectra(y, x), gaussian_kernel(7, 2.0)
+    spectra, init = _spectra(y, x), gaussian_kernel(7, 2.0)
     out = hqs(spectra, init, 0.02, HQSConfig(regularizer=denoiser, lam=4.0, beta=1e4, iters=3),
               (32, 32))
     noise = wiener_noise_std(spectra.energy, spectra.energy + 0.02**2 * 1e4, 0.02, (32, 32))
@@ -199,16 +214,50 @@ def test_wiener_noise_std_is_the_std_of_the_noise_in_z(shape):
 
 
 @pytest.mark.parametrize("regularizer", ["pnp", "l1"])
-def test_mstep_touches_only_device_tensors(regularizer):
+@pytest.mark.parametrize("ridge", [False, True])
+def test_mstep_touches_only_device_tensors(regularizer, ridge):
     """What CUDA-graph capture needs (tested on a GPU by test_engine's capture test)."""
     device = "meta"
     x, y = torch.rand(1, 3, 64, 64).to(device), torch.rand(3, 64, 64).to(device)
     denoiser = bundled_denoiser(33, device) if regularizer == "pnp" else None
     config = HQSConfig(regularizer=regularizer, denoiser=denoiser, iters=2).validate(33)
-    spectra, init = kernel_spectra(y, x), gaussian_kernel(33, 2.0, device=device)
+    spectra, init = _spectra(y, x), gaussian_kernel(33, 2.0, device=device)
+    table = torch.ones(4, device=device) if ridge else None
     with NoHostTensors():
-        kernel = hqs(spectra, init, 0.05, config, (64, 64), ridge_r2=torch.ones((), device=device))
+        kernel = hqs(spectra, init, 0.05, config, (64, 64), ridge_r2=table,
+                     step=torch.ones((), dtype=torch.int64, device=device))
     assert kernel.shape == (33, 33) and kernel.device.type == device
+
+
+@pytest.mark.parametrize("regularizer", ["l1", "l2", "none", "pnp"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_hqs_on_the_fused_ops_matches_the_reference(fused_backend, regularizer, n):
+    """The whole M-step (ten projections with clamps compound rounding) under each backend
+    against the same code on the references, by the float64 rule of the single ops."""
+    g = generator(n, regularizer)
+    shape = (16, 12)
+    x = rand((n, C, *shape), g, fused_backend)
+    truth = rand((5, 5), g, fused_backend)
+    y = blur(x[0], truth / truth.sum()) + 0.01 * rand((C, *shape), g, fused_backend)
+    spectra = _spectra(y, x)
+    ridge, step = rand((4,), g, fused_backend) * 1e-3, torch.tensor(2, device=fused_backend)
+    denoiser = bundled_denoiser(7, fused_backend) if regularizer == "pnp" else None
+    config = HQSConfig(regularizer=regularizer, denoiser=denoiser,
+                       lam={"l1": 1e2}.get(regularizer)).validate(7)
+    init = gaussian_kernel(7, 1.0, device=fused_backend)
+    backend = os.environ["FASTEM_BACKEND"]
+
+    def reference(cross, energy, kernel, table):
+        os.environ["FASTEM_BACKEND"] = "reference"  # float64 always runs the references
+        try:
+            return hqs(spectra._replace(cross=cross, energy=energy), kernel, 0.05, config, shape,
+                       ridge_r2=table, step=step)
+        finally:
+            os.environ["FASTEM_BACKEND"] = backend
+
+    fused = hqs(spectra, init, 0.05, config, shape, ridge_r2=ridge, step=step)
+    assert fused.shape == (7, 7) and abs(fused.sum().item() - 1) < 1e-5
+    assert_float64_rule(fused, reference, (spectra.cross, spectra.energy, init, ridge))
 
 
 def test_bundled_denoiser_size_split():
@@ -222,16 +271,14 @@ def test_bundled_denoiser_size_split():
 def test_gradient_spectra_are_the_spectra_of_finite_differences():
     """Weighting each frequency by (|F∂_h|² + |F∂_v|²)/4 is fitting the kernel on the images'
     forward differences (circular), horizontal and vertical together."""
-    from fastem_ext.mstep import gradient_spectra
-
     g = torch.Generator().manual_seed(0)
     y, x = torch.rand(3, 20, 17, generator=g), torch.rand(2, 3, 20, 17, generator=g)
 
     def diffs(a):
         return [a - a.roll(1, -1), a - a.roll(1, -2)]
 
-    parts = [kernel_spectra(dy, dx) for dy, dx in zip(diffs(y), diffs(x), strict=True)]
-    ours = gradient_spectra(y, x)
+    parts = [_spectra(dy, dx) for dy, dx in zip(diffs(y), diffs(x), strict=True)]
+    ours = kernel_spectra(torch.fft.rfft2(y), torch.fft.rfft2(x), gradient_weight((20, 17), "cpu"))
     close = dict(rtol=2e-5, atol=1e-3)
     torch.testing.assert_close(ours.cross, (parts[0].cross + parts[1].cross) / 4, **close)
     torch.testing.assert_close(ours.energy, (parts[0].energy + parts[1].energy) / 4, **close)

@@ -185,8 +185,7 @@ def test_training_resumes_from_the_weights_file(smoke_run: Path, tmp_path: Path)
 def test_v_prediction_identities() -> None:
     """ε̂ = √ᾱ v̂ + √(1−ᾱ) x_t, so the samplers' Tweedie estimate is x̂0 = √ᾱ x_t − √(1−ᾱ) v̂ and
     the exact v of a noised image gives back ε and x0."""
-    from fastem_ext.samplers import tweedie_x0
-    from fastem_ext.schedule import Schedule
+    from fastem_ext.schedule import Schedule, tweedie_x0
 
     model = build_natural_prior(cycle_phase=False).eval()
     gen = torch.Generator().manual_seed(0)
@@ -209,8 +208,7 @@ def test_v_prediction_identities() -> None:
 def test_untrained_network_x0_is_bounded_only_for_v(prediction: str) -> None:
     """A network that outputs zeros: x̂0 = √ᾱ x_t with v-prediction (|x̂0| ≤ |x_t|, at every t);
     x̂0 = x_t/√ᾱ with ε-prediction, which explodes as t → 1000."""
-    from fastem_ext.samplers import tweedie_x0
-    from fastem_ext.schedule import Schedule
+    from fastem_ext.schedule import Schedule, tweedie_x0
 
     model = build_natural_prior(prediction=prediction).eval()  # zero output conv
     xt = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -8,11 +8,12 @@ import sys
 
 import pytest
 import torch
+from ops_helpers import NO_EXT
 
 from fastem_ext import ops
-from fastem_ext.mstep import HQSConfig
+from fastem_ext.mstep import HQSConfig, hqs, kernel_spectra
 from fastem_ext.ops import _backend
-from fastem_ext.physics import gaussian_kernel
+from fastem_ext.physics import gaussian_kernel, psf2otf
 from fastem_ext.schedule import Schedule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,6 +65,8 @@ def _profiled_names(fn) -> set[str]:
 def test_fastem_backend_forces_the_implementation(monkeypatch, backend):
     if backend == "triton" and _backend.unavailable("triton", torch.device("cpu")):
         pytest.skip("triton cannot run on this machine's CPU")
+    if backend == "cpp" and NO_EXT:
+        pytest.skip("FASTEM_NO_EXT is set: no C++ extension")
     monkeypatch.setenv("FASTEM_BACKEND", backend)
     cross, otf = torch.randn(6, 4, dtype=torch.complex64), torch.randn(6, 4, dtype=torch.complex64)
     energy, shift, step = torch.rand(6, 4), torch.rand(2) + 1, torch.tensor(1)
@@ -119,10 +122,10 @@ def test_one_captured_graph_replays_every_step(monkeypatch, backend):
     monkeypatch.setenv("FASTEM_BACKEND", backend)
     g = torch.Generator().manual_seed(0)
     shape = (32, 32)
-    x_t, eps = (torch.randn(2, 3, *shape, generator=g).to(device) for _ in range(2))
+    x_t, eps, noise = (torch.randn(2, 3, *shape, generator=g).to(device) for _ in range(3))
     spec_y = torch.fft.rfft2(torch.rand(3, *shape, generator=g).to(device))
     tables = Schedule("10").tables(device)
-    coefs, ridge = ops.ddpm_coefficients(tables), tables.r2 / 4
+    coefs, ridge = ops.ddpm_coefficients(tables), tables.x0_var
     kernel = gaussian_kernel(5, 1.0, device=device)
     config = HQSConfig(iters=3, regularizer="l1").validate()
     step = torch.tensor(7, device=device)
@@ -130,11 +133,11 @@ def test_one_captured_graph_replays_every_step(monkeypatch, backend):
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         x0 = ops.predict_x0(x_t, eps, coefs, step)
         spec_x = torch.fft.rfft2(x0)
-        k, grid = ops.hqs(ops.kernel_spectra(spec_y, spec_x), kernel, 0.05, config, shape,
-                          ridge_r2=ridge, step=step)
-        filtered = ops.pigdm_filter(spec_x, torch.fft.rfft2(grid), spec_y, ridge, step, 0.05)
+        k = hqs(kernel_spectra(spec_y, spec_x), kernel, 0.05, config, shape, ridge_r2=ridge,
+                step=step)
+        filtered = ops.pigdm_filter(spec_x, psf2otf(k, shape), spec_y, ridge, step, 0.05)
         v = torch.fft.irfft2(filtered, s=shape)
-        return ops.ddpm_update(x_t, eps, coefs, step, grad=v, seed=3)[0], k
+        return ops.ddpm_update(x_t, eps, coefs, step, noise, grad=v)[0], k
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

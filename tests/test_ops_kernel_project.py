@@ -9,7 +9,7 @@ import torch
 from ops_helpers import SHAPES, assert_float64_rule, generator, randn, registered_op
 
 from fastem_ext import ops
-from fastem_ext.mstep import project_kernel, recenter_kernel, soft_threshold
+from fastem_ext.ops.kernel_project import project_kernel, recenter_kernel, soft_threshold
 from fastem_ext.physics import kernel_grid, otf2psf
 
 
@@ -77,17 +77,17 @@ def test_vanishing_mass_keeps_the_fallback(op_backend):
     torch.testing.assert_close(kernel, fallback / fallback.sum())
 
 
-def test_rejects_bad_inputs(op_backend):
-    z = torch.rand(8, 8, device=op_backend)
+def test_rejects_bad_inputs(fused_backend):
+    z = torch.rand(8, 8, device=fused_backend)
     with pytest.raises((ValueError, RuntimeError), match="kernel size"):
-        ops.kernel_project(z, torch.rand(9, 9, device=op_backend))
+        ops.kernel_project(z, torch.rand(9, 9, device=fused_backend))
     with pytest.raises((ValueError, RuntimeError), match="contiguous"):
-        ops.kernel_project(z.t()[:, :7], torch.rand(3, 3, device=op_backend))
+        ops.kernel_project(z.t()[:, :7], torch.rand(3, 3, device=fused_backend))
 
 
-def test_opcheck(op_backend):
+def test_opcheck(fused_backend):
     g = generator(3)
-    z = _off_centre_z((9, 12), 5, g, op_backend)
-    fallback = torch.rand(5, 5, generator=g).to(op_backend)
+    z = _off_centre_z((9, 12), 5, g, fused_backend)
+    fallback = torch.rand(5, 5, generator=g).to(fused_backend)
     op = registered_op("kernel_project", os.environ["FASTEM_BACKEND"])
     torch.library.opcheck(op, (z, fallback, 0.001, True))

@@ -74,7 +74,10 @@ def test_device_tables():
     assert len(tables) == 100
     assert tables.t.dtype == torch.int64 and tables.sqrt_ac.dtype == torch.float32
     assert float(tables.noise_std[0]) == 0.0 and float(tables.noise_std[1]) > 0
-    torch.testing.assert_close(tables.dps_weight, tables.sqrt_ac)
+    # Image units (schedule's docstring): ΠGDM's variance / 4, DPS's step × 2.
+    sched = Schedule("100")
+    torch.testing.assert_close(tables.x0_var, (sched.pigdm_r2 / 4).float())
+    torch.testing.assert_close(tables.dps_weight, 2 * tables.sqrt_ac)
 
 
 def test_at_reads_a_table_entry_without_a_host_copy():

@@ -11,7 +11,6 @@
 
 #include "../checks.h"
 #include "../coefficients.h"
-#include "../philox.h"
 
 namespace fastem {
 namespace {
@@ -66,33 +65,24 @@ at::Tensor predict_x0_cpu(
   return x0;
 }
 
-// One particle's elements [begin, end) of the flat [n, C, H, W] index space.
-// The noise source and the guidance are template parameters so that the
-// given-noise loop has no branches.
-template <bool kGivenNoise, bool kGuided>
+// One particle's elements [begin, begin + count) of the flat [n, C, H, W]
+// index space. The guidance is a template parameter so that the unguided loop
+// has no branch.
+template <bool kGuided>
 void update_particle(
     const float* __restrict__ x_t, // [P], P = C·H·W
     const float* __restrict__ eps, // [P]
-    const float* __restrict__ noise, // [P] if kGivenNoise
+    const float* __restrict__ noise, // [P]
     const float* __restrict__ grad, // [P] if kGuided
     float* __restrict__ x_prev, // [P]
     float* __restrict__ x0, // [P]
-    int64_t first, // flat index of element 0: the Philox counter
     int64_t count,
     const Step& s,
-    float weight,
-    uint64_t seed) {
-  const auto counter_step = static_cast<uint32_t>(s.index);
+    float weight) {
   for (int64_t j = 0; j < count; ++j) {
     const float v = clamped_x0(x_t[j], eps[j], s);
-    float z;
-    if constexpr (kGivenNoise) {
-      z = noise[j];
-    } else {
-      z = philox_normal(seed, static_cast<uint32_t>(first + j), counter_step);
-    }
-    float out =
-        s.coef[kCoefX0] * v + s.coef[kCoefXt] * x_t[j] + s.coef[kNoiseStd] * z;
+    float out = s.coef[kCoefX0] * v + s.coef[kCoefXt] * x_t[j] +
+        s.coef[kNoiseStd] * noise[j];
     if constexpr (kGuided) {
       out += weight * grad[j];
     }
@@ -106,16 +96,14 @@ std::tuple<at::Tensor, at::Tensor> ddpm_update_cpu(
     const at::Tensor& eps,
     const at::Tensor& coefs,
     const at::Tensor& step,
-    const c10::optional<at::Tensor>& noise,
+    const at::Tensor& noise,
     const c10::optional<at::Tensor>& grad,
-    double scale,
-    int64_t seed) {
+    double scale) {
   FASTEM_CHECK(x_t.is_cpu(), "x_t must be a CPU tensor");
   const int64_t eps_stride =
       check_diffusion_inputs(x_t, eps, coefs, step, kRows);
   check_like(noise, "noise", x_t);
   check_like(grad, "grad", x_t);
-  FASTEM_CHECK(seed >= 0, "seed must be >= 0, got ", seed);
   const Step s = read_step(coefs, step, kRows);
   // As the reference: the guidance weight (scale · w) is formed before it
   // multiplies g.
@@ -126,11 +114,10 @@ std::tuple<at::Tensor, at::Tensor> ddpm_update_cpu(
   const float* xp = x_t.data_ptr<float>(); // [n, C, H, W]
   const float* ep =
       eps.data_ptr<float>(); // [n, ≥C, H, W], particle stride eps_stride
-  const float* zp = noise.has_value() ? noise->data_ptr<float>() : nullptr;
+  const float* zp = noise.data_ptr<float>(); // [n, C, H, W]
   const float* gp = grad.has_value() ? grad->data_ptr<float>() : nullptr;
   float* pp = x_prev.data_ptr<float>();
   float* op = x0.data_ptr<float>();
-  const auto key = static_cast<uint64_t>(seed);
   // Tasks are chunks of one particle: grain-sized pieces keep both cores busy
   // at small n.
   constexpr int64_t kChunk = 4096;
@@ -140,18 +127,14 @@ std::tuple<at::Tensor, at::Tensor> ddpm_update_cpu(
       const int64_t i = task / chunks, begin = (task % chunks) * kChunk;
       const int64_t count = std::min(kChunk, per_particle - begin);
       const int64_t e = i * per_particle + begin;
-      const float* z = zp == nullptr ? nullptr : zp + e;
-      const float* g = gp == nullptr ? nullptr : gp + e;
       const float* eps_i = ep + i * eps_stride + begin;
-#define FASTEM_UPDATE(GIVEN, GUIDED) \
-  update_particle<GIVEN, GUIDED>(    \
-      xp + e, eps_i, z, g, pp + e, op + e, e, count, s, weight, key)
-      if (z != nullptr) {
-        g != nullptr ? FASTEM_UPDATE(true, true) : FASTEM_UPDATE(true, false);
+      if (gp != nullptr) {
+        update_particle<true>(
+            xp + e, eps_i, zp + e, gp + e, pp + e, op + e, count, s, weight);
       } else {
-        g != nullptr ? FASTEM_UPDATE(false, true) : FASTEM_UPDATE(false, false);
+        update_particle<false>(
+            xp + e, eps_i, zp + e, nullptr, pp + e, op + e, count, s, weight);
       }
-#undef FASTEM_UPDATE
     }
   });
   return {x_prev, x0};

@@ -1,14 +1,9 @@
-// Guidance spectra on the CPU: the blur of n particles by one kernel
-// (optionally as the residual Y - K·X), the ΠGDM filter conj(K)·R / (r²|K|² +
-// σ²) in the same pass, and the direct 'valid' convolution of the non-circular
-// model.
+// The ΠGDM filter of the guidance on the CPU: conj(K)·R / (r²|K|² + σ²), with
+// the residual R = Y - K·X formed in the same pass.
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/complex.h>
 #include <torch/library.h>
-
-#include <algorithm>
 
 #include "../checks.h"
 
@@ -23,7 +18,7 @@ struct Spectra {
   bool shared;
 };
 
-Spectra check_blur_spectra(
+Spectra check_filter_spectra(
     const at::Tensor& spec,
     const at::Tensor& otf,
     const c10::optional<at::Tensor>& spec_y) {
@@ -37,9 +32,9 @@ Spectra check_blur_spectra(
   return {s, spec_y->data_ptr<cfloat>(), shared};
 }
 
-// out[p, f] = body(p, f, K_f, R_pf) over planes p = (i, c) and frequencies f,
-// where R is the residual Y - K·X when spec_y is given and the input spectrum
-// itself otherwise.
+// out[p, f] = body(K_f, R_pf) over planes p = (i, c) and frequencies f, where
+// R is the residual Y - K·X when spec_y is given and the input spectrum itself
+// otherwise.
 template <typename Body>
 at::Tensor spectral_map(
     const at::Tensor& spec,
@@ -65,19 +60,6 @@ at::Tensor spectral_map(
   return out;
 }
 
-at::Tensor particle_blur_cpu(
-    const at::Tensor& spec,
-    const at::Tensor& otf,
-    const c10::optional<at::Tensor>& spec_y) {
-  const auto in = check_blur_spectra(spec, otf, spec_y);
-  if (in.y == nullptr) {
-    return spectral_map(
-        spec, otf, in, [](cfloat k, cfloat x) { return k * x; });
-  }
-  return spectral_map(
-      spec, otf, in, [](cfloat, cfloat residual) { return residual; });
-}
-
 at::Tensor pigdm_filter_cpu(
     const at::Tensor& spec,
     const at::Tensor& otf,
@@ -85,7 +67,7 @@ at::Tensor pigdm_filter_cpu(
     const at::Tensor& r2,
     const at::Tensor& step,
     double sigma) {
-  const auto in = check_blur_spectra(spec, otf, spec_y);
+  const auto in = check_filter_spectra(spec, otf, spec_y);
   check_table(r2, "r2", step, spec.device());
   const int64_t index = step.item<int64_t>();
   FASTEM_CHECK(
@@ -101,49 +83,10 @@ at::Tensor pigdm_filter_cpu(
   });
 }
 
-at::Tensor blur_valid_cpu(const at::Tensor& x, const at::Tensor& kernel) {
-  FASTEM_CHECK(x.is_cpu(), "x must be a CPU tensor");
-  check_blur_inputs(x, kernel);
-  const int64_t height = x.size(-2), width = x.size(-1), size = kernel.size(0);
-  const int64_t out_h = height - size + 1, out_w = width - size + 1;
-  auto sizes = x.sizes().vec();
-  sizes[sizes.size() - 2] = out_h;
-  sizes[sizes.size() - 1] = out_w;
-  auto out = at::empty(sizes, x.options());
-  const int64_t images = x.numel() / (height * width);
-  const float* __restrict__ xp = x.data_ptr<float>(); // [B, H, W]
-  const float* __restrict__ kp = kernel.data_ptr<float>(); // [K, K]
-  float* __restrict__ op = out.data_ptr<float>(); // [B, H-K+1, W-K+1]
-  at::parallel_for(0, images * out_h, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t task = lo; task < hi; ++task) {
-      const int64_t image = task / out_h, p = task % out_h;
-      float* __restrict__ row = op + task * out_w;
-      std::fill(row, row + out_w, 0.0f);
-      // True convolution: out[p, q] = Σ_{a,b} k[a, b] · x[p + K-1-a, q +
-      // K-1-b]; the q loop is contiguous and vectorises, the output row stays
-      // in L1 over the K² taps.
-      for (int64_t a = 0; a < size; ++a) {
-        const float* src =
-            xp + (image * height + p + size - 1 - a) * width + size - 1;
-        for (int64_t b = 0; b < size; ++b) {
-          const float w = kp[a * size + b];
-          const float* __restrict__ s = src - b;
-          for (int64_t q = 0; q < out_w; ++q) {
-            row[q] += w * s[q];
-          }
-        }
-      }
-    }
-  });
-  return out;
-}
-
 } // namespace
 
 TORCH_LIBRARY_IMPL(fastem, CPU, m) {
-  m.impl("particle_blur", &particle_blur_cpu);
   m.impl("pigdm_filter", &pigdm_filter_cpu);
-  m.impl("blur_valid", &blur_valid_cpu);
 }
 
 } // namespace fastem

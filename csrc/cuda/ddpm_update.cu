@@ -1,6 +1,5 @@
 // The DDPM step on CUDA: clamped x̂0 from ε and the guided ancestral update in
-// one pass, with Philox noise drawn in the kernel (or given). Step scalars are
-// read on the device.
+// one pass. Step scalars are read on the device.
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
@@ -8,7 +7,6 @@
 
 #include "../checks.h"
 #include "../coefficients.h"
-#include "../philox.h"
 #include "common.cuh"
 
 namespace fastem {
@@ -16,11 +14,11 @@ namespace {
 
 // Grid: (blocks striding over one particle's C·H·W elements, particles) — no
 // element index is divided. The step's scalars are loaded once per thread.
-template <bool kUpdate, bool kGivenNoise, bool kGuided>
+template <bool kUpdate, bool kGuided>
 __global__ void ddpm_kernel(
     const float* __restrict__ x_t, // [n, C, H, W]
     const float* __restrict__ eps, // [n, >=C, H, W], particle stride eps_stride
-    const float* __restrict__ noise, // [n, C, H, W] if kGivenNoise
+    const float* __restrict__ noise, // [n, C, H, W] if kUpdate
     const float* __restrict__ grad, // [n, C, H, W] if kGuided
     const float* __restrict__ coefs, // [6, S]
     const int64_t* __restrict__ step, // []
@@ -29,8 +27,7 @@ __global__ void ddpm_kernel(
     int64_t per_particle,
     int64_t eps_stride,
     int64_t steps,
-    float scale,
-    uint64_t seed) {
+    float scale) {
   const int64_t s = read_step(step, steps);
   const float sqrt_ac = coefs[kSqrtAc * steps + s];
   const float sqrt_one_minus_ac = coefs[kSqrtOneMinusAc * steps + s];
@@ -46,15 +43,8 @@ __global__ void ddpm_kernel(
         fminf(fmaxf((x - sqrt_one_minus_ac * eps_i[j]) / sqrt_ac, -1.0f), 1.0f);
     x0[e] = (v + 1.0f) / 2.0f;
     if constexpr (kUpdate) {
-      float z;
-      if constexpr (kGivenNoise) {
-        z = noise[e];
-      } else {
-        z = philox_normal(
-            seed, static_cast<uint32_t>(e), static_cast<uint32_t>(s));
-      }
       float out = coefs[kCoefX0 * steps + s] * v +
-          coefs[kCoefXt * steps + s] * x + coefs[kNoiseStd * steps + s] * z;
+          coefs[kCoefXt * steps + s] * x + coefs[kNoiseStd * steps + s] * noise[e];
       if constexpr (kGuided) {
         out += (scale * coefs[kWeight * steps + s]) * grad[e];
       }
@@ -103,7 +93,7 @@ at::Tensor predict_x0_cuda(
   if (x_t.numel() == 0) {
     return x0;
   }
-  ddpm_kernel<false, false, false><<<l.blocks, kThreads, 0, l.stream>>>(
+  ddpm_kernel<false, false><<<l.blocks, kThreads, 0, l.stream>>>(
       x_t.data_ptr<float>(),
       eps.data_ptr<float>(),
       nullptr,
@@ -115,8 +105,7 @@ at::Tensor predict_x0_cuda(
       l.per_particle,
       l.eps_stride,
       l.steps,
-      0.0f,
-      0);
+      0.0f);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return x0;
 }
@@ -126,45 +115,37 @@ std::tuple<at::Tensor, at::Tensor> ddpm_update_cuda(
     const at::Tensor& eps,
     const at::Tensor& coefs,
     const at::Tensor& step,
-    const c10::optional<at::Tensor>& noise,
+    const at::Tensor& noise,
     const c10::optional<at::Tensor>& grad,
-    double scale,
-    int64_t seed) {
+    double scale) {
   const c10::cuda::CUDAGuard guard(x_t.device());
   const Launch l = prepare(x_t, eps, coefs, step, kRows);
   check_like(noise, "noise", x_t);
   check_like(grad, "grad", x_t);
-  FASTEM_CHECK(seed >= 0, "seed must be >= 0, got ", seed);
   auto x_prev = at::empty_like(x_t);
   auto x0 = at::empty_like(x_t);
   if (x_t.numel() == 0) {
     return {x_prev, x0};
   }
-  const float* z = noise.has_value() ? noise->data_ptr<float>() : nullptr;
   const float* g = grad.has_value() ? grad->data_ptr<float>() : nullptr;
-#define FASTEM_DDPM(GIVEN_NOISE, GUIDED)                                       \
-  ddpm_kernel<true, GIVEN_NOISE, GUIDED><<<l.blocks, kThreads, 0, l.stream>>>( \
-      x_t.data_ptr<float>(),                                                   \
-      eps.data_ptr<float>(),                                                   \
-      z,                                                                       \
-      g,                                                                       \
-      coefs.data_ptr<float>(),                                                 \
-      step.data_ptr<int64_t>(),                                                \
-      x_prev.data_ptr<float>(),                                                \
-      x0.data_ptr<float>(),                                                    \
-      l.per_particle,                                                          \
-      l.eps_stride,                                                            \
-      l.steps,                                                                 \
-      static_cast<float>(scale),                                               \
-      static_cast<uint64_t>(seed))
-  if (z != nullptr && g != nullptr) {
-    FASTEM_DDPM(true, true);
-  } else if (z != nullptr) {
-    FASTEM_DDPM(true, false);
-  } else if (g != nullptr) {
-    FASTEM_DDPM(false, true);
+#define FASTEM_DDPM(GUIDED)                                      \
+  ddpm_kernel<true, GUIDED><<<l.blocks, kThreads, 0, l.stream>>>( \
+      x_t.data_ptr<float>(),                                     \
+      eps.data_ptr<float>(),                                     \
+      noise.data_ptr<float>(),                                   \
+      g,                                                         \
+      coefs.data_ptr<float>(),                                   \
+      step.data_ptr<int64_t>(),                                  \
+      x_prev.data_ptr<float>(),                                  \
+      x0.data_ptr<float>(),                                      \
+      l.per_particle,                                            \
+      l.eps_stride,                                              \
+      l.steps,                                                   \
+      static_cast<float>(scale))
+  if (g != nullptr) {
+    FASTEM_DDPM(true);
   } else {
-    FASTEM_DDPM(false, false);
+    FASTEM_DDPM(false);
   }
 #undef FASTEM_DDPM
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,7 +1,5 @@
-// Guidance spectra on CUDA (blur K·X, residual Y - K·X, ΠGDM filter in one
-// pass) and the direct 'valid' convolution of the non-circular model
-// (shared-memory tiles).
-#include <ATen/ops/empty.h>
+// The ΠGDM filter of the guidance on CUDA: conj(K)·R / (r²|K|² + σ²), with the
+// residual R = Y - K·X formed in the same pass.
 #include <ATen/ops/empty_like.h>
 #include <c10/util/complex.h>
 #include <torch/library.h>
@@ -12,10 +10,10 @@
 namespace fastem {
 namespace {
 
-// Grid: (frequency blocks, n·C planes). kResidual: R = Y - K·X (else R = X, or
-// K·X if !kFilter); kFilter: out = conj(K)·R / (r²|K|² + σ²).
-template <bool kResidual, bool kFilter>
-__global__ void spectral_kernel(
+// Grid: (frequency blocks, n·C planes). kResidual: R = Y - K·X (else R = X);
+// out = conj(K)·R / (r²|K|² + σ²).
+template <bool kResidual>
+__global__ void pigdm_kernel(
     const float2* __restrict__ x, // [n·C, F]
     const float2* __restrict__ otf, // [F]
     const float2* __restrict__ y, // [C, F] if y_shared else [n·C, F]
@@ -38,70 +36,23 @@ __global__ void spectral_kernel(
     const float2 w = y[(y_shared ? plane % channels : plane) * freqs + f];
     r = make_float2(
         w.x - (k.x * v.x - k.y * v.y), w.y - (k.x * v.y + k.y * v.x));
-  } else if constexpr (!kFilter) {
-    r = make_float2(k.x * v.x - k.y * v.y, k.x * v.y + k.y * v.x);
   }
-  if constexpr (kFilter) {
-    const float d =
-        r2[read_step(step, steps)] * (k.x * k.x + k.y * k.y) + noise_var;
-    r = make_float2((k.x * r.x + k.y * r.y) / d, (k.x * r.y - k.y * r.x) / d);
-  }
-  out[plane * freqs + f] = r;
-}
-
-constexpr int kTile = 16; // outputs per block side of blur_valid
-
-__global__ void blur_valid_kernel(
-    const float* __restrict__ x, // [B, H, W]
-    const float* __restrict__ k, // [K, K]
-    float* __restrict__ out, // [B, H-K+1, W-K+1]
-    int64_t height,
-    int64_t width,
-    int64_t out_h,
-    int64_t out_w,
-    int size) {
-  extern __shared__ float smem[];
-  const int span = kTile + size - 1;
-  float* patch = smem; // [span, span] input pixels of this tile
-  float* weights = smem + span * span; // [K, K], flipped: a true convolution
-  const int64_t image = blockIdx.z;
-  const int64_t p0 = blockIdx.y * static_cast<int64_t>(kTile);
-  const int64_t q0 = blockIdx.x * static_cast<int64_t>(kTile);
-  const int tid = threadIdx.y * kTile + threadIdx.x;
-  for (int e = tid; e < size * size; e += kTile * kTile) {
-    weights[e] = k[size * size - 1 - e];
-  }
-  const float* src = x + image * height * width;
-  for (int e = tid; e < span * span; e += kTile * kTile) {
-    const int64_t r = p0 + e / span, c = q0 + e % span;
-    patch[e] = (r < height && c < width) ? src[r * width + c] : 0.0f;
-  }
-  __syncthreads();
-  const int64_t p = p0 + threadIdx.y, q = q0 + threadIdx.x;
-  if (p >= out_h || q >= out_w) {
-    return;
-  }
-  // out[p, q] = Σ_{a,b} k[K-1-a, K-1-b] · x[p + a, q + b]
-  float acc = 0.0f;
-  for (int a = 0; a < size; ++a) {
-    const float* row = patch + (threadIdx.y + a) * span + threadIdx.x;
-    for (int b = 0; b < size; ++b) {
-      acc += weights[a * size + b] * row[b];
-    }
-  }
-  out[(image * out_h + p) * out_w + q] = acc;
+  const float d =
+      r2[read_step(step, steps)] * (k.x * k.x + k.y * k.y) + noise_var;
+  out[plane * freqs + f] =
+      make_float2((k.x * r.x + k.y * r.y) / d, (k.x * r.y - k.y * r.x) / d);
 }
 
 const float2* as_float2(const at::Tensor& t) {
   return reinterpret_cast<const float2*>(t.data_ptr<c10::complex<float>>());
 }
 
-at::Tensor launch_spectral(
+at::Tensor pigdm_filter_cuda(
     const at::Tensor& spec,
     const at::Tensor& otf,
     const c10::optional<at::Tensor>& spec_y,
-    const at::Tensor* r2,
-    const at::Tensor* step,
+    const at::Tensor& r2,
+    const at::Tensor& step,
     double sigma) {
   FASTEM_CHECK(spec.is_cuda(), "spec must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(spec.device());
@@ -109,9 +60,7 @@ at::Tensor launch_spectral(
   check_plane(otf, "otf", at::kComplexFloat, s, spec.device());
   const bool shared =
       spec_y.has_value() ? check_target(*spec_y, s, spec.device()) : true;
-  if (r2 != nullptr) {
-    check_table(*r2, "r2", *step, spec.device());
-  }
+  check_table(r2, "r2", step, spec.device());
   FASTEM_CHECK(
       s.n * s.channels <= 65535, "at most 65535 particle-channel planes");
   auto out = at::empty_like(spec);
@@ -123,90 +72,27 @@ at::Tensor launch_spectral(
       blocks_for(freqs), static_cast<unsigned int>(s.n * s.channels));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const float2* y = spec_y.has_value() ? as_float2(*spec_y) : nullptr;
-  const float* table = r2 != nullptr ? r2->data_ptr<float>() : nullptr;
-  const int64_t* index = step != nullptr ? step->data_ptr<int64_t>() : nullptr;
-  const int64_t steps = r2 != nullptr ? r2->numel() : 0;
   const auto noise_var = static_cast<float>(sigma * sigma);
   auto* o = reinterpret_cast<float2*>(out.data_ptr<c10::complex<float>>());
-#define FASTEM_SPECTRAL(RESIDUAL, FILTER)                             \
-  spectral_kernel<RESIDUAL, FILTER><<<blocks, kThreads, 0, stream>>>( \
-      as_float2(spec),                                                \
-      as_float2(otf),                                                 \
-      y,                                                              \
-      shared,                                                         \
-      table,                                                          \
-      index,                                                          \
-      steps,                                                          \
-      noise_var,                                                      \
-      o,                                                              \
-      s.channels,                                                     \
+#define FASTEM_PIGDM(RESIDUAL)                                \
+  pigdm_kernel<RESIDUAL><<<blocks, kThreads, 0, stream>>>( \
+      as_float2(spec),                                      \
+      as_float2(otf),                                       \
+      y,                                                    \
+      shared,                                               \
+      r2.data_ptr<float>(),                                 \
+      step.data_ptr<int64_t>(),                             \
+      r2.numel(),                                           \
+      noise_var,                                            \
+      o,                                                    \
+      s.channels,                                           \
       freqs)
-  if (y != nullptr && table != nullptr) {
-    FASTEM_SPECTRAL(true, true);
-  } else if (y != nullptr) {
-    FASTEM_SPECTRAL(true, false);
-  } else if (table != nullptr) {
-    FASTEM_SPECTRAL(false, true);
+  if (y != nullptr) {
+    FASTEM_PIGDM(true);
   } else {
-    FASTEM_SPECTRAL(false, false);
+    FASTEM_PIGDM(false);
   }
-#undef FASTEM_SPECTRAL
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
-at::Tensor particle_blur_cuda(
-    const at::Tensor& spec,
-    const at::Tensor& otf,
-    const c10::optional<at::Tensor>& spec_y) {
-  return launch_spectral(spec, otf, spec_y, nullptr, nullptr, 0.0);
-}
-
-at::Tensor pigdm_filter_cuda(
-    const at::Tensor& spec,
-    const at::Tensor& otf,
-    const c10::optional<at::Tensor>& spec_y,
-    const at::Tensor& r2,
-    const at::Tensor& step,
-    double sigma) {
-  return launch_spectral(spec, otf, spec_y, &r2, &step, sigma);
-}
-
-at::Tensor blur_valid_cuda(const at::Tensor& x, const at::Tensor& kernel) {
-  FASTEM_CHECK(x.is_cuda(), "x must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(x.device());
-  check_blur_inputs(x, kernel);
-  const int64_t height = x.size(-2), width = x.size(-1), size = kernel.size(0);
-  const int64_t out_h = height - size + 1, out_w = width - size + 1;
-  auto sizes = x.sizes().vec();
-  sizes[sizes.size() - 2] = out_h;
-  sizes[sizes.size() - 1] = out_w;
-  auto out = at::empty(sizes, x.options());
-  const int64_t images = x.numel() / (height * width);
-  FASTEM_CHECK(images <= 65535, "at most 65535 images per call");
-  if (out.numel() == 0) {
-    return out;
-  }
-  const int64_t span = kTile + size - 1;
-  const size_t smem =
-      (span * span + size * size) * sizeof(float); // <= 41 KB for K <= 64
-  const dim3 blocks(
-      blocks_for(out_w, kTile),
-      blocks_for(out_h, kTile),
-      static_cast<unsigned int>(images));
-  blur_valid_kernel<<<
-      blocks,
-      dim3(kTile, kTile),
-      smem,
-      c10::cuda::getCurrentCUDAStream()>>>(
-      x.data_ptr<float>(),
-      kernel.data_ptr<float>(),
-      out.data_ptr<float>(),
-      height,
-      width,
-      out_h,
-      out_w,
-      static_cast<int>(size));
+#undef FASTEM_PIGDM
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -214,9 +100,7 @@ at::Tensor blur_valid_cuda(const at::Tensor& x, const at::Tensor& kernel) {
 } // namespace
 
 TORCH_LIBRARY_IMPL(fastem, CUDA, m) {
-  m.impl("particle_blur", &particle_blur_cuda);
   m.impl("pigdm_filter", &pigdm_filter_cuda);
-  m.impl("blur_valid", &blur_valid_cuda);
 }
 
 } // namespace fastem

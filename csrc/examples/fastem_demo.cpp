@@ -145,13 +145,12 @@ int main(int argc, char** argv) {
       const Tensor&,
       const Tensor&,
       const Tensor&,
+      const Tensor&,
       const std::optional<Tensor>&,
-      const std::optional<Tensor>&,
-      double,
-      int64_t)>("fastem::ddpm_update");
+      double)>("fastem::ddpm_update");
   const auto index = at::full({}, 2, options.dtype(at::kLong));
   const auto [x_prev, x0] =
-      ddpm_update.call(x_t, eps, coefs, index, noise, grad, 0.5, 0);
+      ddpm_update.call(x_t, eps, coefs, index, noise, grad, 0.5);
   const auto c = coefs.select(1, 2);
   const auto x0_net = ((x_t - c[1] * eps) / c[0]).clamp(-1.0, 1.0);
   check("ddpm_update: x0", x0, (x0_net + 1.0) / 2.0, 1e-6);

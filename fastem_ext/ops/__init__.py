@@ -8,22 +8,20 @@ them. ``_backend`` picks the implementation per device; ``FASTEM_BACKEND`` force
 Importing this package compiles and loads nothing: the C++ library is loaded on first use.
 """
 
-from .ddpm_update import ddpm_coefficients, ddpm_update, philox_normal, predict_x0
+from ._backend import table_index
+from .ddpm_update import ddpm_coefficients, ddpm_update, predict_x0
 from .kernel_project import kernel_project
-from .pigdm_filter import blur_valid, particle_blur, pigdm_filter
-from .wiener_hqs import hqs, kernel_spectra, spectral_sums, wiener_z
+from .pigdm_filter import pigdm_filter
+from .spectral_sums import spectral_sums
+from .wiener_z import wiener_z
 
 __all__ = [
-    "blur_valid",
     "ddpm_coefficients",
     "ddpm_update",
-    "hqs",
     "kernel_project",
-    "kernel_spectra",
-    "particle_blur",
-    "philox_normal",
     "pigdm_filter",
     "predict_x0",
     "spectral_sums",
+    "table_index",
     "wiener_z",
 ]

@@ -6,7 +6,8 @@ library ``fastem_ext._C`` is loaded on the first call that wants it, never at im
 never built here (``pip install --no-build-isolation -e .`` builds it; ``FASTEM_NO_EXT=1`` at run
 time ignores a built one). Triton runs on CUDA tensors, and on CPU tensors only when
 ``TRITON_INTERPRET=1`` was set before this package was imported (the interpreter is for tests:
-it is never chosen by default on CPU).
+it is never chosen by default on CPU). The fused kernels compute in float32: inputs of another
+dtype (the float64 oracles of the tests) always run the reference.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ except ImportError:  # triton is optional: the references and the C++ ops do not
     tl = None
 
 BACKENDS = ("reference", "triton", "cpp")
+FUSED_DTYPES = (torch.float32, torch.complex64)
 # Fastest first. CPU: the C++ ops win or tie at the engine's shapes (benchmarks/RESULTS.md);
 # GPU (H100, 2026-11-26): C++ wins or ties on every op but ddpm_update at n >= 4, where Triton
 # is faster (28 vs 52 µs at n = 16; one op in the step, so C++ stays first).
@@ -103,10 +105,13 @@ def select(op: str, device: torch.device) -> str:
     return next(b for b in order if unavailable(b, device) is None)
 
 
-def dispatch(op: str, device: torch.device, reference: Callable,
+def dispatch(op: str, like: torch.Tensor, reference: Callable,
              triton_impl: Callable | None) -> Callable:
-    """The callable for ``op`` on ``device``: ``reference``, ``triton_impl`` or ``fastem::<op>``."""
-    backend = select(op, device)
+    """The callable for ``op`` on tensors like ``like``: ``reference``, ``triton_impl`` or
+    ``fastem::<op>`` (the reference for any dtype but float32/complex64)."""
+    if like.dtype not in FUSED_DTYPES:
+        return reference
+    backend = select(op, like.device)
     if backend == "cpp":
         return getattr(torch.ops.fastem, op)
     if backend == "triton":
@@ -123,12 +128,16 @@ def dense(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
 
 def table_index(values: torch.Tensor | float, like: torch.Tensor,
                 step: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A per-step scalar as the ``(table [S], step 0-d int64)`` pair that the ops read.
+    """A per-step scalar as the ``(table [S], step 0-d int64)`` pair that the ops read, in the
+    dtype and on the device of ``like``.
 
-    A float becomes a one-entry table (a host-to-device copy: build such pairs once, outside any
-    captured region); ``step=None`` or a one-entry table reads entry 0.
+    A float becomes a one-entry table, filled on the device (no host-to-device copy: CUDA-graph
+    capture allows it); ``step=None`` or a one-entry table reads entry 0.
     """
-    table = torch.as_tensor(values, dtype=torch.float32, device=like.device).reshape(-1)
+    if isinstance(values, torch.Tensor):
+        table = values.to(device=like.device, dtype=like.dtype).reshape(-1)
+    else:
+        table = torch.full((1,), float(values), dtype=like.dtype, device=like.device)
     if step is None or table.numel() == 1:
         step = torch.zeros((), dtype=torch.int64, device=like.device)
     return table, step

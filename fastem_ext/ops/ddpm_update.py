@@ -1,37 +1,27 @@
-"""Fused op 3, the DDPM step in one pass over the particles (``samplers.guided_step``).
+"""Fused op 3, the DDPM step in one pass over the particles (``step.guided_step``).
 
-- ``predict_x0``: ``x̂0 = clamp((x_t − √(1−ᾱ)·ε)/√ᾱ, −1, 1)`` mapped to [0, 1].
+- ``predict_x0``: ``x̂0 = clamp((x_t − √(1−ᾱ)·ε)/√ᾱ, −1, 1)`` mapped to [0, 1]
+  (``schedule.tweedie_x0``, ``schedule.to_image``).
 - ``ddpm_update``: the same ``x̂0`` and the guided ancestral update
   ``x_{t−1} = coef_x0·x̂0 + coef_xt·x_t + √β̃·z + (scale·w)·g``, returning ``(x_{t−1}, x̂0)``.
 
 Every per-step scalar is read on the device from ``coefs`` ``[6, S]`` (``ddpm_coefficients``) at
 the 0-d int64 ``step``: one captured CUDA graph serves every step. ``ε`` may be the first ``C``
-channels of a learned-variance output ``[n, 2C, H, W]`` (read in place).
-
-The noise ``z`` is given, or drawn in the kernel: element ``e`` of step ``s`` is a Box–Muller
-normal from the Philox-4x32-10 words of counter ``(e, s, 0, 0)`` and key ``seed`` (csrc/philox.h).
-``philox_normal`` below is the same generator in plain torch, so every backend draws the same
-noise (to float rounding of log/cos).
+channels of a learned-variance output ``[n, 2C, H, W]`` (read in place). The noise ``z`` is the
+caller's (the samplers draw it from their generator, which CUDA-graph replay advances).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from ..samplers import ancestral_step, tweedie_x0
-from ..schedule import StepTables, at
+from ..schedule import StepTables, at, to_image, tweedie_x0
 from . import _backend, _checks
 from ._backend import tl, triton
 
 BLOCK = 1024  # elements per program
 ROWS = ("sqrt_ac", "sqrt_one_minus_ac", "coef_x0", "coef_xt", "noise_std", "weight")
-_KEY_STEP = (0x9E3779B9, 0xBB67AE85)
-_MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
-_MASK32 = 0xFFFFFFFF
-_TWO_PI = float(torch.tensor(2 * math.pi, dtype=torch.float32))  # as the kernels round it
 
 
 def ddpm_coefficients(tables: StepTables, guidance: str | None = "pigdm") -> Tensor:
@@ -46,64 +36,30 @@ def ddpm_coefficients(tables: StepTables, guidance: str | None = "pigdm") -> Ten
     return torch.stack(rows).to(torch.float32).contiguous()
 
 
-def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    # a·b needs 64 unsigned bits; splitting b (< 2^32) into 16-bit halves keeps it inside int64.
-    low = a * (b & 0xFFFF)
-    high = a * (b >> 16)
-    return (high + (low >> 16)) >> 16, (low + ((high & 0xFFFF) << 16)) & _MASK32
-
-
-def philox4x32_10(counter: tuple[Tensor, Tensor, Tensor, Tensor],
-                  seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Philox-4x32-10 on int64 tensors holding uint32 words (Salmon et al., SC'11)."""
-    c0, c1, c2, c3 = counter
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    for _ in range(10):
-        hi0, lo0 = _mul_hi_lo(_MULTIPLIERS[0], c0)
-        hi1, lo1 = _mul_hi_lo(_MULTIPLIERS[1], c2)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0, k1 = (k0 + _KEY_STEP[0]) & _MASK32, (k1 + _KEY_STEP[1]) & _MASK32
-    return c0, c1, c2, c3
-
-
-def philox_normal(shape: tuple[int, ...], seed: int, step: Tensor) -> Tensor:
-    """The fused kernels' noise ``[*shape]`` float32 for ``step`` (0-d int64, on the output's
-    device)."""
-    index = torch.arange(math.prod(shape), dtype=torch.int64, device=step.device)
-    zero = torch.zeros_like(index)
-    r0, r1, _, _ = philox4x32_10((index, (step & _MASK32) + zero, zero, zero), seed)
-    u1 = ((r0 >> 8).to(torch.float32) + 0.5) * 2.0**-24
-    u2 = ((r1 >> 8).to(torch.float32) + 0.5) * 2.0**-24
-    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * (u2 - 0.5))).reshape(shape)
-
-
 def _clamped_x0(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor) -> Tensor:
     return tweedie_x0(x_t, eps, at(coefs[0], step), at(coefs[1], step)).clamp(-1.0, 1.0)
 
 
 def _predict_reference(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor) -> Tensor:
-    return (_clamped_x0(x_t, eps, coefs, step) + 1.0) / 2.0
+    return to_image(_clamped_x0(x_t, eps, coefs, step))
 
 
-def _update_reference(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor,
-                      noise: Tensor | None, grad: Tensor | None, scale: float,
-                      seed: int) -> tuple[Tensor, Tensor]:
+def _update_reference(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor, noise: Tensor,
+                      grad: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     x0 = _clamped_x0(x_t, eps, coefs, step)
-    if noise is None:
-        noise = philox_normal(tuple(x_t.shape), seed, step)
-    x_prev = ancestral_step(x0, x_t, noise, at(coefs[2], step), at(coefs[3], step),
-                            at(coefs[4], step))
+    # The unguided ancestral sample μ̃(x̂0, x_t) + √β̃ z (Eq. 14), then the guidance step.
+    x_prev = at(coefs[2], step) * x0 + at(coefs[3], step) * x_t + at(coefs[4], step) * noise
     if grad is not None:
         x_prev = x_prev + (scale * at(coefs[5], step)) * grad
-    return x_prev, (x0 + 1.0) / 2.0
+    return x_prev, to_image(x0)
 
 
 def _predict_fake(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor) -> Tensor:
     return torch.empty_like(x_t)
 
 
-def _update_fake(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor, noise: Tensor | None,
-                 grad: Tensor | None, scale: float, seed: int) -> tuple[Tensor, Tensor]:
+def _update_fake(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor, noise: Tensor,
+                 grad: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x_t), torch.empty_like(x_t)
 
 
@@ -111,12 +67,11 @@ _backend.register_fake("predict_x0", _predict_fake)
 _backend.register_fake("ddpm_update", _update_fake)
 
 if triton is not None:
-    _TWO_PI_C = tl.constexpr(_TWO_PI)
 
     @triton.jit
     def _ddpm_kernel(xt_ptr, eps_ptr, noise_ptr, grad_ptr, coef_ptr, step_ptr, prev_ptr, x0_ptr,
-                     per_particle, eps_stride, steps, scale, seed, UPDATE: tl.constexpr,
-                     HAS_NOISE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+                     per_particle, eps_stride, steps, scale, UPDATE: tl.constexpr,
+                     HAS_GRAD: tl.constexpr, BLOCK: tl.constexpr):
         # x_t, noise, grad, prev, x0: [n, C, H, W]; eps: [n, ≥C, H, W] with particle stride
         # eps_stride; coefs: [6, S] (ROWS); step: []. Grid: (blocks of a particle, particles),
         # so that no element index is divided.
@@ -132,15 +87,7 @@ if triton is not None:
         x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
         tl.store(x0_ptr + e, (x0 + 1.0) * 0.5, mask=mask)
         if UPDATE:
-            if HAS_NOISE:
-                z = tl.load(noise_ptr + e, mask=mask, other=0.0)
-            else:
-                zero = tl.zeros([BLOCK], dtype=tl.uint32)
-                r0, r1, _, _ = tl.philox(seed, e.to(tl.uint32), zero + step.to(tl.uint32), zero,
-                                         zero)
-                u1 = ((r0 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2^-24
-                u2 = ((r1 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
-                z = tl.sqrt(-2.0 * tl.log(u1)) * tl.cos((u2 - 0.5) * _TWO_PI_C)
+            z = tl.load(noise_ptr + e, mask=mask, other=0.0)
             out = (tl.load(coef_ptr + 2 * steps + step) * x0
                    + tl.load(coef_ptr + 3 * steps + step) * x
                    + tl.load(coef_ptr + 4 * steps + step) * z)
@@ -150,36 +97,31 @@ if triton is not None:
             tl.store(prev_ptr + e, out, mask=mask)
 
     def _launch(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor, noise: Tensor | None,
-                grad: Tensor | None, scale: float, seed: int,
-                update: bool) -> tuple[Tensor, Tensor]:
+                grad: Tensor | None, scale: float, update: bool) -> tuple[Tensor, Tensor]:
         eps_stride = _check(x_t, eps, coefs, step)
         for t, name in ((noise, "noise"), (grad, "grad")):
             if t is not None:
                 _checks.tensor(t, name, torch.float32, x_t.device)
                 if t.shape != x_t.shape:
                     raise ValueError(f"{name} must be {list(x_t.shape)}, got {list(t.shape)}")
-        if not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2^63), got {seed}")
         x0 = torch.empty_like(x_t)
         x_prev = torch.empty_like(x_t) if update else x0
         per_particle = x_t[0].numel()
         with _backend.device_guard(x_t):
             _ddpm_kernel[(triton.cdiv(per_particle, BLOCK), x_t.shape[0])](
                 x_t, eps, x_t if noise is None else noise, x_t if grad is None else grad, coefs,
-                step, x_prev, x0, per_particle, eps_stride, coefs.shape[1], scale, seed,
-                UPDATE=update, HAS_NOISE=noise is not None, HAS_GRAD=grad is not None,
-                BLOCK=BLOCK)
+                step, x_prev, x0, per_particle, eps_stride, coefs.shape[1], scale, UPDATE=update,
+                HAS_GRAD=grad is not None, BLOCK=BLOCK)
         return x_prev, x0
 
     @torch.library.custom_op("fastem_triton::predict_x0", mutates_args=())
     def _predict_triton(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor) -> Tensor:
-        return _launch(x_t, eps, coefs, step, None, None, 0.0, 0, update=False)[1]
+        return _launch(x_t, eps, coefs, step, None, None, 0.0, update=False)[1]
 
     @torch.library.custom_op("fastem_triton::ddpm_update", mutates_args=())
-    def _update_triton(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor,
-                       noise: Tensor | None, grad: Tensor | None, scale: float,
-                       seed: int) -> tuple[Tensor, Tensor]:
-        return _launch(x_t, eps, coefs, step, noise, grad, scale, seed, update=True)
+    def _update_triton(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor, noise: Tensor,
+                       grad: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+        return _launch(x_t, eps, coefs, step, noise, grad, scale, update=True)
 
     _predict_triton.register_fake(_predict_fake)
     _update_triton.register_fake(_update_fake)
@@ -190,9 +132,8 @@ else:
 def _check(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor) -> int:
     """The rules of csrc/checks.h ``check_diffusion_inputs``; returns eps's particle stride."""
     _checks.tensor(x_t, "x_t", torch.float32, x_t.device)
-    if x_t.dim() != 4 or x_t.numel() >= 2**32 or not 1 <= x_t.shape[0] <= 65535:
-        raise ValueError(f"x_t must be [n, C, H, W] with 1 <= n <= 65535 and < 2^32 elements, "
-                         f"got {list(x_t.shape)}")
+    if x_t.dim() != 4 or not 1 <= x_t.shape[0] <= 65535:
+        raise ValueError(f"x_t must be [n, C, H, W] with 1 <= n <= 65535, got {list(x_t.shape)}")
     if eps.device != x_t.device or eps.dtype != torch.float32 or eps.shape != x_t.shape:
         raise ValueError(f"eps must be float32 {list(x_t.shape)} on {x_t.device}")
     plane = x_t.shape[2] * x_t.shape[3]
@@ -210,18 +151,17 @@ def _check(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor) -> int:
 def predict_x0(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor) -> Tensor:
     """x̂0 in [0, 1] ``[n, C, H, W]`` from x_t ``[n, C, H, W]`` and ε ``[n, C or 2C, H, W]``."""
     eps = eps[:, : x_t.shape[1]]
-    impl = _backend.dispatch("predict_x0", x_t.device, _predict_reference, _predict_triton)
+    impl = _backend.dispatch("predict_x0", x_t, _predict_reference, _predict_triton)
     return impl(x_t, eps, coefs, step)
 
 
-def ddpm_update(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor, *,
-                noise: Tensor | None = None, grad: Tensor | None = None, scale: float = 1.0,
-                seed: int = 0) -> tuple[Tensor, Tensor]:
+def ddpm_update(x_t: Tensor, eps: Tensor, coefs: Tensor, step: Tensor, noise: Tensor,
+                grad: Tensor | None = None, scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """``(x_{t−1}, x̂0 in [0, 1])``, each ``[n, C, H, W]`` float32 (module docstring).
 
-    noise: ``[n, C, H, W]`` or ``None`` (Philox in the kernel, keyed by ``seed`` and ``step``);
-    grad: the guidance gradient ``g`` or ``None``; scale: the guidance multiplier.
+    noise: ``z`` ``[n, C, H, W]``; grad: the guidance gradient ``g`` or ``None``; scale: the
+    guidance multiplier.
     """
     eps = eps[:, : x_t.shape[1]]
-    impl = _backend.dispatch("ddpm_update", x_t.device, _update_reference, _update_triton)
-    return impl(x_t, eps, coefs, step, noise, grad, float(scale), int(seed))
+    impl = _backend.dispatch("ddpm_update", x_t, _update_reference, _update_triton)
+    return impl(x_t, eps, coefs, step, noise, grad, float(scale))

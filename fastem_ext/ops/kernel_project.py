@@ -7,7 +7,7 @@ From ``z`` ``[H, W]`` (the inverse FFT of the Z-update, kernel centre at the ori
 2. soft-threshold at ``threshold`` (the ℓ1 K-update; 0 for ℓ2/none) and normalise again (``k1``
    where the mass vanishes) — ``k2``;
 3. if ``recenter``: shift by whole pixels so the centre of mass is at ``(K//2, K//2)``, dropping
-   what leaves the support, and renormalise (``mstep.recenter_kernel``);
+   what leaves the support, and renormalise (``recenter_kernel``);
 
 and return the kernel ``[K, K]`` with its zero-padded, origin-centred grid ``[H, W]``
 (``physics.kernel_grid``), the input of the next iteration's ``rfft2``.
@@ -25,14 +25,50 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..mstep import project_kernel, recenter_kernel, soft_threshold
 from ..physics import kernel_grid, otf2psf
 from . import _backend, _checks
 from ._backend import tl, triton
 
 GRID_TILE = 64  # grid rows and columns per program
-MIN_MASS = 1e-12  # below this a projection keeps its fallback (as mstep.project_kernel)
+MIN_MASS = 1e-12  # below this a projection keeps its fallback
 FLOAT32_TINY = torch.finfo(torch.float32).tiny
+
+
+def project_kernel(z: Tensor, fallback: Tensor) -> Tensor:
+    """Clamp ``≥ 0`` and normalise to sum 1; where the mass vanishes, return ``fallback``."""
+    z = z.clamp_min(0.0)
+    mass = z.sum()
+    tiny = torch.finfo(z.dtype).tiny
+    return torch.where(mass > MIN_MASS, z / mass.clamp_min(tiny), fallback)
+
+
+def soft_threshold(z: Tensor, threshold: float) -> Tensor:
+    """The ℓ1 proximal map on a non-negative kernel: ``max(z − threshold, 0)``."""
+    return (z - threshold).clamp_min(0.0)
+
+
+def recenter_kernel(kernel: Tensor) -> Tensor:
+    """Shift ``[K, K]`` by whole pixels so its centre of mass is at ``(K//2, K//2)``.
+
+    Mass shifted past the border is dropped and the rest renormalised. Device-only (no ``.item()``).
+    """
+    size = kernel.shape[-1]
+    index = torch.arange(size, device=kernel.device)
+    mass = kernel.sum().clamp_min(torch.finfo(kernel.dtype).tiny)
+    com_row = (kernel.sum(1) * index).sum() / mass
+    com_col = (kernel.sum(0) * index).sum() / mass
+    rows, row_ok = _shifted_index(index, torch.round(size // 2 - com_row).long())
+    cols, col_ok = _shifted_index(index, torch.round(size // 2 - com_col).long())
+    shifted = kernel.index_select(0, rows).index_select(1, cols)
+    shifted = shifted * (row_ok[:, None] & col_ok[None, :])
+    return project_kernel(shifted, kernel)
+
+
+def _shifted_index(index: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    # out[i] = in[i - shift], zero where i - shift falls outside.
+    source = index - shift
+    valid = (source >= 0) & (source < index.shape[0])
+    return source.clamp(0, index.shape[0] - 1), valid
 
 
 def _reference(z: Tensor, fallback: Tensor, threshold: float,
@@ -62,7 +98,7 @@ if triton is not None:
 
     @triton.jit
     def _normalised(values, mass, fallback):
-        # values / mass, or the fallback where the mass vanishes (as mstep.project_kernel); IEEE
+        # values / mass, or the fallback where the mass vanishes (as project_kernel); IEEE
         # division, as torch's (a plain '/' may lower to an approximate one on GPUs).
         return tl.where(mass > _MIN_MASS, tl.math.div_rn(values, tl.maximum(mass, _TINY)),
                         fallback)
@@ -174,5 +210,5 @@ def kernel_project(z: Tensor, fallback: Tensor, threshold: float = 0.0,
     fallback: the previous kernel ``[K, K]`` (``K ≤ 64`` for the fused kernels); threshold: the
     ℓ1 soft threshold ``λ/β`` (0: none). Returns ``(kernel [K, K], grid [H, W])``.
     """
-    impl = _backend.dispatch("kernel_project", z.device, _reference, _triton_impl)
+    impl = _backend.dispatch("kernel_project", z, _reference, _triton_impl)
     return impl(z, fallback, float(threshold), bool(recenter))
