@@ -8,10 +8,10 @@ kernel:
 
 1. ``ε̂ = ε_θ(x_t, t_i)``; ``x̂0 = to_image(clamp((x_t − √(1−ᾱ) ε̂)/√ᾱ, −1, 1))`` in [0, 1]
    (``ops.predict_x0``);
-2. Fast EM only — the M-step ``k ← HQS(y, x̂0, σ, k)``, warm-started (``mstep.hqs``), with the
-   ΠGDM ridge ``r²`` (App. D) when the guidance is ΠGDM. ``HQSConfig.ridge`` scales the ridge
-   (0: none), ``start`` keeps the previous kernel while ``t_i ≥ start``, ``gradient`` fits the
-   kernel on the images' gradients; all three are read here and nowhere else;
+2. Fast EM only — the M-step ``k ← HQS(y, x̂0, σ, k)``, warm-started (``mstep.hqs``).
+   ``HQSConfig.ridge`` scales the ΠGDM ridge ``r²`` (App. D; default 0: none) when the guidance
+   is ΠGDM, ``gradient`` fits the kernel on the images' gradients (default on); both are read
+   here and nowhere else;
 3. the guidance: ``v = ∇_{x̂0} log p(y | x̂0, k)`` in image units (``guidance``), then
    ``g = (∂x̂0/∂x_t)ᵀ v`` by one vector-Jacobian product through the network. The clamp is
    straight-through: the product runs through the unclamped estimate, because the clamp's zero
@@ -43,7 +43,7 @@ from .guidance import dps_vector, pigdm_vector
 from .mstep import HQSConfig, gradient_weight, hqs, kernel_spectra
 from .observation import Observation
 from .physics import psf2otf
-from .schedule import NUM_TRAIN_TIMESTEPS, StepTables, at, to_image, tweedie_x0
+from .schedule import StepTables, at, to_image, tweedie_x0
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 
@@ -125,12 +125,8 @@ def guided_step(eps_model: EpsModel, plan: StepPlan, step: Tensor, x: Tensor,
 
 
 def _mstep(plan: StepPlan, spec_x: Tensor, kernel: Tensor, step: Tensor) -> Tensor:
-    """The M-step from ``x̂0``'s half spectrum: the new kernel, or the previous one before
-    ``start``."""
+    """The M-step from ``x̂0``'s half spectrum: the new kernel."""
     obs, mstep = plan.obs, plan.config.mstep
     spectra = kernel_spectra(obs.target_spectrum(spec_x, kernel), spec_x, plan.weight)
-    new = hqs(spectra, kernel, obs.sigma, mstep, tuple(obs.y.shape[-2:]), ridge_r2=plan.ridge,
-              step=step)
-    if mstep.start >= NUM_TRAIN_TIMESTEPS:  # no timestep reaches it
-        return new
-    return torch.where(at(plan.tables.t, step) < mstep.start, new, kernel)
+    return hqs(spectra, kernel, obs.sigma, mstep, tuple(obs.y.shape[-2:]), ridge_r2=plan.ridge,
+               step=step)

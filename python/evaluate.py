@@ -4,7 +4,7 @@
     python python/evaluate.py --images 24 --sigmas 10 --methods fastem-pigdm oracle \\
         --out results/eval-val                                          # the README's figures
     python python/evaluate.py --split tune --images 8 --sigmas 10 --methods fastem-pigdm \\
-        --variants default ridge=0 ridge=0,start=800 --out results/ablation   # an ablation
+        --variants default ridge=1 gradient=0 --out results/ablation   # an ablation
 
 Test set: 256×256 crops, each blurred by its own camera-shake kernel (``--kernel-size``, default
 33), plus white noise for every σ in ``--sigmas`` (/255). ``--split eval``: ``natural/val`` with
@@ -14,8 +14,8 @@ convolution of a larger window of the photo, restored with ``boundary="valid"``;
 circular blur and model. Methods: ``fastem-pigdm`` with n = 1, 4, 16 (``fastem-pigdm-4`` …),
 ``fastem-dps``, ``diffem-pigdm``, ``oracle`` (non-blind ΠGDM with the true kernel) and ``none``
 (the blurry image and a Dirac kernel). ``--variants``: M-step settings for the blind methods,
-each ``default`` or ``key=value,...`` over ``HQSConfig``'s fields (``ridge``, ``start``,
-``gradient``, ``lam``, ``beta``, ``iters``). Metrics: PSNR, its gain over the blurry input, SSIM
+each ``default`` or ``key=value,...`` over ``HQSConfig``'s fields (``ridge``, ``gradient``,
+``lam``, ``beta``, ``iters``). Metrics: PSNR, its gain over the blurry input, SSIM
 of the first particle, PSNR-SA of the particle mean, kernel MSE after the best shift, seconds per
 image. Writes ``results.csv``, ``summary.json``, ``table.md`` (Table 1 style), ``runtime_psnr.png``
 (Figure 1 style), ``grid_*.png`` for the first cases and, with ``--trace``, per case and blind
@@ -88,7 +88,7 @@ def test_set(images: int, sigmas: list[int], kernel_size: int, size: int = 256,
 
 
 def parse_variant(text: str) -> dict:
-    """``default`` → {}; ``ridge=0,start=800`` → {"ridge": 0.0, "start": 800} (typed by the
+    """``default`` → {}; ``ridge=1,iters=20`` → {"ridge": 1.0, "iters": 20} (typed by the
     ``HQSConfig`` field's default)."""
     if text == "default":
         return {}

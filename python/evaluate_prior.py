@@ -216,9 +216,9 @@ bash python/train_prior_gpu.sh               # on the GPU machine; writes $OUT/n
 x0 = 2·img − 1, x_t = √ᾱ x0 + √(1−ᾱ) ε, x̂0 = (x_t − √(1−ᾱ) ε̂)/√ᾱ clamped to [-1, 1]; PSNR
 against img (peak 1, mean over images); "clamped" is the share of x̂0's values beyond ±1.02
 before the clamp (2.4 % of these crops' values are exactly 0 or 255: the margin keeps the
-rounding of correct estimates at the bounds out of the count). σ·255 is the noise of x_t/√ᾱ in [0, 1] units. Acceptance: t = {t25}
-(σ = 25/255): **{psnr25:.2f} dB** (needs ≥ {ACCEPT_PSNR:.1f}). Reproduce:
-`python python/evaluate_prior.py` (CPU, about a minute).
+rounding of correct estimates at the bounds out of the count). σ·255 is the noise of x_t/√ᾱ
+in [0, 1] units. Acceptance: t = {t25} (σ = 25/255): **{psnr25:.2f} dB** (needs ≥
+{ACCEPT_PSNR:.1f}). Reproduce: `python python/evaluate_prior.py` (CPU, about a minute).
 
 {curve_table(curve)}
 """

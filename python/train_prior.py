@@ -29,11 +29,11 @@ example the compact pack that travels to a GPU machine (``python python/pack_tra
 Loss: MSE of the network's v̂ against ``v = √ᾱ ε − √(1−ᾱ) x0`` at a uniform t on the linear
 1000-step schedule (see ``natural_prior`` for why v). AdamW, linear warm-up, then cosine decay to
 lr/10 at ``schedule_steps`` (``auto``: as many steps as the ``--minutes`` budget allows, measured
-over the first steps, for a dedicated GPU; ``time``: over the wall budget itself, for a CPU shared
-with other work, whose step rate changes); gradient-norm clip; EMA of the weights (decay ramped as (1+n)/(10+n) over
-the run's first steps); bf16 autocast on CUDA, float32 on CPU unless asked. Each step's draws
-come from generators seeded by ``(seed, global step)``, so a run that continues another draws
-new data.
+over the first steps, for a dedicated GPU; ``time``: over the wall budget itself, for a CPU
+shared with other work, whose step rate changes); gradient-norm clip; EMA of the weights (decay
+ramped as (1+n)/(10+n) over the run's first steps); bf16 autocast on CUDA, float32 on CPU
+unless asked. Each step's draws come from generators seeded by ``(seed, global step)``, so a run
+that continues another draws new data.
 """
 
 from __future__ import annotations

@@ -83,8 +83,8 @@ def test_guidance_step_is_the_papers_in_network_units(guidance, masked):
     torch.testing.assert_close(increment, expected, rtol=0, atol=1e-5 * expected.abs().max())
 
 
-def test_mstep_settings_ridge_start_and_gradient_change_the_step():
-    """``HQSConfig.ridge`` (0: no ridge), ``start`` and ``gradient`` reach the step's M-step."""
+def test_mstep_settings_ridge_and_gradient_change_the_step():
+    """``HQSConfig.ridge`` (0, the default: no ridge) and ``gradient`` reach the step's M-step."""
     obs, kernel, x = _problem(False)
     x = 0.5 * x  # less saturation: an informative x̂0
 
@@ -96,9 +96,9 @@ def test_mstep_settings_ridge_start_and_gradient_change_the_step():
 
     default = kernel_after()
     assert not torch.equal(default, kernel)
-    for ridge in (0.0, 0.5):  # the ridge r²/4 times the setting (0: no ridge)
+    assert torch.equal(kernel_after(ridge=0.0, gradient=True), default)  # the defaults
+    for ridge in (1.0, 0.5):  # the ridge r²/4 times the setting
         assert not torch.allclose(kernel_after(ridge=ridge), default, rtol=0, atol=1e-6)
-    assert not torch.allclose(kernel_after(gradient=True), default, rtol=0, atol=1e-6)
-    t = int(Schedule("10").timesteps[STEP])
-    assert torch.equal(kernel_after(start=t), kernel)  # t_i ≥ start: the kernel is kept
-    assert torch.equal(kernel_after(start=t + 1), default)
+    assert not torch.allclose(kernel_after(ridge=1.0), kernel_after(ridge=0.5), rtol=0,
+                              atol=1e-6)
+    assert not torch.allclose(kernel_after(gradient=False), default, rtol=0, atol=1e-6)
