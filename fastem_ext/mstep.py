@@ -41,16 +41,17 @@ cross-correlation and the normalisation to sum 1 keeps the blur: a blob. (The po
 per frequency in place of a white ``r²`` gives ``Z_f ≈ W_f K_f``: still shrunk.) The ridge's job,
 keeping an uninformative x̂0 from driving the kernel, is done by the coupling ``nσ²β`` (where
 ``|X̂_f|²`` is small, ``Z_f`` stays near the previous kernel) and by the denoiser. Measured
-(python/evaluate.py, 8 natural/train crops × σ = 10, 20/255, TUNE kernels): mean gain over the
-blurry input −2.1 dB with the ridge (σ = 10 only), +1.2 dB without it, and 0.1× the ridge sits
-between the two.
+(python/results/ablation-tune: 8 natural/train crops, TUNE kernels, σ = 10/255): mean gain over
+the blurry input −2.1 dB with the ridge, +0.5 dB without it (+1.4 dB in the gradient domain,
+below); an earlier prior gave the same order, with 0.1× the ridge in between.
 
 **Gradient domain** (``HQSConfig.gradient``). In the blind loop the sums are weighted per
 frequency by ``(|F∂_h|² + |F∂_v|²)/4`` (``gradient_weight``, mean 1): the same least squares on the
 images' gradients, as classical blind deconvolution does. The per-frequency ratio is unchanged;
 what changes is its weight against the coupling: high frequencies, which carry the kernel's
 shape, gain weight, and the near-constant ones (the boundary band, the DC term, shading) lose it.
-Measured as above: +2.4 dB mean gain against +1.2 dB without, worst case −1.3 dB against −3.0 dB.
+Measured as above, over σ = 10 and 20/255 (16 cases): +2.4 dB mean gain against +1.2 dB
+without, worst case −1.3 dB against −3.0 dB.
 (``σ_z`` below is computed from the weighted sums: an approximation, its exact form would weigh
 the noise twice.)
 
