@@ -58,6 +58,9 @@ MUTATIONS = [
              "ridge = tables.x0_var.contiguous()", ("test_step.py",)),
     Mutation("M-step: the gradient setting ignored", STEP,
              "if mstep.gradient:", "if False:", ("test_step.py",)),
+    Mutation("M-step: the coupling floor ignored", MSTEP,
+             "coupling = particles * sigma_c**2 * config.beta",
+             "coupling = particles * sigma**2 * config.beta", ("test_mstep.py",)),
     Mutation("guidance: the ΠGDM vector's sign flipped", GUIDANCE,
              "return torch.fft.irfft2(filtered, s=obs.y.shape[-2:])",
              "return -torch.fft.irfft2(filtered, s=obs.y.shape[-2:])",
@@ -84,8 +87,8 @@ MUTATIONS = [
 ]
 
 
-def pytest(root: Path, files: tuple[str, ...]) -> tuple[bool, float]:
-    """Run ``files`` (under tests/) in the copy at ``root``: (passed, seconds)."""
+def pytest(root: Path, files: tuple[str, ...]) -> tuple[bool, float, str]:
+    """Run ``files`` (under tests/) in the copy at ``root``: (passed, seconds, output's tail)."""
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     env.pop("FASTEM_BACKEND", None)
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
@@ -93,7 +96,8 @@ def pytest(root: Path, files: tuple[str, ...]) -> tuple[bool, float]:
     start = time.perf_counter()
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
                             timeout=600)
-    return result.returncode == 0, time.perf_counter() - start
+    tail = "\n".join((result.stdout + result.stderr).splitlines()[-15:])
+    return result.returncode == 0, time.perf_counter() - start, tail
 
 
 def copy_tree(work: Path) -> Path:
@@ -124,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fastem-mutation-") as tmp:
         root = copy_tree(Path(tmp))
         files = tuple(dict.fromkeys(f for m in MUTATIONS for f in m.tests))
-        passed, seconds = pytest(root, files)
+        passed, seconds, tail = pytest(root, files)
         print(f"unmutated: {'pass' if passed else 'FAIL'} ({seconds:.0f} s, {len(files)} files)")
         if not passed:
+            print(tail)
             return 1
         for m in MUTATIONS:
             path = root / m.path
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             path.write_text(source.replace(m.old, m.new))
             try:
-                survived, seconds = pytest(root, m.tests)
+                survived, seconds, _ = pytest(root, m.tests)
             finally:
                 path.write_text(source)
             print(f"{'SURVIVED' if survived else 'caught  '} {m.name} ({seconds:.0f} s)")

@@ -120,7 +120,8 @@ def test_pnp_calls_the_denoiser_with_sigma_d():
     spectra, init = _spectra(y, x), gaussian_kernel(7, 2.0)
     out = hqs(spectra, init, 0.02, HQSConfig(regularizer=denoiser, lam=4.0, beta=1e4, iters=3),
               (32, 32))
-    noise = wiener_noise_std(spectra.energy, spectra.energy + 0.02**2 * 1e4, 0.02, (32, 32))
+    coupling = (10 / 255) ** 2 * 1e4  # σ = 0.02 is under the coupling floor, 10/255
+    noise = wiener_noise_std(spectra.energy, spectra.energy + coupling, 0.02, (32, 32))
     assert calls == pytest.approx([(4.0 / 1e4 + float(noise) ** 2) ** 0.5] * 3)
     plain = hqs(spectra, init, 0.02, HQSConfig(regularizer="none", beta=1e4, iters=3), (32, 32))
     assert float((out - plain).abs().max()) > 1e-3
@@ -282,3 +283,20 @@ def test_gradient_spectra_are_the_spectra_of_finite_differences():
     close = dict(rtol=2e-5, atol=1e-3)
     torch.testing.assert_close(ours.cross, (parts[0].cross + parts[1].cross) / 4, **close)
     torch.testing.assert_close(ours.energy, (parts[0].energy + parts[1].energy) / 4, **close)
+
+
+def test_coupling_floor_keeps_the_coupling_of_the_floor_below_it():
+    """The blind loop's coupling nσ²β uses max(σ, coupling_floor); the ℓ2 term keeps σ."""
+    from fastem_ext.mstep import HQSConfig, hqs_terms
+
+    config = HQSConfig(regularizer="l2", lam=2.0, coupling_floor=0.04).validate(9)
+    low = hqs_terms(config, 2, 3, (8, 8), 0.01)
+    assert low.coupling == pytest.approx(2 * 0.04**2 * 1e5)
+    assert low.shift == pytest.approx(low.coupling + 2 * 0.01**2 * 2.0)
+    high = hqs_terms(config, 2, 3, (8, 8), torch.tensor(0.05))
+    assert float(high.coupling) == pytest.approx(2 * 0.05**2 * 1e5)
+    off = hqs_terms(HQSConfig(regularizer="none", coupling_floor=0.0).validate(9), 1, 3, (8, 8),
+                    0.01)
+    assert off.coupling == pytest.approx(0.01**2 * 1e5)
+    with pytest.raises(ValueError, match="coupling_floor"):
+        HQSConfig(regularizer="none", coupling_floor=-0.1).validate(9)
