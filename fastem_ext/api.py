@@ -26,7 +26,7 @@ from .mstep import REGULARIZERS, HQSConfig, bundled_denoiser
 from .noise import estimate_noise
 from .observation import Observation
 from .physics import blur_spectrum, gaussian_kernel, psf2otf
-from .priors import load_prior
+from .priors import Prior, load_prior
 from .progress import StepProgress
 from .samplers import Runner, SamplerOutput, StepCallback, diffusion_em, fast_em, nonblind, sample
 from .schedule import Schedule
@@ -89,7 +89,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     seed = check_int("seed", seed, low=0, high=2**63 - 1)
     guidance_scale = check_positive("guidance_scale", guidance_scale, high=MAX_GUIDANCE_SCALE)
     if kernel is not None:
-        kernel = check_kernel("kernel", kernel).detach().float().cpu()
+        kernel = check_kernel("kernel", kernel, blur=True).float().cpu()
         kernel_size = kernel.shape[-1]
     elif method not in BLIND:
         raise ValueError(f"method {method!r} is non-blind: pass kernel= (a [K, K] tensor)")
@@ -126,6 +126,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
             reporter(i, x0, k)
             callback(i, frame.crop(x0), k)
 
+    _probe_prior(net_prior, (particles, 3, frame.grid_h, frame.grid_w), schedule, device)
     if torch.cuda.is_available() and device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sample_start = time.perf_counter()
@@ -137,6 +138,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sample_seconds = time.perf_counter() - sample_start
+    _check_finite(out, guidance_scale)
 
     reblur = frame.crop(blur_spectrum(out.particles.mean(0), psf2otf(out.kernel, grid.shape[-2:])))
     reblur_rmse = float((reblur - colour.to(device)).square().mean().sqrt())
@@ -175,6 +177,42 @@ def _sample(method: str, model, obs: Observation, kernel: Tensor, schedule: Sche
     return fast_em(model, obs, kernel, mstep=mstep, **common)
 
 
+def _probe_prior(prior: Prior, shape: tuple[int, ...], schedule: Schedule,
+                 device: torch.device) -> None:
+    """Call the prior once, at the run's first timestep on a noise input of the run's shape: a
+    prior that fails, returns the wrong shape or non-finite values is reported here, by name,
+    not as NaN images or an error deep inside the sampler."""
+    x = torch.randn(shape, generator=torch.Generator(device=device).manual_seed(0),
+                    device=device)
+    t = torch.full((shape[0],), int(schedule.timesteps[-1]), dtype=torch.long, device=device)
+    try:
+        with torch.no_grad():
+            eps = prior.model(x, t)
+    except Exception as err:  # a user's network: say which call failed, keep the cause
+        raise ValueError(f"prior {prior.name!r} failed on an input of shape {list(shape)} at "
+                         f"t = {int(t[0])}: {type(err).__name__}: {err}") from err
+    channels = shape[1]
+    if (not isinstance(eps, Tensor) or eps.dim() != 4 or eps.shape[0] != shape[0]
+            or eps.shape[1] not in (channels, 2 * channels) or eps.shape[2:] != x.shape[2:]):
+        got = tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__
+        raise ValueError(f"prior {prior.name!r} must return eps of shape [n, {channels} or "
+                         f"{2 * channels}, H, W] = {list(shape)}, got {got}")
+    if not bool(torch.isfinite(eps[:, :channels]).all()):
+        raise ValueError(f"prior {prior.name!r} returned NaN or infinite values at t = {int(t[0])}")
+
+
+def _check_finite(out: SamplerOutput, guidance_scale: float) -> None:
+    """No NaN or inf leaves ``run()``: say which stage produced it."""
+    if not bool(torch.isfinite(out.kernel).all()):
+        raise RuntimeError("the M-step produced a kernel with NaN or infinite values (a kernel "
+                           "denoiser or the prior diverged during the run); nothing was returned")
+    if not bool(torch.isfinite(out.particles).all()):
+        raise RuntimeError(
+            "sampling produced NaN or infinite values (the prior's output or the guidance "
+            f"diverged during the run; guidance_scale={guidance_scale:g}); nothing was returned"
+        )
+
+
 def _mstep_config(regularizer: str, size: int, device: torch.device,
                   given: HQSConfig | None) -> HQSConfig:
     """The validated M-step settings: ``given`` (its regulariser wins), else the tuned ones for
@@ -185,7 +223,26 @@ def _mstep_config(regularizer: str, size: int, device: torch.device,
         raise ValueError(f"mstep must be an HQSConfig, got {type(given).__name__}")
     if given.kind == "pnp" and given.kernel_denoiser is None:
         given = replace(given, denoiser=bundled_denoiser(size, device))
+    elif given.kind == "pnp":
+        _probe_denoiser(given.kernel_denoiser, size, device)
     return given.validate(size)
+
+
+def _probe_denoiser(denoiser, size: int, device: torch.device) -> None:
+    """Call a user's kernel denoiser once on a Gaussian kernel: wrong shapes and non-finite
+    values are reported here, by name, not as NaN images after the run."""
+    kernel = gaussian_kernel(size, size / 16, device=device)
+    try:
+        with torch.no_grad():
+            out = denoiser(kernel, torch.tensor(0.01, device=device))
+    except Exception as err:  # a user's callable: say which call failed, keep the cause
+        raise ValueError(f"the kernel denoiser failed on a [{size}, {size}] kernel: "
+                         f"{type(err).__name__}: {err}") from err
+    if not isinstance(out, Tensor) or tuple(out.shape) != (size, size):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"the kernel denoiser must return a [{size}, {size}] tensor, got {got}")
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError("the kernel denoiser returned NaN or infinite values")
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

@@ -13,6 +13,9 @@ import torch
 from torch import Tensor
 
 MAX_SIGMA = 0.5
+# The least noise level: 0.0255/255, far below any camera's; near 1e-19 σ² underflows float32 and
+# the guidance divides by zero.
+LEAST_SIGMA = 1e-4
 
 
 def check_tensor(name: str, x: object, ndims: tuple[int, ...]) -> Tensor:
@@ -49,19 +52,38 @@ def check_image(name: str, x: object, *, batched: bool | None = False) -> Tensor
     return x
 
 
-def check_kernel(name: str, k: object) -> Tensor:
-    """A blur kernel ``[K, K]``: square, finite, non-negative-sum, K ≥ 1."""
+def check_kernel(name: str, k: object, *, blur: bool = False) -> Tensor:
+    """A kernel ``[K, K]``: square, finite, positive sum, K ≥ 1.
+
+    ``blur=True`` (a user's blur kernel): the entries must be non-negative as well (values down
+    to ``-1e-6·max`` count as rounding and become 0), and the kernel comes back normalised to sum
+    1 in its dtype, computed in float64 so that huge entries do not overflow.
+    """
     k = check_tensor(name, k, (2,))
     if k.shape[0] != k.shape[1]:
         raise ValueError(f"{name} must be square [K, K], got shape {tuple(k.shape)}")
-    total = float(k.sum())
-    if not total > 1e-8:
-        raise ValueError(f"{name} must have a positive sum (blur kernels sum to 1), got {total}")
-    return k
+    if not blur:
+        total = float(k.sum())
+        if not total > 1e-8:
+            raise ValueError(
+                f"{name} must have a positive sum (blur kernels sum to 1), got {total}"
+            )
+        return k
+    wide = k.detach().double()
+    peak, low = float(wide.max()), float(wide.min())
+    if not peak > 0:
+        raise ValueError(f"{name} must have a positive entry (blur kernels sum to 1)")
+    if low < -1e-6 * peak:
+        raise ValueError(
+            f"{name} has negative entries (down to {low:.3g}): a blur kernel is non-negative "
+            "(clip it with kernel.clamp(min=0) if they are noise)"
+        )
+    wide = wide.clamp_min(0.0)
+    return (wide / wide.sum()).to(k.dtype)
 
 
 def check_sigma(name: str, sigma: object) -> float:
-    """Noise level in [0, 1] image units: ``0 < sigma <= 0.5``."""
+    """Noise level in [0, 1] image units: ``1e-4 <= sigma <= 0.5``."""
     if isinstance(sigma, Tensor):
         if sigma.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {tuple(sigma.shape)}")
@@ -69,10 +91,10 @@ def check_sigma(name: str, sigma: object) -> float:
     if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
         raise ValueError(f"{name} must be a number, got {type(sigma).__name__}")
     sigma = float(sigma)
-    if not math.isfinite(sigma) or not 0.0 < sigma <= MAX_SIGMA:
+    if not math.isfinite(sigma) or not LEAST_SIGMA <= sigma <= MAX_SIGMA:
         raise ValueError(
-            f"{name} must be in (0, {MAX_SIGMA}] in [0, 1] image units (10/255 = 0.039), "
-            f"got {sigma}"
+            f"{name} must be in [{LEAST_SIGMA:g}, {MAX_SIGMA}] in [0, 1] image units "
+            f"(10/255 = 0.039; for a nearly noiseless image pass {LEAST_SIGMA:g}), got {sigma:g}"
         )
     return sigma
 

@@ -347,9 +347,9 @@ def estimate_kernel(sharp: Tensor, blurry: Tensor, sigma: float, *, kernel_size:
     if init is None:
         init = gaussian_kernel(size, size / 16, device=blurry.device, dtype=blurry.dtype)
     else:
-        init = check_kernel("init", init)
+        init = check_kernel("init", init, blur=True)
         if init.shape[-1] != size:
             raise ValueError(f"init must be [{size}, {size}], got {tuple(init.shape)}")
-        init = init.to(blurry) / init.sum()
+        init = init.to(blurry)
     spectra = kernel_spectra(torch.fft.rfft2(blurry), torch.fft.rfft2(particles))
     return hqs(spectra, init, sigma, config, tuple(blurry.shape[-2:]))

@@ -94,6 +94,17 @@ def test_circular_boundary_keeps_the_grid():
         ({"guidance_scale": 1e30}, "guidance_scale"),
         ({"guidance_scale": "2"}, "guidance_scale"),
         ({"guidance_scale": 0}, "guidance_scale"),
+        ({"sigma": 1e-30}, "sigma"),
+        ({"sigma": 1e-300}, "sigma"),
+        ({"method": "pigdm", "kernel": torch.tensor([[0.5, -0.2], [0.4, 0.3]])}, "negative"),
+        ({"prior": lambda x, t: None}, "must return eps"),
+        ({"prior": lambda x, t: x[:, :1]}, "must return eps"),
+        ({"prior": lambda x, t: x * float("nan")}, "NaN"),
+        ({"prior": lambda x, t: x.reshape(-1)}, "must return eps"),
+        ({"prior": lambda x, t: 1 / 0}, "ZeroDivisionError"),
+        ({"mstep": fastem_ext.HQSConfig(regularizer=lambda k, s: None)}, "kernel denoiser"),
+        ({"mstep": fastem_ext.HQSConfig(regularizer=lambda k, s: k[:-1])}, "kernel denoiser"),
+        ({"mstep": fastem_ext.HQSConfig(regularizer=lambda k, s: k / 0 * 0)}, "kernel denoiser"),
     ],
 )
 def test_bad_input_gives_one_clear_value_error(kwargs, match, monkeypatch, tmp_path):
@@ -123,3 +134,34 @@ def test_mstep_settings_and_step_callback():
 def test_public_names():
     for name in ("run", "estimate_kernel", "blur", "motion_kernel", "metrics", "Result"):
         assert hasattr(fastem_ext, name)
+
+
+def test_smallest_sigma_gives_a_finite_result():
+    """σ down to ``LEAST_SIGMA`` (1e-4) runs; below it ``run()`` refuses (the NaN regime)."""
+    from fastem_ext.checks import LEAST_SIGMA
+
+    for method, extra in (("fastem-pigdm", {}), ("pigdm", {"kernel": gaussian_kernel(5, 1.0)})):
+        result = run(_photo(), LEAST_SIGMA, method=method, **FAST, **extra)
+        assert torch.isfinite(result.image).all() and torch.isfinite(result.kernel).all()
+
+
+def test_blur_kernels_are_normalised_in_float64_and_rounding_negatives_dropped():
+    huge = gaussian_kernel(5, 1.0) * 1e38  # float32 sums it to inf
+    result = run(_photo(), 0.02, method="pigdm", kernel=huge, **FAST)
+    torch.testing.assert_close(result.kernel, gaussian_kernel(5, 1.0))
+    rounded = gaussian_kernel(5, 1.0)
+    rounded[0, 0] = -1e-9
+    result = run(_photo(), 0.02, method="pigdm", kernel=rounded, **FAST)
+    assert float(result.kernel.min()) >= 0 and abs(float(result.kernel.sum()) - 1) < 1e-6
+
+
+def test_a_prior_that_diverges_mid_run_is_an_error_not_a_nan_image():
+    calls = []
+
+    def eps(x, t):
+        calls.append(1)
+        return x * (float("nan") if len(calls) > 2 else 0.5)
+
+    with pytest.raises(RuntimeError, match="NaN or infinite"):
+        run(_photo(), 0.02, **{**FAST, "prior": eps})
+
