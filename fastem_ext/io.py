@@ -42,7 +42,7 @@ def load_image(source: object, name: str = "blurry") -> LoadedImage:
     except ImportError:  # pragma: no cover - pillow is a dependency
         Image = None
     if Image is not None and isinstance(source, Image.Image):
-        image, bits = _from_numpy(_pil_array(source), name)
+        image, bits = _from_numpy(_pil_array(source, name), name)
         return LoadedImage(image, bits, "PIL image")
     raise ValueError(
         f"{name} must be a path, a PIL image, a numpy array or a torch tensor, "
@@ -51,25 +51,46 @@ def load_image(source: object, name: str = "blurry") -> LoadedImage:
 
 
 def _load_path(path: Path, name: str) -> LoadedImage:
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise ValueError(f"{name}: file not found: {path}")
-    try:
-        if png_bit_depth(path) == 16:
-            image, bits = _from_numpy(read_png16(path), name)
-        else:
-            with Image.open(path) as img:
-                img.load()
-                image, bits = _from_numpy(_pil_array(img), name)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"{name}: cannot read {path} as an image ({err})") from None
+    image, bits = _from_numpy(_decode(path, name), name)
     return LoadedImage(image, bits, str(path))
 
 
-def _pil_array(img) -> np.ndarray:
+def _decode(path: Path, name: str) -> np.ndarray:
+    """An image file's pixels as Pillow or the 16-bit PNG reader gives them."""
+    from PIL import Image, UnidentifiedImageError
+
+    if path.is_dir():
+        raise ValueError(f"{name}: {path} is a directory, not an image file")
+    if not path.exists():
+        raise ValueError(f"{name}: file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{name}: {path} is not a regular file")
+    try:
+        if png_bit_depth(path) == 16:
+            return read_png16(path)
+        with Image.open(path) as img:
+            img.load()
+            return _pil_array(img, name)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{name}: {path} is too large to read ({err})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{name}: cannot read {path} as an image ({err})") from None
+
+
+def _pil_array(img, name: str) -> np.ndarray:
+    """Pillow's modes as arrays ``_from_numpy`` reads: 32-bit integer images (``I``) are 8-bit
+    data if no value exceeds 255, else 16-bit; float images (``F``) must hold [0, 1]."""
     if img.mode in ("I;16", "I;16B", "I;16L"):
         return np.asarray(img).astype(np.uint16)
+    if img.mode == "I":
+        array = np.asarray(img)
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 65535:
+            raise ValueError(f"{name}: 32-bit integer image with values in [{low}, {high}]; "
+                             "8-bit (0..255) and 16-bit (0..65535) ranges are supported")
+        return array.astype(np.uint8 if high <= 255 else np.uint16)
+    if img.mode == "F":
+        return np.asarray(img, dtype=np.float32)
     if img.mode not in ("L", "RGB", "LA", "RGBA"):
         img = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info
                           else "RGB")
@@ -115,58 +136,146 @@ def _from_tensor(tensor: Tensor, name: str) -> Tensor:
     return tensor.detach().float().contiguous()
 
 
-def write_image(path: str | os.PathLike, image: Tensor, bits: int = 8) -> None:
-    """Write ``[C, H, W]`` in [0, 1]; PNG may be 16-bit, other formats are 8-bit (Pillow).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+KERNEL_SUFFIXES = (".npy", *IMAGE_SUFFIXES)
 
-    Atomic: encoded in memory, written to a temporary file in the destination folder, renamed.
-    """
+
+def encode_image(path: str | os.PathLike, image: Tensor, bits: int = 8) -> bytes:
+    """``[C, H, W]`` in [0, 1] as the bytes of an image file of ``path``'s format; PNG may be
+    16-bit, the other formats are 8-bit (Pillow)."""
     path = Path(path)
+    check_suffix(path, IMAGE_SUFFIXES)
     array = image.detach().float().clamp(0, 1).cpu().numpy().transpose(1, 2, 0)
     if bits == 16 and path.suffix.lower() == ".png":
-        data = encode_png16(np.round(array * 65535).astype(np.uint16))
-    else:
-        from PIL import Image
+        return encode_png16(np.round(array * 65535).astype(np.uint16))
+    from PIL import Image
 
-        pixels = np.round(array * 255).astype(np.uint8)
-        pil = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
-        buffer = io.BytesIO()
-        try:
-            pil.save(buffer, format=Image.registered_extensions().get(path.suffix.lower()))
-        except (KeyError, ValueError, OSError) as err:
-            raise ValueError(f"cannot write {path}: unsupported image format ({err})") from None
-        data = buffer.getvalue()
-    atomic_write(path, data)
+    pixels = np.round(array * 255).astype(np.uint8)
+    pil = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+    buffer = io.BytesIO()
+    try:
+        pil.save(buffer, format=Image.registered_extensions()[path.suffix.lower()])
+    except (KeyError, ValueError, OSError) as err:
+        raise ValueError(f"cannot write {path}: unsupported image format ({err})") from None
+    return buffer.getvalue()
 
 
-def write_kernel(path: str | os.PathLike, kernel: Tensor) -> None:
+def encode_kernel(path: str | os.PathLike, kernel: Tensor) -> bytes:
     """A kernel ``[K, K]``: ``.npy`` keeps the exact values; an image is scaled to its maximum."""
     path = Path(path)
+    check_suffix(path, KERNEL_SUFFIXES)
     if path.suffix.lower() == ".npy":
         buffer = io.BytesIO()
         np.save(buffer, kernel.detach().cpu().numpy())
-        atomic_write(path, buffer.getvalue())
-        return
+        return buffer.getvalue()
     peak = kernel.max().clamp_min(1e-12)
-    write_image(path, (kernel / peak)[None], bits=16)
+    return encode_image(path, (kernel / peak)[None], bits=16)
+
+
+def check_suffix(path: Path, suffixes: tuple[str, ...], option: str | None = None) -> None:
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"{option or 'cannot write ' + str(path)}: the file name must end in "
+                         f"one of {', '.join(suffixes)}, got {path.name!r}")
+
+
+def check_outputs(outputs: dict[str, str | None], suffixes: dict[str, tuple[str, ...]],
+                  inputs: tuple[str | None, ...] = ()) -> dict[str, Path]:
+    """Before any work: every output path (option → path) names a file that can be written — a
+    supported suffix, an existing writable folder, not a directory — and no two outputs, nor an
+    output and an input, are the same file. Returns the given ones as paths."""
+    given = {option: Path(path) for option, path in outputs.items() if path is not None}
+    seen = {os.path.realpath(path): "the input" for path in inputs if path is not None}
+    for option, path in given.items():
+        real = os.path.realpath(path)
+        folder = Path(real).parent
+        if Path(real).is_dir():
+            raise ValueError(f"{option}: {path} is a directory")
+        check_suffix(path, suffixes[option], option)
+        if not folder.is_dir():
+            raise ValueError(f"{option}: folder does not exist: {path.parent}")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"{option}: folder is not writable: {path.parent}")
+        if Path(real).exists() and not os.access(real, os.W_OK):
+            raise ValueError(f"{option}: {path} exists and is not writable")
+        if real in seen:
+            raise ValueError(f"{option}: {path} is also {seen[real]}")
+        seen[real] = option
+    return given
+
+
+def write_image(path: str | os.PathLike, image: Tensor, bits: int = 8) -> None:
+    """``encode_image``, then ``atomic_write``."""
+    atomic_write(Path(path), encode_image(path, image, bits))
+
+
+def write_kernel(path: str | os.PathLike, kernel: Tensor) -> None:
+    """``encode_kernel``, then ``atomic_write``."""
+    atomic_write(Path(path), encode_kernel(path, kernel))
 
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write bytes so that an interrupted run leaves either the old file or the new one."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise ValueError(f"output folder does not exist: {folder}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    commit_files({Path(path): data})
+
+
+def commit_files(files: dict[Path, bytes]) -> None:
+    """Write several files as one: every file goes to a temporary file beside its destination
+    first, and only when all are written are they renamed into place, so a failure or Ctrl-C
+    while writing leaves every destination as it was. A symlinked destination is written
+    through (its target is replaced); a replaced file keeps its permissions, a new one gets
+    those a plain ``open()`` would give."""
+    staged: list[tuple[str, Path]] = []
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        # mkstemp creates 0600; a written result gets the permissions a plain open() would give.
+        for path, data in files.items():
+            target = Path(os.path.realpath(path))
+            folder = target.parent
+            if not folder.is_dir():
+                raise ValueError(f"output folder does not exist: {Path(path).parent}")
+            if target.is_dir():
+                raise ValueError(f"output is a directory: {path}")
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+            staged.append((tmp, target))
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.chmod(tmp, _mode_for(target))
+        for tmp, target in staged:
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _mode_for(target: Path) -> int:
+    """An existing file's permissions, else what ``open()`` under the umask gives (mkstemp
+    creates 0600)."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except FileNotFoundError:
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return 0o666 & ~umask
+
+
+def read_kernel(path: str | os.PathLike, name: str = "kernel") -> Tensor:
+    """A kernel file: ``.npy`` (a 2-D array) or an image (grey, or colour averaged), at any
+    scale; ``run()`` checks it and normalises it to sum 1."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        if not path.is_file():
+            raise ValueError(f"{name}: file not found: {path}")
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{name}: cannot read {path} as a .npy array ({err})") from None
+        if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
+            raise ValueError(f"{name}: {path} must hold a 2-D numeric array, got shape "
+                             f"{array.shape} of {array.dtype}")
+        return torch.from_numpy(array.astype(np.float64))
+    array = _decode(path, name)
+    if array.ndim == 3:
+        array = array[:, :, : 3 if array.shape[2] >= 3 else 1].mean(axis=2)  # alpha dropped
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))
 
 
 def read_image(path: str | os.PathLike) -> tuple[Tensor, int]:

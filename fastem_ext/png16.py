@@ -14,6 +14,7 @@ import numpy as np
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
+MAX_PIXELS = 178_956_970  # Pillow's DecompressionBombError threshold (2 × MAX_IMAGE_PIXELS)
 
 
 def png_bit_depth(path: Path) -> int | None:
@@ -52,12 +53,15 @@ def read_png16(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: interlaced 16-bit PNGs are not supported; re-save without")
     if width < 1 or height < 1:
         raise ValueError(f"{path}: empty image")
-    try:
-        raw = zlib.decompress(b"".join(idat))
-    except zlib.error as err:
-        raise ValueError(f"{path}: corrupt PNG data ({err})") from None
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"{path}: {width}x{height} pixels is more than the {MAX_PIXELS} this "
+                         "reader decodes (Pillow's bound for 8-bit images)")
     bpp = 2 * CHANNELS[colour]
     stride = width * bpp
+    try:  # never inflate more than the header announces (a compression bomb stops here)
+        raw = zlib.decompressobj().decompress(b"".join(idat), height * (stride + 1) + 1)
+    except zlib.error as err:
+        raise ValueError(f"{path}: corrupt PNG data ({err})") from None
     if len(raw) != height * (stride + 1):
         raise ValueError(f"{path}: PNG data has the wrong length")
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, stride + 1)

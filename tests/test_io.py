@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastem_ext.io import load_image, write_image, write_kernel
+from fastem_ext.io import commit_files, load_image, write_image, write_kernel
 from fastem_ext.png16 import encode_png16, read_png16
 
 
@@ -106,7 +106,7 @@ def test_a_non_image_file_is_a_clear_error(tmp_path):
 
 def test_failed_write_leaves_no_file(tmp_path):
     target = tmp_path / "out.xyz"
-    with pytest.raises(ValueError, match="unsupported"):
+    with pytest.raises(ValueError, match="must end in one of"):
         write_image(target, torch.rand(3, 8, 8))
     assert list(tmp_path.iterdir()) == []
 
@@ -127,3 +127,74 @@ def test_kernel_outputs(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "k.npy"), kernel.numpy())
     write_kernel(tmp_path / "k.png", kernel)
     assert read_png16(tmp_path / "k.png").max() == 65535
+
+
+def _png(ihdr: bytes, idat: bytes) -> bytes:
+    def chunk(kind, body):
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_huge_pngs_are_refused_before_decoding(tmp_path, bits):
+    """A header claiming 20000×20000 pixels: a clear error, not Pillow's exception or a 2.4 GB
+    allocation (the 16-bit reader bounds pixels as Pillow does for 8-bit images)."""
+    path = tmp_path / "bomb.png"
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, bits, 2, 0, 0, 0)
+    path.write_bytes(_png(ihdr, zlib.compress(b"\0" * 1000)))
+    with pytest.raises(ValueError, match="too large|more than"):
+        load_image(path)
+
+
+def test_a_16bit_png_inflating_past_its_header_is_refused(tmp_path):
+    path = tmp_path / "long.png"
+    ihdr = struct.pack(">IIBBBBB", 4, 4, 16, 0, 0, 0, 0)
+    path.write_bytes(_png(ihdr, zlib.compress(b"\0" * 10_000_000)))
+    with pytest.raises(ValueError, match="wrong length"):
+        read_png16(path)
+
+
+def test_pillow_integer_and_float_modes_keep_their_range(tmp_path):
+    ramp = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64)
+    float_image = load_image(Image.fromarray(ramp, mode="F")).image
+    torch.testing.assert_close(float_image[0], torch.from_numpy(ramp))
+    wide = Image.fromarray((ramp * 65535).round().astype(np.int32), mode="I")
+    assert load_image(wide).bits == 16
+    torch.testing.assert_close(load_image(wide).image[0], torch.from_numpy(ramp), atol=1e-5,
+                               rtol=0)
+    narrow = Image.fromarray((ramp * 255).round().astype(np.int32), mode="I")
+    assert load_image(narrow).bits == 8 and float(load_image(narrow).image.max()) == 1.0
+    wide.save(tmp_path / "wide.tif")
+    torch.testing.assert_close(load_image(tmp_path / "wide.tif").image[0],
+                               torch.from_numpy(ramp), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="32-bit integer"):
+        load_image(Image.fromarray(np.full((48, 64), 70000, np.int32), mode="I"))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        load_image(Image.fromarray(ramp * 255, mode="F"))
+
+
+def test_outputs_are_committed_together_or_not_at_all(tmp_path):
+    first, second = tmp_path / "a.png", tmp_path / "b.json"
+    first.write_bytes(b"old")
+    with pytest.raises(ValueError, match="folder does not exist"):
+        commit_files({first: b"new", tmp_path / "missing" / "c.json": b"x"})
+    assert first.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+    commit_files({first: b"new", second: b"{}"})
+    assert first.read_bytes() == b"new" and second.read_bytes() == b"{}"
+    with pytest.raises(ValueError, match="is a directory"):
+        commit_files({tmp_path: b"x"})
+
+
+def test_overwriting_keeps_the_mode_and_writes_through_symlinks(tmp_path):
+    target = tmp_path / "real.png"
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    link = tmp_path / "link.png"
+    link.symlink_to(target)
+    write_image(link, torch.rand(3, 8, 8))
+    assert link.is_symlink() and target.stat().st_mode & 0o777 == 0o640
+    assert load_image(link).image.shape == (3, 8, 8)
+
