@@ -1,92 +1,138 @@
-"""The ``fastem`` command: ``fastem deblur IN -o OUT`` and ``fastem demo``."""
+"""The ``fastem`` command: ``fastem deblur IN -o OUT`` and ``fastem demo``.
+
+Exit codes: 0 done, 2 bad input or a failed run (one line on stderr, no traceback, no output
+written), 130 interrupted (Ctrl-C; nothing written)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
+
+import torch
 
 from .api import METHODS, run
 from .boundary import BOUNDARIES
-from .io import atomic_write, load_image, write_image, write_kernel
+from .checks import LEAST_SIGMA, MAX_SIGMA, check_int
+from .io import (
+    IMAGE_SUFFIXES,
+    KERNEL_SUFFIXES,
+    check_outputs,
+    commit_files,
+    encode_image,
+    encode_kernel,
+    load_image,
+    read_kernel,
+)
 from .mstep import REGULARIZERS
+
+DESCRIPTION = ("Blind deblurring with a diffusion prior (Fast Diffusion EM): estimate the "
+               "camera-shake kernel of a blurry photo and restore it.")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=METHODS, default="fastem-pigdm")
+    parser.add_argument("--method", choices=METHODS, default="fastem-pigdm",
+                        help="fastem-pigdm (default), fastem-dps, diffem-pigdm (blind), or the "
+                        "non-blind pigdm / dps, which need --kernel")
     parser.add_argument("--prior", default="natural",
-                        help="natural (bundled), gaussian, ffhq, imagenet or a .pt path")
+                        help="natural (bundled), gaussian, ffhq, imagenet, a guided-diffusion "
+                        ".pt file or natural-prior .safetensors weights")
     parser.add_argument("--particles", type=int, default=1, help="posterior samples (default 1)")
     parser.add_argument("--steps", default=None, help="diffusion steps, e.g. 100 or ddim50")
-    parser.add_argument("--kernel-size", type=int, default=33)
-    parser.add_argument("--regularizer", choices=REGULARIZERS, default="pnp")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kernel-size", type=int, default=33,
+                        help="size K of the K×K kernel to estimate, in pixels (default 33)")
+    parser.add_argument("--regularizer", choices=REGULARIZERS, default="pnp",
+                        help="the kernel prior of the M-step (default pnp: the bundled "
+                        "kernel denoiser)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed: the same seed gives the same result (default 0)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice, one per core)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastem", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fastem", description=DESCRIPTION,
+                                     epilog="Exit codes: 0 done, 2 bad input or failed run, "
+                                     "130 interrupted; nothing is written unless the run "
+                                     "succeeds.")
     commands = parser.add_subparsers(dest="command", required=True)
     deblur = commands.add_parser("deblur", help="estimate the blur kernel and restore a photo")
     deblur.add_argument("input", help="blurry image (PNG 8/16-bit, JPEG, TIFF, ...)")
     deblur.add_argument("-o", "--output", required=True, help="restored image")
     deblur.add_argument("--sigma", type=float, default=None,
                         help="noise std in /255 units (default: estimated)")
-    deblur.add_argument("--kernel-out", default=None, help="estimated kernel (.png or .npy)")
-    deblur.add_argument("--mean-out", default=None, help="average of the particles (PNG)")
+    deblur.add_argument("--kernel", default=None,
+                        help="the known kernel (.npy, or an image scaled to any peak) for "
+                        "--method pigdm or dps; with a blind method, the initial estimate")
+    deblur.add_argument("--kernel-out", default=None,
+                        help="estimated kernel: .npy (exact values) or a 16-bit PNG scaled to "
+                        "its peak (tiny: the kernel's own size)")
+    deblur.add_argument("--mean-out", default=None, help="average of the particles (image)")
     deblur.add_argument("--report", default=None, help="JSON report of settings and timings")
-    deblur.add_argument("--boundary", choices=BOUNDARIES, default="valid")
+    deblur.add_argument("--boundary", choices=BOUNDARIES, default="valid",
+                        help="valid (default: real photos, no wrap-around) or circular "
+                        "(synthetic data blurred circularly)")
     _common(deblur)
     demo = commands.add_parser("demo", help="blur a sample, restore it, write a comparison PNG")
     demo.add_argument("image", nargs="?", default=None,
                       help="a sharp image to use instead of the built-in sample")
-    demo.add_argument("-o", "--output", default="fastem_demo.png")
+    demo.add_argument("-o", "--output", default="fastem_demo.png", help="the panel (PNG)")
     demo.add_argument("--noise", type=float, default=5.0, help="added noise std, /255 units")
     demo.add_argument("--size", type=int, default=256, help="centre crop of the sample")
-    demo.add_argument("--kernel-seed", type=int, default=7)
+    demo.add_argument("--kernel-seed", type=int, default=7,
+                      help="seed of the generated camera-shake kernel")
     _common(demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+        if args.threads is not None:
+            torch.set_num_threads(check_int("--threads", args.threads, low=1, high=1024))
         if args.command == "deblur":
             _deblur(args)
         else:
             from .demo import run_demo
 
             print(run_demo(args))
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, RuntimeError, OSError) as err:
         print(f"fastem: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fastem: interrupted (no output written)", file=sys.stderr)
+        print("fastem: interrupted: no output was written", file=sys.stderr)
         return 130
     return 0
 
 
 def _deblur(args: argparse.Namespace) -> None:
-    for option in ("output", "kernel_out", "mean_out", "report"):
-        target = getattr(args, option)
-        if target is not None and not Path(target).parent.resolve().is_dir():
-            raise ValueError(f"--{option.replace('_', '-')}: folder does not exist: {target}")
+    outputs = check_outputs(
+        {"-o/--output": args.output, "--mean-out": args.mean_out,
+         "--kernel-out": args.kernel_out, "--report": args.report},
+        {"-o/--output": IMAGE_SUFFIXES, "--mean-out": IMAGE_SUFFIXES,
+         "--kernel-out": KERNEL_SUFFIXES, "--report": (".json",)},
+        (args.input, args.kernel))
+    if args.sigma is not None and not LEAST_SIGMA * 255 <= args.sigma <= MAX_SIGMA * 255:
+        raise ValueError(f"--sigma must be in [{LEAST_SIGMA * 255:g}, {MAX_SIGMA * 255:g}] "
+                         f"(/255 units), got {args.sigma:g}")
     loaded = load_image(args.input, name="input")
+    kernel = None if args.kernel is None else read_kernel(args.kernel, "--kernel")
     sigma = None if args.sigma is None else args.sigma / 255
     result = run(loaded.image, sigma, method=args.method, prior=args.prior,
                  particles=args.particles, steps=args.steps, kernel_size=args.kernel_size,
                  seed=args.seed, device=args.device, progress=not args.quiet,
-                 boundary=args.boundary, regularizer=args.regularizer)
-    write_image(args.output, result.image, bits=loaded.bits)
-    if args.mean_out:
-        write_image(args.mean_out, result.mean, bits=loaded.bits)
-    if args.kernel_out:
-        write_kernel(args.kernel_out, result.kernel)
-    if args.report:
+                 boundary=args.boundary, regularizer=args.regularizer, kernel=kernel)
+    files = {outputs["-o/--output"]: encode_image(args.output, result.image, loaded.bits)}
+    if "--mean-out" in outputs:
+        files[outputs["--mean-out"]] = encode_image(args.mean_out, result.mean, loaded.bits)
+    if "--kernel-out" in outputs:
+        files[outputs["--kernel-out"]] = encode_kernel(args.kernel_out, result.kernel)
+    if "--report" in outputs:
         info = {**result.info, "input": str(args.input), "output": str(args.output)}
-        atomic_write(Path(args.report), (json.dumps(info, indent=2) + "\n").encode())
+        files[outputs["--report"]] = (json.dumps(info, indent=2) + "\n").encode()
+    commit_files(files)
     info = result.info
     print(f"{args.output}: sigma {255 * info['sigma']:.2f}/255"
           f"{' (estimated)' if info['sigma_estimated'] else ''}, reblur RMSE "

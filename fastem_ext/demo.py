@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .api import run
 from .checks import check_int
-from .io import atomic_write, center_crop, load_image
+from .io import atomic_write, center_crop, check_outputs, load_image
 from .metrics import kernel_mse, psnr
 from .motion import motion_kernel
 from .physics import blur
@@ -47,6 +47,9 @@ def sample_image(size: int = 256, seed: int = 0) -> Tensor:
 def run_demo(args: argparse.Namespace) -> str:
     """Run the demo described by the CLI arguments; returns a one-line summary."""
     size = check_int("--size", args.size, low=64, high=4096)
+    kernel_size = check_int("--kernel-size", args.kernel_size, low=9, high=min(128, size // 2))
+    output = check_outputs({"-o/--output": args.output}, {"-o/--output": (".png",)},
+                           (args.image,))["-o/--output"]
     if args.image is None:
         sharp = sample_image(size)
     else:
@@ -54,16 +57,16 @@ def run_demo(args: argparse.Namespace) -> str:
         sharp = center_crop(sharp.expand(3, -1, -1), size)
     if not 0 <= args.noise <= 50:
         raise ValueError(f"--noise must be in [0, 50] (/255 units), got {args.noise}")
-    kernel = motion_kernel(args.kernel_size, seed=args.kernel_seed)
+    kernel = motion_kernel(kernel_size, seed=args.kernel_seed)
     sigma = max(args.noise, 0.5) / 255
     # A real photo is a window onto a larger scene: blur a reflected extension linearly, keep
     # the frame (no circular wrap-around anywhere).
-    pad = args.kernel_size // 2
-    extended = F.pad(sharp[None], (pad, pad, pad, pad), mode="reflect")[0]
+    low, high = kernel_size // 2, (kernel_size - 1) // 2  # K − 1 in all: the frame's size back
+    extended = F.pad(sharp[None], (low, high, low, high), mode="reflect")[0]
     noise = torch.randn(sharp.shape, generator=torch.Generator().manual_seed(args.seed + 1))
     blurry = (blur(extended, kernel, "valid") + args.noise / 255 * noise).clamp(0, 1)
     result = run(blurry, sigma, method=args.method, prior=args.prior, particles=args.particles,
-                 steps=args.steps, kernel_size=args.kernel_size, seed=args.seed,
+                 steps=args.steps, kernel_size=kernel_size, seed=args.seed,
                  device=args.device, progress=not args.quiet, regularizer=args.regularizer)
     scores = {
         "blurry": float(psnr(blurry, sharp)),
@@ -73,7 +76,7 @@ def run_demo(args: argparse.Namespace) -> str:
     caption = (f"blurry {scores['blurry']:.2f} dB | restored {scores['restored']:.2f} dB | "
                f"kernel MSE {scores['kernel_mse']:.2e} | {result.info['method']}, prior "
                f"{result.info['prior']}, {result.info['seconds_total']:.0f} s")
-    _write_panel(Path(args.output), [blurry, result.image, sharp], kernel, result.kernel,
+    _write_panel(output, [blurry, result.image, sharp], kernel, result.kernel,
                  caption)
     return f"{args.output}: {caption}"
 

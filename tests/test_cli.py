@@ -50,9 +50,19 @@ def test_16bit_in_16bit_out(tmp_path):
         (["--sigma", "200"], "sigma"),
         (["--kernel-size", "2"], "kernel_size"),
         (["--particles", "0"], "particles"),
+        (["--sigma", "-5"], "got -5"),  # in the units typed, not -0.0196
+        (["--sigma", "1e-30"], "--sigma"),
+        (["--report", "r.txt"], "--report"),
+        (["--kernel-out", "k.txt"], "--kernel-out"),
+        (["--mean-out", "out.png"], "also -o/--output"),
+        (["--threads", "0"], "--threads"),
+        (["--method", "pigdm"], "kernel="),
+        (["--method", "pigdm", "--kernel", "missing.npy"], "not found"),
     ],
 )
-def test_bad_options_exit_2_with_one_message(photo, tmp_path, capsys, extra, match):
+def test_bad_options_exit_2_with_one_message(photo, tmp_path, capsys, extra, match,
+                                            monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "out.png"
     assert main(["deblur", str(photo), "-o", str(out), *FAST, *extra]) == 2
     err = capsys.readouterr().err
@@ -84,3 +94,73 @@ def test_console_entry_point_runs_without_traceback(tmp_path):
                              str(tmp_path / "nope.png"), "-o", str(tmp_path / "o.png")],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_outputs_are_checked_before_the_run(photo, tmp_path, capsys, monkeypatch):
+    """Every output is checked before any work, and a failing run writes nothing."""
+    import fastem_ext.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "run", lambda *a, **k: calls.append(1))
+    cases = [
+        (["-o", str(photo)], "is also the input"),
+        (["-o", str(tmp_path)], "is a directory"),
+        (["-o", str(tmp_path / "o.png"), "--kernel-out", str(tmp_path / "o.png")],
+         "is also -o/--output"),
+        (["-o", str(tmp_path / "o.txt")], "must end in one of"),
+        (["-o", str(tmp_path / "o.png"), "--report", str(tmp_path / "nodir" / "r.json")],
+         "folder does not exist"),
+    ]
+    for options, match in cases:
+        assert main(["deblur", str(photo), *options, *FAST]) == 2
+        err = capsys.readouterr().err
+        assert match in err and "Traceback" not in err, err
+    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+def test_a_failing_run_writes_no_output(photo, tmp_path, capsys, monkeypatch):
+    import fastem_ext.cli as cli
+
+    def diverges(*args, **kwargs):
+        raise RuntimeError("sampling produced NaN or infinite values")
+
+    monkeypatch.setattr(cli, "run", diverges)
+    out, report = tmp_path / "o.png", tmp_path / "r.json"
+    assert main(["deblur", str(photo), "-o", str(out), "--report", str(report), *FAST]) == 2
+    assert "NaN" in capsys.readouterr().err and not out.exists() and not report.exists()
+
+
+def test_nonblind_kernel_from_a_file(photo, tmp_path):
+    from fastem_ext.motion import motion_kernel
+
+    kernel = motion_kernel(9, seed=1).numpy() * 7.0  # any scale
+    np.save(tmp_path / "k.npy", kernel)
+    out, estimate = tmp_path / "o.png", tmp_path / "k_out.npy"
+    assert main(["deblur", str(photo), "-o", str(out), "--method", "pigdm", "--kernel",
+                 str(tmp_path / "k.npy"), "--kernel-out", str(estimate), *FAST[:4],
+                 "--quiet"]) == 0
+    np.testing.assert_allclose(np.load(estimate), kernel / kernel.sum(), atol=1e-7)
+
+
+def test_demo_checks_its_options_first(tmp_path, capsys):
+    for options, match in ((["-o", str(tmp_path / "x.txt")], "must end in one of"),
+                           (["--kernel-size", "0"], "--kernel-size"),
+                           (["--size", "64", "--kernel-size", "40"], "--kernel-size")):
+        assert main(["demo", *options, "--quiet"]) == 2
+        assert match in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    out = tmp_path / "even.png"
+    assert main(["demo", "-o", str(out), "--size", "64", *FAST, "--kernel-size", "10"]) == 0
+
+
+def test_help_explains_every_option_without_markup(capsys):
+    from fastem_ext.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.choices and "deblur" in a.choices).choices
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help, f"fastem {name} {action.option_strings or action.dest}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "``" not in capsys.readouterr().out
