@@ -22,6 +22,10 @@ def check_tensor(name: str, x: object, ndims: tuple[int, ...]) -> Tensor:
     """``x`` must be a floating tensor with one of ``ndims`` dimensions and only finite values."""
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense tensor, got layout {x.layout} (use .to_dense())")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor: it holds no values")
     if x.dim() not in ndims:
         dims = " or ".join(str(d) for d in ndims)
         raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(x.shape)}")

@@ -105,6 +105,7 @@ fastem_ext loads no op (their Triton kernels and torch.compile hooks cost a seco
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -223,8 +224,14 @@ class HQSConfig:
                 f"regularizer must be one of {REGULARIZERS} or a callable denoiser(kernel, "
                 f"sigma_d), got {self.regularizer!r}"
             )
-        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
+        if (isinstance(self.iters, bool) or not isinstance(self.iters, numbers.Integral)
+                or self.iters < 1):
             raise ValueError(f"iters must be an integer >= 1, got {self.iters!r}")
+        for name in ("beta", "lam", "ridge", "coupling_floor"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, numbers.Real)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not self.ridge >= 0:
@@ -238,9 +245,8 @@ class HQSConfig:
                 "regularizer='pnp' needs a kernel denoiser: pass denoiser=, a callable "
                 "regularizer, or use 'l1', 'l2' or 'none'"
             )
-        if self.lam is None:
-            return replace(self, lam=default_lambda(self.kind, kernel_size))
-        return self
+        lam = default_lambda(self.kind, kernel_size) if self.lam is None else float(self.lam)
+        return replace(self, iters=int(self.iters), lam=lam)
 
     @property
     def kernel_denoiser(self) -> DenoiserFn | None:
@@ -325,7 +331,8 @@ def estimate_kernel(sharp: Tensor, blurry: Tensor, sigma: float, *, kernel_size:
 
     sharp: ``[C, H, W]`` (or ``[n, C, H, W]`` particles) in [0, 1]; blurry: ``[C, H, W]``;
     sigma: the noise level of ``blurry`` in [0, 1] units. ``init`` (``[K, K]``) defaults to a
-    Gaussian of standard deviation ``K/16``. Returns the kernel ``[K, K]`` (sum 1, centred).
+    Gaussian of standard deviation ``K/16``. Returns the kernel ``[K, K]`` (sum 1, centred), in
+    float32 for half-precision inputs, else in the inputs' (promoted) dtype.
     """
     blurry = check_image("blurry", blurry)
     sharp = check_image("sharp", sharp, batched=None)
@@ -335,8 +342,14 @@ def estimate_kernel(sharp: Tensor, blurry: Tensor, sigma: float, *, kernel_size:
             f"sharp {tuple(sharp.shape)} and blurry {tuple(blurry.shape)} must have the same "
             "channels and size"
         )
-    if particles.dtype != blurry.dtype or particles.device != blurry.device:
-        raise ValueError("sharp and blurry must share dtype and device")
+    if particles.device != blurry.device:
+        raise ValueError(f"sharp ({particles.device}) and blurry ({blurry.device}) must be on "
+                         "the same device")
+    if blurry.dtype in (torch.float16, torch.bfloat16) or particles.dtype != blurry.dtype:
+        # the FFTs and the denoiser run in float32 or float64 (as run() does for half inputs)
+        dtype = torch.promote_types(torch.promote_types(particles.dtype, blurry.dtype),
+                                    torch.float32)
+        particles, blurry = particles.to(dtype), blurry.to(dtype)
     sigma = check_sigma("sigma", sigma)
     size = check_kernel_size("kernel_size", kernel_size, tuple(blurry.shape[-2:]))
     if regularizer == "pnp" and denoiser is None:

@@ -95,6 +95,8 @@ def test_circular_boundary_keeps_the_grid():
         ({"guidance_scale": "2"}, "guidance_scale"),
         ({"guidance_scale": 0}, "guidance_scale"),
         ({"sigma": 1e-30}, "sigma"),
+        ({"blurry": torch.rand(3, 30, 30, device="meta")}, "meta tensor"),
+        ({"blurry": torch.rand(3, 30, 30).to_sparse()}, "dense"),
         ({"sigma": 1e-300}, "sigma"),
         ({"method": "pigdm", "kernel": torch.tensor([[0.5, -0.2], [0.4, 0.3]])}, "negative"),
         ({"prior": lambda x, t: None}, "must return eps"),

@@ -10,6 +10,7 @@ from fastem_ext import blur, estimate_kernel, gaussian_kernel, metrics, ops
 from fastem_ext.mstep import (
     HQSConfig,
     bundled_denoiser,
+    default_lambda,
     gradient_weight,
     hqs,
     hqs_terms,
@@ -167,8 +168,11 @@ def test_estimate_kernel_recovers_camera_shake(val_crop, regularizer, noise):
         ({"regularizer": "tv"}, "regularizer"),
         ({"iters": 0}, "iters"),
         ({"blurry": torch.rand(3, 30, 32)}, "same"),
-        ({"sharp": torch.rand(3, 32, 32).double()}, "dtype"),
+        ({"sharp": torch.rand(3, 32, 32, device="meta")}, "meta tensor"),
+        ({"blurry": torch.rand(3, 32, 32).to_sparse()}, "dense"),
         ({"blurry": torch.full((3, 32, 32), float("inf"))}, "blurry"),
+        ({"lam": "x"}, "lam must be a number"),
+        ({"iters": 2.5}, "iters"),
     ],
 )
 def test_estimate_kernel_rejects_bad_input(kwargs, match):
@@ -178,6 +182,27 @@ def test_estimate_kernel_rejects_bad_input(kwargs, match):
     sharp, blurry, sigma = args.pop("sharp"), args.pop("blurry"), args.pop("sigma")
     with pytest.raises(ValueError, match=match):
         estimate_kernel(sharp, blurry, sigma, **args)
+
+
+def test_estimate_kernel_takes_half_precision_mixed_dtypes_and_numpy_numbers():
+    """Half inputs are estimated in float32 (as run() treats them), mixed dtypes in the wider
+    one, numpy integers and floats count as numbers; the result matches float32's."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    sharp = torch.rand(3, 32, 32, generator=g)
+    blurry = blur(sharp, gaussian_kernel(5, 1.0), "circular")
+    args = {"kernel_size": 5, "regularizer": "l2", "iters": 3}
+    reference = estimate_kernel(sharp, blurry, 0.02, **args)
+    for dtype in (torch.float16, torch.bfloat16):
+        half = estimate_kernel(sharp.to(dtype), blurry.to(dtype), 0.02, **args)
+        assert half.dtype == torch.float32
+        torch.testing.assert_close(half, reference, atol=2e-3, rtol=0)
+    assert estimate_kernel(sharp.double(), blurry, 0.02, **args).dtype == torch.float64
+    numpy_args = {"kernel_size": np.int64(5), "regularizer": "l2", "iters": np.int32(3),
+                  "lam": np.float32(default_lambda("l2", 5)), "beta": np.float64(1e5)}
+    torch.testing.assert_close(estimate_kernel(sharp, blurry, np.float64(0.02), **numpy_args),
+                               reference)
 
 
 def test_pnp_defaults_to_the_bundled_denoiser_and_tuned_lambda(val_crop):

@@ -27,6 +27,17 @@ def test_unknown_checkpoint_is_a_clear_error(tmp_path):
         load_prior(str(tmp_path / "bad.pt"), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("content", [b"", b"hello", b"\x80\x02}q\x00."])
+def test_an_empty_or_foreign_pt_file_names_the_file_and_the_error(tmp_path, content):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        load_prior(str(path), torch.device("cpu"))
+    message = str(info.value)
+    assert "model.pt" in message and not message.rstrip().endswith(":"), message
+    assert "()" not in message and ": )" not in message, message
+
+
 def test_missing_named_checkpoint_says_what_and_where(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTEM_WEIGHTS", str(tmp_path))
     with pytest.raises(ValueError, match="256x256_diffusion_uncond.pt") as err:

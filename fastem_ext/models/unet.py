@@ -382,7 +382,8 @@ def _read_state_dict(path: str) -> Mapping[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors come in many types; report them uniformly
         raise ValueError(
-            f"could not read {path} as a weights-only torch checkpoint: {err}"
+            f"could not read {path} as a weights-only torch checkpoint "
+            f"({type(err).__name__}: {str(err) or 'empty or truncated file'})"
         ) from err
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
