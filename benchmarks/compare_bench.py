@@ -3,10 +3,14 @@
     python benchmarks/compare_bench.py BASELINE.json RUN.json [--threshold 2.5]
     python benchmarks/compare_bench.py --write-baseline RUN.json BASELINE.json
 
-Each benchmark's median is divided by the median of the ``calibration`` benchmark of the same
-run; a benchmark regresses when that ratio grows by more than ``threshold``× over the baseline's
-(loose: CPU timings on shared machines are noisy). Exit status 1 on a regression or when a
-baseline benchmark is missing from the run.
+Two checks. **Paired** (always): each fused implementation (``…-cpp]``, ``…-fast]``) is timed in
+the same run as its pure-torch reference (``…-reference]``); it regresses when its time relative
+to the reference grows by more than ``threshold``× over the baseline's ratio. Both sides of a
+pair meet the same load, so this holds on a busy machine. **Absolute** (only on a comparable
+machine): each median divided by the ``calibration`` benchmark's of the same run, against the
+baseline's; skipped, with a message, when the calibration itself is more than ``threshold``×
+away from the baseline's (a loaded or different machine, where that normalisation means
+nothing). Exit status 1 on a regression or when a baseline benchmark is missing from the run.
 """
 
 from __future__ import annotations
@@ -27,17 +31,40 @@ def medians(path: Path) -> dict[str, float]:
     return {b["name"]: b["stats"]["median"] for b in data["benchmarks"]}
 
 
+def pairs(names: set[str]) -> dict[str, str]:
+    """``{fused benchmark: its reference}`` for every pair present in ``names``."""
+    out = {}
+    for name in names:
+        for suffix in ("-cpp]", "-fast]"):
+            if name.endswith(suffix):
+                reference = name[: -len(suffix)] + "-reference]"
+                if reference in names:
+                    out[name] = reference
+    return out
+
+
 def compare(baseline: dict[str, float], run: dict[str, float],
             threshold: float) -> tuple[list[str], list[str]]:
     """(report lines, failures)."""
-    if CALIBRATION not in baseline or CALIBRATION not in run:
-        return [], [f"both files need the {CALIBRATION} benchmark"]
     lines, failures = [], []
+    missing = sorted(set(baseline) - set(run))
+    failures += [f"{name}: in the baseline but not in this run" for name in missing]
+    for fused, reference in sorted(pairs(set(baseline) & set(run)).items()):
+        before = baseline[fused] / baseline[reference]
+        now = run[fused] / run[reference]
+        flag = "REGRESSION" if now > threshold * before else ""
+        lines.append(f"{fused:60} {before:6.2f} -> {now:6.2f} of its reference {flag}")
+        if flag:
+            failures.append(f"{fused}: {now:.2f}x its reference's time, was {before:.2f}x")
+    if CALIBRATION not in baseline or CALIBRATION not in run:
+        return lines, failures + [f"both files need the {CALIBRATION} benchmark"]
+    load = run[CALIBRATION] / baseline[CALIBRATION]
+    if not 1 / threshold <= load <= threshold:
+        lines.append(f"absolute check skipped: the calibration took {load:.2f}x the baseline's "
+                     "time (a loaded or different machine)")
+        return lines, failures
     for name, base in sorted(baseline.items()):
-        if name == CALIBRATION:
-            continue
-        if name not in run:
-            failures.append(f"{name}: in the baseline but not in this run")
+        if name == CALIBRATION or name not in run:
             continue
         ratio = (run[name] / run[CALIBRATION]) / (base / baseline[CALIBRATION])
         flag = "REGRESSION" if ratio > threshold else ""
