@@ -82,7 +82,7 @@ setup(
     package_data={"fastem_ext": ["weights/*.safetensors", "weights/*.md"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tqdm"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
     entry_points={"console_scripts": ["fastem = fastem_ext.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

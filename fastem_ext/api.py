@@ -36,6 +36,7 @@ BLIND = ("fastem-pigdm", "fastem-dps", "diffem-pigdm")
 DEFAULT_STEPS = {"fastem-pigdm": "100", "fastem-dps": "1000", "diffem-pigdm": "100",
                  "pigdm": "100", "dps": "1000"}
 MAX_PARTICLES = 256
+MAX_ROUNDS = 100  # Diffusion EM's full runs (10 by default)
 MAX_GUIDANCE_SCALE = 100.0  # far beyond any useful value; larger ones overflow the update
 ENGINES = ("auto", "fast", "reference")
 
@@ -85,7 +86,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     boundary = check_choice("boundary", boundary, BOUNDARIES)
     regularizer = check_choice("regularizer", regularizer, REGULARIZERS)
     particles = check_int("particles", particles, low=1, high=MAX_PARTICLES)
-    rounds = check_int("rounds", rounds, low=1)
+    rounds = check_int("rounds", rounds, low=1, high=MAX_ROUNDS)
     seed = check_int("seed", seed, low=0, high=2**63 - 1)
     guidance_scale = check_positive("guidance_scale", guidance_scale, high=MAX_GUIDANCE_SCALE)
     if kernel is not None:

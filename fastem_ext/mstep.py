@@ -186,6 +186,10 @@ def gradient_weight(shape: tuple[int, int], device: torch.device | str,
     return torch.sin(torch.pi * wy).square() + torch.sin(torch.pi * wx).square()
 
 
+MAX_ITERS = 1000  # HQS iterations per M-step (10 by default)
+MAX_WEIGHT = 1e12  # β, λ and the ridge scale: far beyond use, within float32 once multiplied
+
+
 @dataclass(frozen=True)
 class HQSConfig:
     """Settings of the M-step. ``lam=None`` takes ``default_lambda`` when validated.
@@ -225,21 +229,21 @@ class HQSConfig:
                 f"sigma_d), got {self.regularizer!r}"
             )
         if (isinstance(self.iters, bool) or not isinstance(self.iters, numbers.Integral)
-                or self.iters < 1):
-            raise ValueError(f"iters must be an integer >= 1, got {self.iters!r}")
+                or not 1 <= self.iters <= MAX_ITERS):
+            raise ValueError(f"iters must be an integer in [1, {MAX_ITERS}], got {self.iters!r}")
         for name in ("beta", "lam", "ridge", "coupling_floor"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool)
                                       or not isinstance(value, numbers.Real)):
                 raise ValueError(f"{name} must be a number, got {value!r}")
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        if not self.ridge >= 0:
-            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+        if not 0 < self.beta <= MAX_WEIGHT:
+            raise ValueError(f"beta must be in (0, {MAX_WEIGHT:g}], got {self.beta}")
+        if not 0 <= self.ridge <= MAX_WEIGHT:
+            raise ValueError(f"ridge must be in [0, {MAX_WEIGHT:g}], got {self.ridge}")
         if not 0 <= self.coupling_floor < 1:
             raise ValueError(f"coupling_floor must be in [0, 1), got {self.coupling_floor}")
-        if not self.weight >= 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if not 0 <= self.weight <= MAX_WEIGHT:
+            raise ValueError(f"lam must be in [0, {MAX_WEIGHT:g}], got {self.lam}")
         if self.kind == "pnp" and self.kernel_denoiser is None:
             raise ValueError(
                 "regularizer='pnp' needs a kernel denoiser: pass denoiser=, a callable "

@@ -57,6 +57,9 @@ def load_prior(spec: str | os.PathLike | nn.Module | Callable | Prior,
         return Prior(type(spec).__name__, spec, getattr(spec, "size_multiple", 1))
     if callable(spec):
         return Prior(getattr(spec, "__name__", "callable"), spec, 1)
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ValueError(f"prior must be a name, a path or an eps(x_t, t) module; got "
+                         f"{type(spec).__name__}")
     if spec == "gaussian":
         from .models.gaussian_prior import GaussianPrior
 
