@@ -119,6 +119,9 @@ def check_kernel_size(name: str, size: object, image_hw: tuple[int, int]) -> int
     limit = min(image_hw) // 2
     if limit < 3:
         raise ValueError(f"the image ({image_hw[0]}x{image_hw[1]}) is too small for a kernel")
+    if isinstance(size, numbers.Integral) and not isinstance(size, bool) and size > limit:
+        raise ValueError(f"{name} must be at most {limit} (half the smaller side of the "
+                         f"{image_hw[0]}x{image_hw[1]} image), got {size}")
     return check_int(name, size, low=3, high=limit)
 
 
