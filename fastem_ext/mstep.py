@@ -60,9 +60,11 @@ previous kernel by ``nσ²β``: at σ = 5/255 a quarter of its weight at 10/255,
 the early, unreliable x̂0 moves the kernel four times as freely, and some runs never recover
 (natural/train, σ = 5/255, 8 crops: one run at −10.7 dB). The data term's real noise is not σ
 alone but σ plus the error of x̂0 (``k ⊛ (x − x̂0)``), which does not vanish with σ; the floor is
-the simplest stand-in for it. Measured (python/results/ablation-tune-s5): mean gain over the blurry
-input at σ = 5/255 from −2.3 to −0.8 dB, worst case from −10.7 to −5.4 dB; above the floor
-nothing changes. Two finer stand-ins did worse at σ = 10/255 (python/results/ablation-tune): a
+the simplest stand-in for it. Measured at σ = 5/255 (mean gain over the blurry input): on 8
+tune crops −2.3 → −0.8 dB (python/results/ablation-tune-s5), on 24 −0.57 → −0.17 dB, better on
+14 of 24 (ablation-tune-s5-24): a small effect, at the edge of what single chaotic runs resolve
+(on the 24 Kodak crops it read −1.0 dB, python/results/eval-val-s5*). Above the floor nothing
+changes. Two finer stand-ins did worse at σ = 10/255 (python/results/ablation-tune): a
 coupling annealed with ΠGDM's ``r_t²`` (the data term weighed by ``σ²/(σ² + e·r_t²)``), and the
 same with ``r_t²‖k_j‖²``, whose largest coupling sits at the Dirac start and keeps it there.
 
