@@ -14,6 +14,7 @@ import torch
 from .api import METHODS, run
 from .boundary import BOUNDARIES
 from .checks import LEAST_SIGMA, MAX_SIGMA, check_int
+from .hardware import default_threads
 from .io import (
     IMAGE_SUFFIXES,
     KERNEL_SUFFIXES,
@@ -48,7 +49,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="random seed: the same seed gives the same result (default 0)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice, one per core)")
+                        help="CPU threads for torch (default: one per core not already busy, "
+                        "from the load average)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -90,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.threads is not None:
-            torch.set_num_threads(check_int("--threads", args.threads, low=1, high=1024))
+        threads = default_threads() if args.threads is None else args.threads
+        torch.set_num_threads(check_int("--threads", threads, low=1, high=1024))
         if args.command == "deblur":
             _deblur(args)
         else:

@@ -75,3 +75,11 @@ def val_crop(data_dir: Path) -> torch.Tensor:
 
     image, _ = read_image(data_dir / "natural" / "val" / "kodak_01.png")
     return center_crop(image, 256)
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The CLI sets torch's thread count for the process; no test leaks it into the next."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -164,3 +164,27 @@ def test_help_explains_every_option_without_markup(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "``" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("load", "cores", "threads"), [(0.1, 2, 2), (1.2, 2, 1), (6.0, 2, 1),
+                                                         (0.0, 8, 8), (2.6, 8, 5)])
+def test_default_threads_leave_busy_cores_alone(monkeypatch, load, cores, threads):
+    import os
+
+    from fastem_ext.hardware import default_threads
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert default_threads() == threads
+
+
+def test_the_cli_sets_the_thread_count(photo, tmp_path, monkeypatch):
+    import torch
+
+    import fastem_ext.cli as cli
+
+    monkeypatch.setattr(cli, "default_threads", lambda: 1)
+    assert main(["deblur", str(photo), "-o", str(tmp_path / "a.png"), *FAST]) == 0
+    assert torch.get_num_threads() == 1
+    assert main(["deblur", str(photo), "-o", str(tmp_path / "b.png"), *FAST, "--threads", "2"]) == 0
+    assert torch.get_num_threads() == 2
