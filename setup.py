@@ -83,7 +83,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
-    entry_points={"console_scripts": ["fastem = fastem_ext.cli:main"]},
+    entry_points={"console_scripts": ["fastem = fastem_ext.launch:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

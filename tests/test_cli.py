@@ -188,3 +188,28 @@ def test_the_cli_sets_the_thread_count(photo, tmp_path, monkeypatch):
     assert torch.get_num_threads() == 1
     assert main(["deblur", str(photo), "-o", str(tmp_path / "b.png"), *FAST, "--threads", "2"]) == 0
     assert torch.get_num_threads() == 2
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
+    """SIGINT while torch is still being imported (the console script's first seconds)."""
+    import signal
+    import time
+
+    script = ("import sys; print('ready', flush=True); from fastem_ext.launch import main; "
+              "sys.argv[1:] = ['demo', '-o', sys.argv[1]]; sys.exit(main())")
+    process = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "demo.png")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"  # Python is up, its handler installed
+    time.sleep(0.15)  # inside main()'s import of the command line (torch: a second or more)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_importing_the_package_imports_no_torch():
+    code = "import sys, fastem_ext; print('torch' in sys.modules, callable(fastem_ext.run))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "True"]

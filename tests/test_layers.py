@@ -19,7 +19,7 @@ LAYERS = [
     ("ops", {"ops"}),
     ("algorithms", {"mstep", "guidance"}),
     ("sampling", {"step", "samplers", "engine", "progress", "priors"}),
-    ("interface", {"api", "cli", "demo", ""}),  # "": the package's __init__
+    ("interface", {"api", "cli", "demo", "launch", ""}),  # "": the package's __init__
 ]
 
 
@@ -82,3 +82,12 @@ def test_the_walk_sees_lazy_and_relative_imports():
     assert "fastem_ext.ops.ddpm_update" in edges("fastem_ext.ops")
     assert "fastem_ext.api" in edges("fastem_ext")
     assert _layer("fastem_ext.ops.wiener_z") < _layer("fastem_ext.mstep") < _layer("fastem_ext")
+
+
+def test_every_public_name_resolves_lazily():
+    """``__all__``, the lazy table and the TYPE_CHECKING imports name the same objects."""
+    import fastem_ext
+
+    assert set(fastem_ext.__all__) == {*fastem_ext._EXPORTS, "metrics"}
+    for name in fastem_ext.__all__:
+        assert getattr(fastem_ext, name) is not None
