@@ -22,6 +22,7 @@ from .io import (
     commit_files,
     encode_image,
     encode_kernel,
+    kernel_tile,
     load_image,
     read_kernel,
 )
@@ -70,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--method pigdm or dps; with a blind method, the initial estimate")
     deblur.add_argument("--kernel-out", default=None,
                         help="estimated kernel: .npy (exact values) or a 16-bit PNG scaled to "
-                        "its peak (tiny: the kernel's own size)")
+                        "its peak, at the kernel's own size (see --kernel-preview)")
+    deblur.add_argument("--kernel-preview", default=None,
+                        help="the estimated kernel as a viewable image: 256×256, white at its "
+                        "peak, pixels enlarged")
     deblur.add_argument("--mean-out", default=None, help="average of the particles (image)")
     deblur.add_argument("--report", default=None, help="JSON report of settings and timings")
     deblur.add_argument("--boundary", choices=BOUNDARIES, default="valid",
@@ -112,9 +116,11 @@ def main(argv: list[str] | None = None) -> int:
 def _deblur(args: argparse.Namespace) -> None:
     outputs = check_outputs(
         {"-o/--output": args.output, "--mean-out": args.mean_out,
-         "--kernel-out": args.kernel_out, "--report": args.report},
+         "--kernel-out": args.kernel_out, "--kernel-preview": args.kernel_preview,
+         "--report": args.report},
         {"-o/--output": IMAGE_SUFFIXES, "--mean-out": IMAGE_SUFFIXES,
-         "--kernel-out": KERNEL_SUFFIXES, "--report": (".json",)},
+         "--kernel-out": KERNEL_SUFFIXES, "--kernel-preview": IMAGE_SUFFIXES,
+         "--report": (".json",)},
         (args.input, args.kernel))
     if args.sigma is not None and not LEAST_SIGMA * 255 <= args.sigma <= MAX_SIGMA * 255:
         raise ValueError(f"--sigma must be in [{LEAST_SIGMA * 255:g}, {MAX_SIGMA * 255:g}] "
@@ -131,6 +137,9 @@ def _deblur(args: argparse.Namespace) -> None:
         files[outputs["--mean-out"]] = encode_image(args.mean_out, result.mean, loaded.bits)
     if "--kernel-out" in outputs:
         files[outputs["--kernel-out"]] = encode_kernel(args.kernel_out, result.kernel)
+    if "--kernel-preview" in outputs:
+        files[outputs["--kernel-preview"]] = encode_image(args.kernel_preview,
+                                                          kernel_tile(result.kernel, 256))
     if "--report" in outputs:
         info = {**result.info, "input": str(args.input), "output": str(args.output)}
         files[outputs["--report"]] = (json.dumps(info, indent=2) + "\n").encode()

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .api import run
 from .checks import check_int
-from .io import atomic_write, center_crop, check_outputs, load_image
+from .io import atomic_write, center_crop, check_outputs, kernel_tile, load_image
 from .metrics import kernel_mse, psnr
 from .motion import motion_kernel
 from .physics import blur
@@ -104,10 +104,3 @@ def _write_panel(path: Path, images: list[Tensor], true_kernel: Tensor, estimate
     buffer = io.BytesIO()
     full.save(buffer, format="PNG")
     atomic_write(path, buffer.getvalue())
-
-
-def kernel_tile(kernel: Tensor, size: int) -> Tensor:
-    """``[3, size, size]``: the kernel scaled to peak 1 (white), nearest-neighbour upsampled."""
-    scaled = (kernel / kernel.max().clamp_min(1e-12))[None, None]
-    tile = F.interpolate(scaled, size=(size, size), mode="nearest")[0]
-    return tile.expand(3, -1, -1)

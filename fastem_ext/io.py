@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import check_tensor
@@ -170,6 +171,13 @@ def encode_kernel(path: str | os.PathLike, kernel: Tensor) -> bytes:
         return buffer.getvalue()
     peak = kernel.max().clamp_min(1e-12)
     return encode_image(path, (kernel / peak)[None], bits=16)
+
+
+def kernel_tile(kernel: Tensor, size: int) -> Tensor:
+    """``[3, size, size]``: the kernel scaled to peak 1 (white), nearest-neighbour upsampled."""
+    scaled = (kernel / kernel.max().clamp_min(1e-12))[None, None]
+    tile = F.interpolate(scaled, size=(size, size), mode="nearest")[0]
+    return tile.expand(3, -1, -1)
 
 
 def check_suffix(path: Path, suffixes: tuple[str, ...], option: str | None = None) -> None:

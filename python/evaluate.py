@@ -38,9 +38,8 @@ from prior_common import train_files, val_files
 from tqdm import tqdm
 
 from fastem_ext.api import run
-from fastem_ext.demo import kernel_tile
 from fastem_ext.hardware import describe_device
-from fastem_ext.io import center_crop, read_image, write_image
+from fastem_ext.io import center_crop, kernel_tile, read_image, write_image
 from fastem_ext.metrics import kernel_mse, psnr, ssim
 from fastem_ext.motion import EVAL_SEEDS, TUNE_SEEDS, motion_kernel
 from fastem_ext.mstep import HQSConfig

@@ -25,9 +25,12 @@ def photo(tmp_path):
 
 def test_deblur_writes_image_kernel_and_report(photo, tmp_path, capsys):
     out, kernel, report = tmp_path / "out.png", tmp_path / "k.png", tmp_path / "r.json"
+    preview = tmp_path / "k_view.png"
     code = main(["deblur", str(photo), "-o", str(out), "--sigma", "5", "--kernel-out",
-                 str(kernel), "--report", str(report), *FAST])
+                 str(kernel), "--report", str(report), "--kernel-preview", str(preview), *FAST])
     assert code == 0
+    view = np.asarray(Image.open(preview))
+    assert view.shape == (256, 256, 3) and view.max() == 255
     assert Image.open(out).size == (30, 24) and Image.open(out).mode == "RGB"
     assert read_png16(kernel).shape == (5, 5, 1)
     info = json.loads(report.read_text())
