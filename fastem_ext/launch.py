@@ -1,18 +1,27 @@
 """The ``fastem`` console script: imports the command line inside a guard, so Ctrl-C during
-start-up (torch's import takes seconds) ends with exit 130 and one line, not a traceback."""
+start-up (torch's import takes seconds) ends with exit 130 and one line, not a traceback; and
+leaves without the interpreter's teardown, where a late Ctrl-C would print one too."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 
 def main() -> int:
+    """Run the command line and end the process (``os._exit``: every output has been committed
+    and closed by then; only stdout and stderr need flushing). For the console script only."""
     try:
         from .cli import main as command_line
     except KeyboardInterrupt:
         print("fastem: interrupted during start-up: no output was written", file=sys.stderr)
         return 130
-    return command_line()
+    code = command_line()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -216,3 +216,12 @@ def test_importing_the_package_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["False", "True"]
+
+
+def test_the_console_script_flushes_and_returns_the_exit_code(tmp_path):
+    script = "import sys; from fastem_ext.launch import main; sys.exit(main())"
+    done = subprocess.run([sys.executable, "-c", script, "deblur", str(tmp_path / "no.png"),
+                           "-o", str(tmp_path / "o.png")], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("fastem: error:")
+    assert "Traceback" not in done.stderr
+
