@@ -16,12 +16,12 @@ from .boundary import BOUNDARIES
 from .checks import LEAST_SIGMA, MAX_SIGMA, check_int
 from .hardware import default_threads
 from .io import (
-    IMAGE_SUFFIXES,
-    KERNEL_SUFFIXES,
     check_outputs,
     commit_files,
     encode_image,
     encode_kernel,
+    image_suffixes,
+    kernel_suffixes,
     kernel_tile,
     load_image,
     read_kernel,
@@ -50,8 +50,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="random seed: the same seed gives the same result (default 0)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: one per core not already busy, "
-                        "from the load average)")
+                        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else "
+                        "one per idle core)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         threads = default_threads() if args.threads is None else args.threads
-        torch.set_num_threads(check_int("--threads", threads, low=1, high=1024))
+        if threads is not None:
+            torch.set_num_threads(check_int("--threads", threads, low=1, high=1024))
         if args.command == "deblur":
             _deblur(args)
         else:
@@ -118,8 +119,8 @@ def _deblur(args: argparse.Namespace) -> None:
         {"-o/--output": args.output, "--mean-out": args.mean_out,
          "--kernel-out": args.kernel_out, "--kernel-preview": args.kernel_preview,
          "--report": args.report},
-        {"-o/--output": IMAGE_SUFFIXES, "--mean-out": IMAGE_SUFFIXES,
-         "--kernel-out": KERNEL_SUFFIXES, "--kernel-preview": IMAGE_SUFFIXES,
+        {"-o/--output": image_suffixes(), "--mean-out": image_suffixes(),
+         "--kernel-out": kernel_suffixes(), "--kernel-preview": image_suffixes(),
          "--report": (".json",)},
         (args.input, args.kernel))
     if args.sigma is not None and not LEAST_SIGMA * 255 <= args.sigma <= MAX_SIGMA * 255:

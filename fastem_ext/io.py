@@ -3,6 +3,7 @@ writes of images and kernels."""
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tempfile
@@ -137,15 +138,25 @@ def _from_tensor(tensor: Tensor, name: str) -> Tensor:
     return tensor.detach().float().contiguous()
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-KERNEL_SUFFIXES = (".npy", *IMAGE_SUFFIXES)
+@functools.cache
+def image_suffixes() -> tuple[str, ...]:
+    """The file suffixes Pillow can write (``.png`` first)."""
+    from PIL import Image
+
+    Image.init()
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    return (".png", *sorted(writable - {".png"}))
+
+
+def kernel_suffixes() -> tuple[str, ...]:
+    return (".npy", *image_suffixes())
 
 
 def encode_image(path: str | os.PathLike, image: Tensor, bits: int = 8) -> bytes:
     """``[C, H, W]`` in [0, 1] as the bytes of an image file of ``path``'s format; PNG may be
     16-bit, the other formats are 8-bit (Pillow)."""
     path = Path(path)
-    check_suffix(path, IMAGE_SUFFIXES)
+    check_suffix(path, image_suffixes())
     array = image.detach().float().clamp(0, 1).cpu().numpy().transpose(1, 2, 0)
     if bits == 16 and path.suffix.lower() == ".png":
         return encode_png16(np.round(array * 65535).astype(np.uint16))
@@ -164,7 +175,7 @@ def encode_image(path: str | os.PathLike, image: Tensor, bits: int = 8) -> bytes
 def encode_kernel(path: str | os.PathLike, kernel: Tensor) -> bytes:
     """A kernel ``[K, K]``: ``.npy`` keeps the exact values; an image is scaled to its maximum."""
     path = Path(path)
-    check_suffix(path, KERNEL_SUFFIXES)
+    check_suffix(path, kernel_suffixes())
     if path.suffix.lower() == ".npy":
         buffer = io.BytesIO()
         np.save(buffer, kernel.detach().cpu().numpy())
@@ -182,8 +193,9 @@ def kernel_tile(kernel: Tensor, size: int) -> Tensor:
 
 def check_suffix(path: Path, suffixes: tuple[str, ...], option: str | None = None) -> None:
     if path.suffix.lower() not in suffixes:
+        shown = ", ".join(suffixes[:8]) + (", …" if len(suffixes) > 8 else "")
         raise ValueError(f"{option or 'cannot write ' + str(path)}: the file name must end in "
-                         f"one of {', '.join(suffixes)}, got {path.name!r}")
+                         f"one of {shown}, got {path.name!r}")
 
 
 def check_outputs(outputs: dict[str, str | None], suffixes: dict[str, tuple[str, ...]],
@@ -199,6 +211,11 @@ def check_outputs(outputs: dict[str, str | None], suffixes: dict[str, tuple[str,
         if Path(real).is_dir():
             raise ValueError(f"{option}: {path} is a directory")
         check_suffix(path, suffixes[option], option)
+        if path.suffix.lower() in image_suffixes():
+            try:  # some formats Pillow lists refuse RGB or need a plugin: find out now
+                encode_image(path, torch.zeros(3, 4, 4))
+            except ValueError as err:
+                raise ValueError(f"{option}: {err}") from None
         if not folder.is_dir():
             raise ValueError(f"{option}: folder does not exist: {path.parent}")
         if not os.access(folder, os.W_OK | os.X_OK):
@@ -241,7 +258,8 @@ def commit_files(files: dict[Path, bytes]) -> None:
                 raise ValueError(f"output folder does not exist: {Path(path).parent}")
             if target.is_dir():
                 raise ValueError(f"output is a directory: {path}")
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+            # a short temporary name: the destination may use the whole name length
+            fd, tmp = tempfile.mkstemp(prefix=".fastem-", suffix=".tmp", dir=folder)
             staged.append((tmp, target))
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)

@@ -111,6 +111,7 @@ def test_outputs_are_checked_before_the_run(photo, tmp_path, capsys, monkeypatch
         (["-o", str(tmp_path / "o.png"), "--kernel-out", str(tmp_path / "o.png")],
          "is also -o/--output"),
         (["-o", str(tmp_path / "o.txt")], "must end in one of"),
+        (["-o", str(tmp_path / "o.bufr")], "unsupported image format"),  # listed, not writable
         (["-o", str(tmp_path / "o.png"), "--report", str(tmp_path / "nodir" / "r.json")],
          "folder does not exist"),
     ]
@@ -169,16 +170,36 @@ def test_help_explains_every_option_without_markup(capsys):
     assert "``" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("load", "cores", "threads"), [(0.1, 2, 2), (1.2, 2, 1), (6.0, 2, 1),
+@pytest.mark.parametrize(("busy", "cores", "threads"), [(0.1, 2, 2), (1.2, 2, 1), (6.0, 2, 1),
                                                          (0.0, 8, 8), (2.6, 8, 5)])
-def test_default_threads_leave_busy_cores_alone(monkeypatch, load, cores, threads):
+def test_default_threads_leave_busy_cores_alone(monkeypatch, busy, cores, threads):
     import os
 
-    from fastem_ext.hardware import default_threads
+    from fastem_ext import hardware
 
-    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-    assert default_threads() == threads
+    monkeypatch.setattr(hardware, "busy_cores", lambda ids: busy)
+    assert hardware.default_threads() == threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's or the scheduler's choice wins
+    assert hardware.default_threads() is None
+
+
+def test_busy_cores_sees_a_busy_process():
+    import os
+    import time
+
+    from fastem_ext.hardware import busy_cores
+
+    cores = sorted(os.sched_getaffinity(0))
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert busy_cores(cores, interval=0.5) > 0.5
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_the_cli_sets_the_thread_count(photo, tmp_path, monkeypatch):
@@ -224,4 +245,12 @@ def test_the_console_script_flushes_and_returns_the_exit_code(tmp_path):
                            "-o", str(tmp_path / "o.png")], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.startswith("fastem: error:")
     assert "Traceback" not in done.stderr
+
+
+def test_any_pillow_format_and_long_names_are_written(photo, tmp_path):
+    long_name = tmp_path / ("x" * 240 + ".png")
+    assert main(["deblur", str(photo), "-o", str(tmp_path / "out.ppm"), "--mean-out",
+                 str(long_name), *FAST]) == 0
+    assert Image.open(tmp_path / "out.ppm").size == (30, 24) and long_name.exists()
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".png", ".png", ".ppm"]
 

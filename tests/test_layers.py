@@ -91,3 +91,4 @@ def test_every_public_name_resolves_lazily():
     assert set(fastem_ext.__all__) == {*fastem_ext._EXPORTS, "metrics"}
     for name in fastem_ext.__all__:
         assert getattr(fastem_ext, name) is not None
+    assert {"__name__", "__doc__", "__path__", *fastem_ext.__all__} <= set(dir(fastem_ext))
