@@ -119,10 +119,11 @@ def check_kernel_size(name: str, size: object, image_hw: tuple[int, int]) -> int
     limit = min(image_hw) // 2
     if limit < 3:
         raise ValueError(f"the image ({image_hw[0]}x{image_hw[1]}) is too small for a kernel")
-    if isinstance(size, numbers.Integral) and not isinstance(size, bool) and size > limit:
-        raise ValueError(f"{name} must be at most {limit} (half the smaller side of the "
-                         f"{image_hw[0]}x{image_hw[1]} image), got {size}")
-    return check_int(name, size, low=3, high=limit)
+    try:
+        return check_int(name, size, low=3, high=limit)
+    except ValueError as err:
+        raise ValueError(f"{err} (at most half the smaller side of the {image_hw[0]}x"
+                         f"{image_hw[1]} image)") from None
 
 
 def check_positive(name: str, value: object, *, high: float = math.inf) -> float:

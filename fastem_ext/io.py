@@ -57,16 +57,21 @@ def _load_path(path: Path, name: str) -> LoadedImage:
     return LoadedImage(image, bits, str(path))
 
 
-def _decode(path: Path, name: str) -> np.ndarray:
-    """An image file's pixels as Pillow or the 16-bit PNG reader gives them."""
-    from PIL import Image, UnidentifiedImageError
-
+def _check_file(path: Path, name: str) -> None:
+    """``path`` names an existing regular file, else a ValueError that says what it is."""
     if path.is_dir():
-        raise ValueError(f"{name}: {path} is a directory, not an image file")
+        raise ValueError(f"{name}: {path} is a directory, not a file")
     if not path.exists():
         raise ValueError(f"{name}: file not found: {path}")
     if not path.is_file():
         raise ValueError(f"{name}: {path} is not a regular file")
+
+
+def _decode(path: Path, name: str) -> np.ndarray:
+    """An image file's pixels as Pillow or the 16-bit PNG reader gives them."""
+    from PIL import Image, UnidentifiedImageError
+
+    _check_file(path, name)
     try:
         if png_bit_depth(path) == 16:
             return read_png16(path)
@@ -288,8 +293,7 @@ def read_kernel(path: str | os.PathLike, name: str = "kernel") -> Tensor:
     scale; ``run()`` checks it and normalises it to sum 1."""
     path = Path(path)
     if path.suffix.lower() == ".npy":
-        if not path.is_file():
-            raise ValueError(f"{name}: file not found: {path}")
+        _check_file(path, name)
         try:
             array = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as err:

@@ -115,7 +115,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .checks import check_image, check_kernel, check_kernel_size, check_positive, check_sigma
+from .checks import check_image, check_kernel, check_kernel_size, check_sigma
 from .models.kernel_denoiser import bundled_size, load_kernel_denoiser
 from .physics import gaussian_kernel, kernel_grid
 from .schedule import at
@@ -198,7 +198,7 @@ class HQSConfig:
 
     ``regularizer`` is ``"pnp"``, ``"l1"``, ``"l2"``, ``"none"`` or a callable kernel denoiser
     ``D(kernel, sigma_d)`` used as the plug-and-play prior. ``"pnp"`` needs ``denoiser``
-    (``bundled_denoiser`` gives the project's). Two settings concern the blind loop only, where
+    (``bundled_denoiser`` gives the project's). Three settings concern the blind loop only, where
     the M-step fits the network's x̂0 (the module docstring says why, python/evaluate.py measured
     it): ``ridge`` scales the App. D ridge (default 0: off), ``gradient`` fits the kernel on the
     images' gradients (default on), ``coupling_floor`` is the least σ the coupling ``nσ²β`` is
@@ -235,8 +235,8 @@ class HQSConfig:
             raise ValueError(f"iters must be an integer in [1, {MAX_ITERS}], got {self.iters!r}")
         for name in ("beta", "lam", "ridge", "coupling_floor"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool)
-                                      or not isinstance(value, numbers.Real)):
+            if (value is None and name != "lam") or (value is not None and (
+                    isinstance(value, bool) or not isinstance(value, numbers.Real))):
                 raise ValueError(f"{name} must be a number, got {value!r}")
         if not 0 < self.beta <= MAX_WEIGHT:
             raise ValueError(f"beta must be in (0, {MAX_WEIGHT:g}], got {self.beta}")
@@ -360,7 +360,7 @@ def estimate_kernel(sharp: Tensor, blurry: Tensor, sigma: float, *, kernel_size:
     size = check_kernel_size("kernel_size", kernel_size, tuple(blurry.shape[-2:]))
     if regularizer == "pnp" and denoiser is None:
         denoiser = bundled_denoiser(size, blurry.device)
-    config = HQSConfig(iters=iters, beta=check_positive("beta", beta), lam=lam,
+    config = HQSConfig(iters=iters, beta=beta, lam=lam,
                        regularizer=regularizer, denoiser=denoiser,
                        coupling_floor=0.0).validate(size)
     if init is None:
