@@ -9,11 +9,14 @@ CPU (the bundled prior at 256×256, n = 1, 100 steps; the README's CPU figure):
     python benchmarks/bench_engine.py --device cpu --model natural --particles 1 --no-dps \\
         --engines reference
 
-Prints a table and writes JSON with the device name. The reference engine at large n is timed
-over ``--reference-steps`` steps and extrapolated per step (marked in the table); the fast engine
-always runs the full schedule, CUDA-graph capture included. Random weights are fine for speed
-(``--model ffhq``: the FFHQ-256 guided-diffusion UNet, 93.6 M parameters). Also reports the
-fast-vs-reference agreement of one fp32 run (PSNR between outputs, kernel MSE).
+Engines: ``reference`` (eager fp32), ``fast`` (bf16, CUDA graph, fused ops) and ``compiled`` (the
+fast engine with the network Inductor-compiled, ``run(..., compile=True)``; its compile time is
+reported cold, the process's first compilation, and warm, the timed run's, served from torch's
+caches). Prints a table and writes JSON with the device name. The reference engine at large n is
+timed over ``--reference-steps`` steps and extrapolated per step (marked in the table); the fast
+engines always run the full schedule, CUDA-graph capture (and the compiled step) included.
+Random weights are fine for speed (``--model ffhq``: the FFHQ-256 guided-diffusion UNet, 93.6 M
+parameters). Also reports each fast engine's agreement with the reference (``_agreement``).
 """
 
 from __future__ import annotations
@@ -84,7 +87,8 @@ def run_case(model, obs: Observation, truth_size: int, *, engine: str, guidance:
     """Seconds for ``steps`` steps of Fast EM and the output."""
     kernel = gaussian_kernel(truth_size, truth_size / 16, device=device)
     runner = sample if engine == "reference" else partial(
-        graphed_sample, engine=EngineConfig(precision=precision, graphs=graphs))
+        graphed_sample, engine=EngineConfig(precision=precision, graphs=graphs,
+                                            compile=engine == "compiled"))
     mstep = HQSConfig(regularizer="pnp", denoiser=bundled_denoiser(truth_size, device)
                       ).validate(truth_size)
 
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dps-steps", type=int, default=1000)
     parser.add_argument("--no-dps", action="store_true")
     parser.add_argument("--engines", nargs="+", default=["reference", "fast"],
-                        choices=["reference", "fast"])
+                        choices=["reference", "fast", "compiled"])
     parser.add_argument("--out", default=None, help="JSON results file")
     parser.add_argument("--profile", default=None,
                         help="write a torch.profiler table of 5 eager fast-engine steps at the "
@@ -131,26 +135,31 @@ def main(argv: list[str] | None = None) -> int:
         row = {"method": f"fastem-{guidance}", "particles": n, "steps": steps}
         for engine in args.engines:
             timed_steps = min(steps, args.reference_steps) if engine == "reference" else steps
-            # warm-up: lazy CUDA/cuFFT initialisation, cuDNN autotuning
-            run_case(model, obs, ksize, engine=engine, guidance=guidance, particles=n,
-                     steps=min(steps, 5), device=device)
-            seconds, peak, _ = run_case(model, obs, ksize, engine=engine, guidance=guidance,
-                                        particles=n, steps=timed_steps, device=device)
+            # warm-up: lazy CUDA/cuFFT initialisation, cuDNN autotuning, compilation
+            _, _, warm = run_case(model, obs, ksize, engine=engine, guidance=guidance,
+                                  particles=n, steps=min(steps, 5), device=device)
+            seconds, peak, out = run_case(model, obs, ksize, engine=engine, guidance=guidance,
+                                          particles=n, steps=timed_steps, device=device)
             row[f"{engine}_s_per_image"] = seconds * steps / timed_steps
             row[f"{engine}_extrapolated"] = timed_steps != steps
             row[f"{engine}_peak_bytes"] = peak
-        if len(args.engines) == 2:
-            row["speedup"] = row["reference_s_per_image"] / row["fast_s_per_image"]
+            if engine == "compiled":
+                row["compile_s_first"] = warm.compile_seconds
+                row["compile_s_again"] = out.compile_seconds
+        for engine in ("fast", "compiled"):
+            if "reference" in args.engines and engine in args.engines:
+                row[f"{engine}_speedup"] = (row["reference_s_per_image"]
+                                            / row[f"{engine}_s_per_image"])
         rows.append(row)
         print(_format(row), flush=True)
         result = {"device": name, "torch": torch.__version__, "model": args.model,
                   "size": args.size, "date": time.strftime("%Y-%m-%d"), "rows": rows,
                   "fp32_agreement": None, "command": " ".join(sys.argv)}
         _write(args.out, result)  # after every row: a run cut short keeps what it measured
-    if len(args.engines) == 2:
+    if "reference" in args.engines and len(args.engines) > 1:
         agreement = _agreement(model, obs, ksize, device, args)
-        print(f"fast(fp32) vs reference: PSNR {agreement['psnr_db']:.1f} dB, "
-              f"kernel MSE {agreement['kernel_mse']:.2e}")
+        print("agreement with the reference: " + ", ".join(
+            f"{key} {value:.4g}" for key, value in agreement.items()))
         result["fp32_agreement"] = agreement
         _write(args.out, result)
     if args.profile:
@@ -177,33 +186,50 @@ def _write(path: str | None, result: dict) -> None:
 
 
 def _agreement(model, obs, ksize, device, args) -> dict[str, float]:
-    """One fp32 fast run against the reference, same seed, 20 steps, n = 1, with cuDNN's TF32
-    and non-deterministic algorithms off (a random-weight sampler amplifies their rounding)."""
+    """The fast engines' fp32 runs (``fast``, and ``compiled`` where benchmarked) against the
+    reference, same seed, 20 steps, n = 1, with cuDNN's TF32 and non-deterministic algorithms
+    off (a random-weight sampler amplifies their rounding): PSNR between the outputs and the
+    kernels' MSE. With the natural prior, also each engine's full-schedule restoration in its
+    default precision (bf16) against the sharp image, beside the reference's."""
     steps = min(args.steps, 20)
+    engines = [engine for engine in ("fast", "compiled") if engine in args.engines]
     cudnn = torch.backends.cudnn
     saved = cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark
     cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark = False, True, False
+    out: dict[str, float] = {"steps": steps}
     try:
         _, _, ref = run_case(model, obs, ksize, engine="reference", guidance="pigdm",
                              particles=1, steps=steps, device=device)
-        _, _, fast = run_case(model, obs, ksize, engine="fast", guidance="pigdm", particles=1,
-                              steps=steps, device=device, precision="fp32")
+        for engine in engines:
+            _, _, fast = run_case(model, obs, ksize, engine=engine, guidance="pigdm",
+                                  particles=1, steps=steps, device=device, precision="fp32")
+            out[f"{engine}_psnr_db"] = float(psnr(fast.particles[0], ref.particles[0]))
+            out[f"{engine}_kernel_mse"] = float((fast.kernel - ref.kernel).square().mean())
     finally:
         cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark = saved
-    return {"psnr_db": float(psnr(fast.particles[0], ref.particles[0])),
-            "kernel_mse": float((fast.kernel - ref.kernel).square().mean()), "steps": steps}
+    if args.model == "natural":
+        sharp = sample_image(args.size).to(device)
+        for engine in ["reference", *engines]:
+            _, _, result = run_case(model, obs, ksize, engine=engine, guidance="pigdm",
+                                    particles=1, steps=args.steps, device=device)
+            out[f"{engine}_restored_psnr_db"] = float(psnr(result.particles[0], sharp))
+    return out
 
 
 def _format(row: dict) -> str:
     parts = [f"{row['method']:13s} n={row['particles']:<3d} steps={row['steps']:<5d}"]
-    for engine in ("reference", "fast"):
+    for engine in ("reference", "fast", "compiled"):
         if f"{engine}_s_per_image" in row:
             mark = "*" if row[f"{engine}_extrapolated"] else ""
             parts.append(f"{engine} {row[f'{engine}_s_per_image']:8.2f} s{mark}")
             if row[f"{engine}_peak_bytes"]:
                 parts.append(f"peak {row[f'{engine}_peak_bytes'] / 2**30:.2f} GiB")
-    if "speedup" in row:
-        parts.append(f"speed-up {row['speedup']:.1f}x")
+            if f"{engine}_speedup" in row:
+                parts.append(f"{row[f'{engine}_speedup']:.1f}x")
+    if row.get("compile_s_first") is not None:
+        again = row["compile_s_again"]
+        parts.append(f"compile {row['compile_s_first']:.1f} s first, "
+                     + (f"{again:.1f} s again" if again is not None else "failed again"))
     return " | ".join(parts)
 
 

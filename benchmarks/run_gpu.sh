@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (issues 7 and 8), for a lent H100 via the device tool:
+# The one prepared GPU check (issues 7, 8 and 14), for a lent H100/H200 via the device tool:
 #   run: bash benchmarks/run_gpu.sh        (timeout_s 600; results under $OUT)
 # Builds the CUDA extension, runs every `cuda` test, then the op and engine benchmarks. Each stage
 # has its own time limit so one slow stage cannot take the others' results with it (the last
-# one ends FASTEM_GPU_BUDGET_S, default 570, after the start). Prints a
+# one ends FASTEM_GPU_BUDGET_S, default 540, after the start). Prints a
 # short table; full JSON/CSV/logs go to $OUT. Copy the tables into benchmarks/RESULTS.md with the
 # card and date.
 set -uo pipefail
@@ -21,9 +21,16 @@ workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
 timeout 150 python3 -m pytest -q -rfE --tb=short -m cuda -p no:cacheprovider $workers tests/ 2>&1 \
     | tee "$OUT/tests.log" | tail -25
 echo "tests: $((SECONDS - start)) s"
-timeout 120 python3 benchmarks/bench_ops.py --device cuda --out "$OUT" 2>&1 \
-    | tee "$OUT/bench_ops.log" | tail -25
+timeout 60 python3 benchmarks/bench_ops.py --device cuda --out "$OUT" 2>&1 | tail -25
 echo "ops: $((SECONDS - start)) s"
-timeout $((${FASTEM_GPU_BUDGET_S:-570} - (SECONDS - start))) python3 benchmarks/bench_engine.py --device cuda \
-    --model ffhq --reference-steps 10 --out "$OUT/bench_engine.json" --profile "$OUT/profile.txt" 2>&1 | tee "$OUT/bench_engine.log"
+# Issue 14: reference vs fast vs compiled (network Inductor-compiled inside the captured step),
+# the bundled prior first (small, compiles fast), then the FFHQ-256 UNet with DPS. A new particle
+# count recompiles once (torch then marks the batch dimension dynamic); at most 8 files in $OUT.
+timeout 150 python3 benchmarks/bench_engine.py --device cuda --model natural --no-dps --particles 1 \
+    --engines reference fast compiled --reference-steps 10 --out "$OUT/bench_natural.json" 2>&1 \
+    | tee "$OUT/bench_natural.log"
+echo "natural: $((SECONDS - start)) s"
+timeout $((${FASTEM_GPU_BUDGET_S:-540} - (SECONDS - start))) python3 benchmarks/bench_engine.py \
+    --device cuda --model ffhq --engines reference fast compiled --reference-steps 10 \
+    --out "$OUT/bench_engine.json" 2>&1 | tee "$OUT/bench_engine.log"
 echo "engine: $((SECONDS - start)) s"

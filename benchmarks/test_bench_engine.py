@@ -1,8 +1,9 @@
 """Throughput regression suite of whole Fast EM runs (pytest-benchmark), beside test_bench_ops.
 
 CPU: a small configuration (tiny random UNet, 64×64, 4 steps), reference and fast engines, gated
-against ``baseline_cpu.json`` by ``compare_bench.py``. CUDA (``-m cuda``): the FFHQ-256 UNet at
-256×256, 10 ΠGDM steps, n ∈ {1, 4}, both engines — the per-step figures behind bench_engine.py.
+against ``baseline_cpu.json`` by ``compare_bench.py``. CUDA (``-m cuda``): the FFHQ-256 UNet and
+the bundled natural prior at 256×256, 10 ΠGDM steps, the reference, fast and compiled engines —
+the per-step figures behind bench_engine.py (no GPU baseline is committed yet).
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ def test_fastem_cpu(benchmark, cpu_setup, engine, guidance):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("engine", ["reference", "fast"])
+@pytest.mark.parametrize("engine", ["reference", "fast", "compiled"])
 @pytest.mark.parametrize("particles", [1, 4])
-def test_fastem_ffhq_cuda(benchmark, engine, particles):
+@pytest.mark.parametrize("model_name", ["ffhq", "natural"])
+def test_fastem_cuda(benchmark, engine, particles, model_name):
     device = torch.device("cuda")
     obs, truth = problem(256, device)
-    model = build_model("ffhq", device)
-    benchmark.group = f"fastem-pigdm ffhq 256 n={particles}"
+    model = build_model(model_name, device)
+    benchmark.group = f"fastem-pigdm {model_name} 256 n={particles}"
     benchmark.pedantic(run_case, args=(model, obs, truth.shape[-1]),
                        kwargs=dict(engine=engine, guidance="pigdm", particles=particles,
                                    steps=10, device=device),

@@ -61,7 +61,8 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         progress: bool = True, kernel: Tensor | None = None, boundary: str = "valid",
         regularizer: str = "pnp", rounds: int = 10, r2: str = "reference",
         guidance_scale: float = 1.0, engine: str = "auto", precision: str = "bf16",
-        mstep: HQSConfig | None = None, callback: StepCallback | None = None) -> Result:
+        compile: bool = False, mstep: HQSConfig | None = None,
+        callback: StepCallback | None = None) -> Result:
     """Blind (or non-blind) deblurring of one photo.
 
     blurry: a path, PIL image, ``H×W(×C)`` numpy array (uint8, uint16 or float in [0, 1]) or a
@@ -73,8 +74,11 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     no wrap-around), ``circular`` for synthetic circularly blurred data. regularizer: the
     M-step's kernel prior (``pnp`` uses the bundled kernel denoiser). engine: ``fast`` (the
     step captured as a CUDA graph, network in ``precision``), ``reference`` (eager float32) or
-    ``auto`` (fast on CUDA, reference on CPU). mstep: the M-step's settings in full (an
-    ``HQSConfig``; its regulariser replaces ``regularizer``); default: the tuned ones.
+    ``auto`` (fast on CUDA, reference on CPU). compile: the fast engine runs the network as
+    Inductor-compiled code (``torch.compile``; compiled once per process, network and image
+    size, minutes on a CPU; a failure falls back to eager with a warning). mstep: the M-step's
+    settings in full (an ``HQSConfig``; its regulariser replaces ``regularizer``); default: the
+    tuned ones.
     callback: called after every step as ``callback(i, x0, kernel)`` with the respaced step
     ``i`` (counting down to 0), the current ``x̂0`` ``[n, C, H, W]`` in [0, 1] cropped to the
     photo's frame, and the current kernel (device tensors; reading them synchronises).
@@ -102,8 +106,13 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     engine = check_choice("engine", engine, ENGINES)
     if engine == "auto":
         engine = "fast" if device.type == "cuda" else "reference"
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
+    if compile and engine != "fast":
+        raise ValueError("compile=True needs engine='fast' (or 'auto' on CUDA); the reference "
+                         "engine runs the network eagerly")
     runner = sample if engine == "reference" else partial(
-        graphed_sample, engine=EngineConfig(precision=precision).validate())
+        graphed_sample, engine=EngineConfig(precision=precision, compile=compile).validate())
     schedule = Schedule(DEFAULT_STEPS[method] if steps is None else steps, r2=r2)
     mstep = _mstep_config(regularizer, kernel_size, device, mstep)
     if callback is not None and not callable(callback):
@@ -154,11 +163,13 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         "sigma": sigma, "sigma_estimated": estimated, "kernel_size": kernel_size,
         "boundary": boundary, "grid": [frame.grid_h, frame.grid_w], "regularizer": mstep.kind,
         "r2": r2, "seed": seed, "engine": engine,
-        "precision": precision if engine == "fast" else "fp32", "device": describe_device(device),
+        "precision": precision if engine == "fast" else "fp32",
+        "compiled": out.compile_seconds is not None, "device": describe_device(device),
         "source": loaded.source, "bits": loaded.bits,
         "reblur_rmse": reblur_rmse,
         "seconds_total": time.perf_counter() - started, "seconds_sampling": sample_seconds,
-        "seconds_per_step": sample_seconds / total,
+        "seconds_per_step": (sample_seconds - (out.compile_seconds or 0.0)) / total,
+        "seconds_compile": out.compile_seconds,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
         if device.type == "cuda" else None,
     }

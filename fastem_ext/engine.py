@@ -3,20 +3,30 @@
 The step is ``step.guided_step`` — the network forward and its VJP, the M-step, the guidance and
 the DDPM update on the fused ops — run on static buffers with the step index held in a 0-d device
 tensor, so every per-step scalar is a gather from the schedule's device tables and the whole step
-replays without a host round trip. The network runs under bf16 autocast (FFTs and the M-step stay
-float32). Where capture is impossible (CPU, or a failure on CUDA) the same step runs eagerly, with
-one warning in the failure case.
+replays without a host round trip. Where capture is impossible (CPU, or a failure on CUDA) the same
+step runs eagerly, with one warning in the failure case.
+
+The network runs under bf16 autocast (FFTs and the M-step stay float32), with its UNets' torso
+convolutions cast to that dtype once per run (``cast_weights``), so that autocast copies no
+weight per call; the outputs are bit-identical. With
+``EngineConfig.compile`` it runs as Inductor-compiled code (``torch.compile``; its forward and
+the backward of its input-VJP), compiled before the capture. Compiled code is cached by torch
+itself: in one process by the model's code and input shapes (a second ``run()`` with a freshly
+loaded prior of the same shape compiles nothing), and across processes by Inductor's on-disk
+caches where enabled. A compilation failure falls back to the eager network with one warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .observation import Observation
 from .samplers import SamplerOutput, StepCallback
@@ -29,11 +39,13 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 @dataclass(frozen=True)
 class EngineConfig:
     """precision: the network's autocast dtype (``bf16``, ``fp16`` or ``fp32`` = none);
-    graphs: capture the step as a CUDA graph when on CUDA; warmup: eager steps run (and undone)
-    before capture so that lazy initialisation happens outside the graph."""
+    graphs: capture the step as a CUDA graph when on CUDA; compile: run the network as
+    Inductor-compiled code (module docstring); warmup: eager steps run (and undone) before
+    capture so that lazy initialisation happens outside the graph."""
 
     precision: str = "bf16"
     graphs: bool = True
+    compile: bool = False
     warmup: int = 2
 
     def validate(self) -> EngineConfig:
@@ -41,7 +53,29 @@ class EngineConfig:
             raise ValueError(
                 f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}"
             )
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
         return self
+
+
+def cast_weights(eps_model: EpsModel, precision: str) -> EpsModel:
+    """For a module holding ``UNet``s and a reduced ``precision``: a copy whose UNets' torso
+    convolutions hold weights of that dtype (``UNet.convert_torso``). Under autocast those
+    convolutions run in that dtype anyway, on activations already in it, so the outputs are
+    bit-identical; autocast just finds the weights cast instead of copying them on every call.
+    Anything else is returned as it is (autocast casts it per call, as before)."""
+    from .models.unet import UNet
+
+    dtype = PRECISIONS[precision]
+    if dtype is None or not isinstance(eps_model, nn.Module):
+        return eps_model
+    if not any(isinstance(module, UNet) for module in eps_model.modules()):
+        return eps_model
+    cast = copy.deepcopy(eps_model)
+    for module in cast.modules():
+        if isinstance(module, UNet):
+            module.convert_torso(dtype)
+    return cast
 
 
 def autocast_model(eps_model: EpsModel, device: torch.device, precision: str) -> EpsModel:
@@ -82,7 +116,13 @@ class GraphedLoop:
                  config: StepConfig, generator: torch.Generator, x_init: Tensor,
                  kernel: Tensor | None, engine: EngineConfig) -> None:
         self.device = x_init.device
-        self.model = autocast_model(eps_model, self.device, engine.precision)
+        network = cast_weights(eps_model, engine.precision)
+        self.eager_model = autocast_model(network, self.device, engine.precision)
+        self.model = self.eager_model
+        if engine.compile:
+            compiled = torch.compile(network)
+            self.model = autocast_model(compiled, self.device, engine.precision)
+        self.compile_seconds: float | None = None  # set by run() when the network is compiled
         self.generator, self.engine = generator, engine
         tables = schedule.tables(self.device, x_init.dtype)
         self.plan = plan_step(obs, tables, config)  # outside any graph
@@ -103,6 +143,8 @@ class GraphedLoop:
         self.index.sub_(1)
 
     def run(self, callback: StepCallback | None = None) -> SamplerOutput:
+        if self.engine.compile:
+            self._compile()
         if self.device.type == "cuda" and self.engine.graphs:
             self.graph = self._capture()
         for i in reversed(range(self.steps)):
@@ -114,7 +156,26 @@ class GraphedLoop:
                 # The device index counts down with the host loop: i is known without a sync.
                 callback(i, self.x0.clone(), self.kernel)
         particles = to_image(self.x.clamp(-1.0, 1.0))
-        return SamplerOutput(particles, None if self.kernel is None else self.kernel.clone())
+        return SamplerOutput(particles, None if self.kernel is None else self.kernel.clone(),
+                             self.compile_seconds)
+
+    def _compile(self) -> None:
+        """One step (undone) compiles the network's forward and VJP; on failure the eager
+        network replaces it, with one warning."""
+        saved = self._snapshot()
+        start = time.perf_counter()
+        try:
+            self._step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.compile_seconds = time.perf_counter() - start
+        except Exception as err:  # noqa: BLE001 - any compilation failure falls back to eager
+            self.model = self.eager_model
+            warnings.warn(f"compiling the network failed ({type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
+                          "running it eagerly", RuntimeWarning, stacklevel=3)
+        finally:
+            self._restore(saved)
 
     def _capture(self) -> torch.cuda.CUDAGraph | None:
         """Warm up on a side stream, restore the state, capture one step. ``None`` on failure."""

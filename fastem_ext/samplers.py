@@ -25,10 +25,12 @@ StepCallback = Callable[[int, Tensor, Tensor | None], None]
 
 @dataclass
 class SamplerOutput:
-    """particles: ``[n, C, H, W]`` in [0, 1]; kernel: ``[K, K]`` (sum 1) or ``None``."""
+    """particles: ``[n, C, H, W]`` in [0, 1]; kernel: ``[K, K]`` (sum 1) or ``None``;
+    compile_seconds: the fast engine's network compilation (its first step), or ``None``."""
 
     particles: Tensor
     kernel: Tensor | None
+    compile_seconds: float | None = None
 
 
 def sample(eps_model: EpsModel, obs: Observation | None, *, schedule: Schedule,

@@ -1,0 +1,100 @@
+"""The fast engine's network: weights cast once (bit-identical to autocast), Inductor-compiled on
+request (the same results, compiled once per process), and an eager fallback when compiling
+fails."""
+
+import pytest
+import torch
+from torch import nn
+
+from fastem_ext import gaussian_kernel, run
+from fastem_ext.engine import EngineConfig, GraphedLoop, autocast_model, cast_weights
+from fastem_ext.models import GaussianPrior
+from fastem_ext.models.natural_prior import load_natural_prior
+from fastem_ext.observation import Observation
+from fastem_ext.schedule import Schedule
+from fastem_ext.step import StepConfig
+
+
+class TinyEps(nn.Module):
+    """A small convolutional eps model: cheap to compile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.conv(x)) * (t[:, None, None, None].float() / 1000)
+
+
+def test_cast_weights_gives_autocast_outputs_bit_for_bit():
+    model = load_natural_prior()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([600, 30])
+    cpu = torch.device("cpu")
+    cast = cast_weights(model, "bf16")
+    assert cast is not model
+    assert {p.dtype for p in cast.parameters()} == {torch.float32, torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the original is untouched
+    assert cast.sqrt_ac.dtype == torch.float32
+    expected = autocast_model(model, cpu, "bf16")(x, t)
+    assert torch.equal(autocast_model(cast, cpu, "bf16")(x, t), expected)
+
+
+def test_cast_weights_leaves_what_it_cannot_cast_exactly():
+    gaussian, tiny = GaussianPrior(), TinyEps()
+    assert cast_weights(gaussian, "bf16") is gaussian  # no UNet inside
+    assert cast_weights(tiny, "bf16") is tiny
+    assert cast_weights(load_natural_prior(), "fp32").unet.input_blocks[0][0].weight.dtype == (
+        torch.float32)
+
+
+def _loop(model, engine: EngineConfig) -> GraphedLoop:
+    g = torch.Generator().manual_seed(3)
+    obs = Observation(torch.rand(3, 16, 16, generator=g), 0.05)
+    x = torch.randn(1, 3, 16, 16, generator=g)
+    return GraphedLoop(model, obs, Schedule("3"), StepConfig("pigdm"),
+                       torch.Generator().manual_seed(4), x, gaussian_kernel(5, 1.0), engine)
+
+
+def test_compiled_network_matches_eager_and_compiles_once_per_process():
+    from torch._dynamo.utils import counters
+
+    eager = _loop(TinyEps(), EngineConfig(precision="fp32")).run()
+    compiled = _loop(TinyEps(), EngineConfig(precision="fp32", compile=True))
+    out = compiled.run()
+    assert compiled.compile_seconds is not None and out.compile_seconds is not None
+    torch.testing.assert_close(out.particles, eager.particles, rtol=0, atol=1e-5)
+    graphs = counters["stats"]["unique_graphs"]
+    again = _loop(TinyEps(), EngineConfig(precision="fp32", compile=True)).run()  # a new model
+    assert counters["stats"]["unique_graphs"] == graphs  # served from torch's compile cache
+    torch.testing.assert_close(again.particles, out.particles, rtol=0, atol=0)
+
+
+def test_a_failing_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
+    expected = _loop(TinyEps(), EngineConfig(precision="fp32")).run()
+
+    class Broken(nn.Module):
+        def forward(self, x, t):
+            raise RuntimeError("inductor: no C++ compiler\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: Broken())
+    loop = _loop(TinyEps(), EngineConfig(precision="fp32", compile=True))
+    with pytest.warns(RuntimeWarning, match="compiling the network failed.*no C\\+\\+ compiler") \
+            as record:
+        out = loop.run()
+    assert len(record) == 1 and out.compile_seconds is None
+    assert torch.equal(out.particles, expected.particles)
+
+
+def test_run_checks_the_compile_switch():
+    image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(5))
+    common = dict(prior="gaussian", steps="2", kernel_size=5, progress=False)
+    with pytest.raises(ValueError, match="compile=True needs engine='fast'"):
+        run(image, 0.02, engine="reference", compile=True, **common)
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        run(image, 0.02, engine="fast", compile="yes", **common)
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        EngineConfig(compile=1).validate()
+    info = run(image, 0.02, engine="fast", precision="fp32", **common).info
+    assert info["compiled"] is False and info["seconds_compile"] is None
