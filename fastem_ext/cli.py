@@ -196,9 +196,9 @@ def _batch(args: argparse.Namespace) -> int:
     if ranks_from_env().rank != 0:
         return 0
     total, failed = len(result.records), result.failed
+    same = f", {len(result.duplicates)} duplicate input(s) skipped" if result.duplicates else ""
     print(f"{args.output_dir}: {total - len(failed)} of {total} images done ({result.processed} "
-          f"run now, {result.skipped} done before), "
-          f"{len(result.duplicates)} duplicate input(s) skipped")
+          f"run now, {result.skipped} done before{same})")
     if failed:
         for record in failed[:10]:
             print(f"  failed: {record['input']}: {record['error']}", file=sys.stderr)

@@ -134,6 +134,15 @@ def test_changed_settings_or_missing_outputs_are_redone(tmp_path, counting_run):
                                                for s in (".png", ".kernel.npy"))}
 
 
+def test_an_output_folder_inside_the_input_folder_is_not_read_back(tmp_path, counting_run):
+    _photos(tmp_path / "in", 2)
+    out = tmp_path / "in" / "deblurred"
+    counter = counting_run()
+    assert run_batch([tmp_path / "in"], out, **SETTINGS).processed == 2
+    assert run_batch([str(tmp_path / "in" / "*")], out, **SETTINGS).processed == 0
+    assert counter.calls == 2 and len(read_records(out)) == 2
+
+
 def test_output_names_never_collide_and_stay_with_their_content(tmp_path):
     a, = _photos(tmp_path / "a", 1, seed=1, stem="x")
     b, = _photos(tmp_path / "b", 1, seed=2, stem="x")
