@@ -238,3 +238,15 @@ def test_two_ranks_under_torchrun_share_the_work(tmp_path, counting_run):
     run_batch([tmp_path / "in"], alone, **SETTINGS)
     for photo in photos:
         assert (alone / photo.name).read_bytes() == (out / photo.name).read_bytes()
+
+
+@pytest.mark.parametrize("env, match", [
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "do not describe"),
+    ({"WORLD_SIZE": "two"}, "integers"),
+])
+def test_a_broken_torchrun_environment_is_an_error(tmp_path, monkeypatch, env, match):
+    _photos(tmp_path / "in", 1)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=match):
+        run_batch([tmp_path / "in"], tmp_path / "out", **SETTINGS)
