@@ -42,11 +42,10 @@ IMAGE_ERRORS = (ValueError, RuntimeError, OSError)  # one image fails; the job g
 
 @dataclass
 class BatchResult:
-    """The job's outcome as this process sees it: the whole job on rank 0 (and without
-    ``torchrun``), the process's own shard on the other ranks.
+    """The whole job's outcome (the same on every ``torchrun`` rank).
 
     records: the latest manifest record of each input (``manifest.RECORD_KEYS``); processed:
-    images run by this process now; skipped: found done by an earlier run; failed: the records
+    images run now, by all processes; skipped: found done by an earlier run; failed: the records
     whose status is ``failed``; duplicates: ``{input: the input with the same bytes}`` (processed
     once).
     """
@@ -105,16 +104,22 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
         mine = [item for item in items if item.shard(ranks.world_size) == ranks.rank]
         todo = [item for item in mine if not job.done(item)]
         job.process(todo, progress)
-        group.barrier()
+        counts = group.gather((len(todo), len(mine) - len(todo)))  # all ranks have finished
         if ranks.rank == 0:
             merge(out_dir)
         group.barrier()  # the merged manifest is complete for every reader
-    latest = latest_by_content(read_records(out_dir))
-    scope = items if ranks.rank == 0 else mine
-    records = [latest[item.sha256] if item.sha256 in latest else job.failures[item.path]
-               for item in scope if item.sha256 in latest or item.path in job.failures]
-    return BatchResult(records, len(todo), len(mine) - len(todo),
+    return BatchResult(_job_records(items, read_records(out_dir)),
+                       sum(done for done, _ in counts), sum(before for _, before in counts),
                        {str(k): str(v) for k, v in duplicates.items()})
+
+
+def _job_records(items: list[BatchItem], records: list[dict]) -> list[dict]:
+    """The latest record of each item: by content hash, or by path for an unreadable file."""
+    by_content = latest_by_content(records)
+    unreadable = {record["input"]: record for record in records if record["sha256"] is None}
+    found = [by_content.get(item.sha256) if item.sha256 is not None
+             else unreadable.get(str(item.path)) for item in items]
+    return [record for record in found if record is not None]
 
 
 class _Job:
@@ -126,7 +131,6 @@ class _Job:
         self.device, self.prior = device, net_prior
         self.manifest = rank_manifest(out_dir, ranks.rank, ranks.world_size)
         self.previous = latest_by_content(read_records(out_dir))
-        self.failures: dict[Path, dict] = {}  # unreadable files (no content hash)
 
     def done(self, item: BatchItem) -> bool:
         """Finished by an earlier run with these settings, its outputs still there."""
@@ -147,8 +151,6 @@ class _Job:
                 append_record(self.manifest, record)
                 if record["status"] != "ok":
                     failed += 1
-                    if item.sha256 is None:
-                        self.failures[item.path] = record
                     if progress:
                         bar.write(f"fastem: {item.path}: failed: {record['error']}",
                                   file=sys.stderr)

@@ -74,6 +74,8 @@ def expand_inputs(specs: Sequence[str | os.PathLike], out_dir: Path) -> list[Pat
             if not files:
                 raise ValueError(f"inputs: folder {text} holds no image files")
         elif path.exists():
+            if not path.is_file():  # a FIFO or a device would block the hash or the decoder
+                raise ValueError(f"inputs: {text} is not a regular file")
             if _inside(path, out_real):
                 raise ValueError(f"inputs: {text} is inside the output folder {out_dir}")
             files = [path]

@@ -2,7 +2,7 @@
 
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` for each process it starts, on one
 host or on several (``--nnodes``); without them the process is rank 0 of 1 and no process group
-is created. The group carries only small messages (the job's plan, the final barrier): NCCL on
+is created. The group carries only small messages (the job's plan, counts, barriers): NCCL on
 a CUDA device (each process on ``cuda:LOCAL_RANK``), gloo on the CPU.
 """
 
@@ -56,8 +56,8 @@ def rank_device(requested: str | None, ranks: Ranks) -> str | None:
 
 class ProcessGroup:
     """A context manager that joins the job's process group (created here if it does not exist
-    yet, destroyed on exit if it was), for ``broadcast`` and ``barrier``; a no-op for one
-    process."""
+    yet, destroyed on exit if it was), for ``broadcast``, ``gather`` and ``barrier``; a no-op for
+    one process."""
 
     def __init__(self, ranks: Ranks, device: torch.device) -> None:
         self.ranks, self.device = ranks, device
@@ -83,6 +83,15 @@ class ProcessGroup:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def gather(self, value: object) -> list[object]:
+        """Every rank's ``value`` (picklable), in rank order, on every rank; returns once all
+        ranks have called it."""
+        if self.ranks.world_size == 1:
+            return [value]
+        values: list[object] = [None] * self.ranks.world_size
+        dist.all_gather_object(values, value)
+        return values
 
     def barrier(self) -> None:
         """Return when every rank has called it."""

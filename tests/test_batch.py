@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import fastem_ext.batch as batch_module
+import fastem_ext.batch_plan as batch_plan
 from fastem_ext.batch import run_batch
 from fastem_ext.cli import SOME_FAILED, main
 from fastem_ext.manifest import file_sha256, read_records
@@ -224,7 +225,7 @@ def test_two_ranks_under_torchrun_share_the_work(tmp_path, counting_run):
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "6 of 6 images done" in done.stdout
+    assert "6 of 6 images done (6 run now, 0 done before)" in done.stdout
     assert sorted(_files(out)) == sorted(["manifest.jsonl", *(f"p{i}{s}" for i in range(6)
                                                              for s in (".png", ".kernel.npy"))])
     records = read_records(out)
@@ -250,3 +251,25 @@ def test_a_broken_torchrun_environment_is_an_error(tmp_path, monkeypatch, env, m
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=match):
         run_batch([tmp_path / "in"], tmp_path / "out", **SETTINGS)
+
+
+def test_an_unreadable_file_is_recorded_as_failed(tmp_path, monkeypatch):
+    photos = _photos(tmp_path / "in", 2)
+    hash_file = batch_plan.file_sha256
+
+    def denied(path):
+        if path == photos[0]:
+            raise PermissionError(13, "Permission denied")
+        return hash_file(path)
+
+    monkeypatch.setattr(batch_plan, "file_sha256", denied)
+    result = run_batch([tmp_path / "in"], tmp_path / "out", **SETTINGS)
+    assert [r["status"] for r in result.records] == ["ok", "failed"]
+    assert "Permission denied" in result.failed[0]["error"]
+    assert result.failed[0]["input"] == str(photos[0])
+
+
+def test_a_named_pipe_is_refused_not_read(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(ValueError, match="not a regular file"):
+        run_batch([tmp_path / "pipe.png"], tmp_path / "out", **SETTINGS)
