@@ -75,8 +75,8 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
     level. An image that cannot be read or restored (not an image, too small, NaN, a failed
     run) is recorded as failed and the job goes on; errors of the settings or the inputs'
     paths raise ``ValueError`` before any work. ``progress``: a bar over this process's images
-    (rate, time left) and a line per failure on stderr. Ctrl-C stops after the outputs of the
-    finished images; nothing partial is written.
+    (rate, time left; under ``torchrun`` rank 0's only) and a line per failure on stderr.
+    Ctrl-C stops after the outputs of the finished images; nothing partial is written.
     """
     out_dir = _prepare_out_dir(out_dir)
     method = check_choice("method", method, BLIND)
