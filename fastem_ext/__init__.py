@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the same names, for type checkers and tests/test_layers.py's import walk
     from . import metrics
     from .api import METHODS, Result, run
+    from .batch import BatchResult, run_batch
     from .motion import motion_kernel, motion_kernels
     from .mstep import HQSConfig, estimate_kernel
     from .noise import estimate_noise
@@ -19,6 +20,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and tests/test_layers.py'
 # command's start-up import nothing heavy until a name is used, so Ctrl-C there can be caught.
 _EXPORTS = {
     "METHODS": ".api", "Result": ".api", "run": ".api",
+    "BatchResult": ".batch", "run_batch": ".batch",
     "motion_kernel": ".motion", "motion_kernels": ".motion",
     "HQSConfig": ".mstep", "estimate_kernel": ".mstep",
     "estimate_noise": ".noise",
@@ -44,6 +46,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "METHODS",
+    "BatchResult",
     "HQSConfig",
     "Result",
     "Schedule",
@@ -59,4 +62,5 @@ __all__ = [
     "otf2psf",
     "psf2otf",
     "run",
+    "run_batch",
 ]

@@ -1,13 +1,16 @@
-"""The ``fastem`` command: ``fastem deblur IN -o OUT`` and ``fastem demo``.
+"""The ``fastem`` command: ``fastem deblur IN -o OUT``, ``fastem batch IN... -o OUT_DIR`` and
+``fastem demo``.
 
 Exit codes: 0 done, 2 bad input or a failed run (one line on stderr, no traceback, no output
-written), 130 interrupted (Ctrl-C; nothing written)."""
+written), 3 a batch job that finished with some images failed (each one recorded in the
+manifest), 130 interrupted (Ctrl-C; nothing partial written)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -28,6 +31,7 @@ from .io import (
 )
 from .mstep import REGULARIZERS
 
+SOME_FAILED = 3  # exit status of a batch job that finished with failed images
 DESCRIPTION = ("Blind deblurring with a diffusion prior (Fast Diffusion EM): estimate the "
                "camera-shake kernel of a blurry photo and restore it.")
 
@@ -58,8 +62,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastem", description=DESCRIPTION,
                                      epilog="Exit codes: 0 done, 2 bad input or failed run, "
-                                     "130 interrupted; nothing is written unless the run "
-                                     "succeeds.")
+                                     f"{SOME_FAILED} batch finished with failed images, 130 "
+                                     "interrupted; nothing partial is ever written.")
     commands = parser.add_subparsers(dest="command", required=True)
     deblur = commands.add_parser("deblur", help="estimate the blur kernel and restore a photo")
     deblur.add_argument("input", help="blurry image (PNG 8/16-bit, JPEG, TIFF, ...)")
@@ -81,6 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="valid (default: real photos, no wrap-around) or circular "
                         "(synthetic data blurred circularly)")
     _common(deblur)
+    batch = commands.add_parser(
+        "batch", help="deblur many photos into a folder: resumable, runs under torchrun",
+        description="Deblur every image of the inputs into OUT_DIR (x.jpg -> x.png and "
+        "x.kernel.npy), one manifest line per image (OUT_DIR/manifest.jsonl). A rerun skips "
+        "what is done with the same settings; a failed image is recorded and the job goes on "
+        f"(exit {SOME_FAILED}). Under torchrun each process takes a share of the inputs.")
+    batch.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) "
+                       "or glob patterns (quote them)")
+    batch.add_argument("-o", "--output-dir", required=True,
+                       help="folder of the results and the manifest (created if missing)")
+    batch.add_argument("--sigma", type=float, default=None,
+                       help="noise std in /255 units, the same for every image (default: "
+                       "estimated per image)")
+    batch.add_argument("--boundary", choices=BOUNDARIES, default="valid",
+                       help="valid (default) or circular")
+    _common(batch)
     demo = commands.add_parser("demo", help="blur a sample, restore it, write a comparison PNG")
     demo.add_argument("image", nargs="?", default=None,
                       help="a sharp image to use instead of the built-in sample")
@@ -94,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = None
     try:
         args = build_parser().parse_args(argv)
         threads = default_threads() if args.threads is None else args.threads
@@ -101,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(check_int("--threads", threads, low=1, high=1024))
         if args.command == "deblur":
             _deblur(args)
+        elif args.command == "batch":
+            return _batch(args)
         else:
             from .demo import run_demo
 
@@ -109,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastem: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fastem: interrupted: no output was written", file=sys.stderr)
+        if args is not None and args.command == "batch":
+            print("fastem: interrupted: the finished images are kept (see the manifest); run "
+                  "the same command again to go on", file=sys.stderr)
+        else:
+            print("fastem: interrupted: no output was written", file=sys.stderr)
         return 130
     return 0
 
@@ -123,12 +150,9 @@ def _deblur(args: argparse.Namespace) -> None:
          "--kernel-out": kernel_suffixes(), "--kernel-preview": image_suffixes(),
          "--report": (".json",)},
         (args.input, args.kernel))
-    if args.sigma is not None and not LEAST_SIGMA * 255 <= args.sigma <= MAX_SIGMA * 255:
-        raise ValueError(f"--sigma must be in [{LEAST_SIGMA * 255:g}, {MAX_SIGMA * 255:g}] "
-                         f"(/255 units), got {args.sigma:g}")
+    sigma = _sigma(args.sigma)
     loaded = load_image(args.input, name="input")
     kernel = None if args.kernel is None else read_kernel(args.kernel, "--kernel")
-    sigma = None if args.sigma is None else args.sigma / 255
     result = run(loaded.image, sigma, method=args.method, prior=args.prior,
                  particles=args.particles, steps=args.steps, kernel_size=args.kernel_size,
                  seed=args.seed, device=args.device, progress=not args.quiet,
@@ -149,6 +173,40 @@ def _deblur(args: argparse.Namespace) -> None:
     print(f"{args.output}: sigma {255 * info['sigma']:.2f}/255"
           f"{' (estimated)' if info['sigma_estimated'] else ''}, reblur RMSE "
           f"{255 * info['reblur_rmse']:.2f}/255, {info['seconds_total']:.1f} s on {info['device']}")
+
+
+def _sigma(sigma: float | None) -> float | None:
+    """``--sigma`` (/255 units) in [0, 1] units, checked in the units typed."""
+    if sigma is not None and not LEAST_SIGMA * 255 <= sigma <= MAX_SIGMA * 255:
+        raise ValueError(f"--sigma must be in [{LEAST_SIGMA * 255:g}, {MAX_SIGMA * 255:g}] "
+                         f"(/255 units), got {sigma:g}")
+    return None if sigma is None else sigma / 255
+
+
+def _batch(args: argparse.Namespace) -> int:
+    """Run the job; rank 0 (the only process without torchrun) prints the summary."""
+    from .batch import run_batch
+    from .distributed import ranks_from_env
+
+    result = run_batch(args.inputs, args.output_dir, _sigma(args.sigma), method=args.method,
+                       prior=args.prior, particles=args.particles, steps=args.steps,
+                       kernel_size=args.kernel_size, seed=args.seed, device=args.device,
+                       boundary=args.boundary, regularizer=args.regularizer,
+                       progress=not args.quiet)
+    if ranks_from_env().rank != 0:
+        return 0
+    total, failed = len(result.records), result.failed
+    same = f", {len(result.duplicates)} duplicate input(s) skipped" if result.duplicates else ""
+    print(f"{args.output_dir}: {total - len(failed)} of {total} images done ({result.processed} "
+          f"run now, {result.skipped} done before{same})")
+    if failed:
+        for record in failed[:10]:
+            print(f"  failed: {record['input']}: {record['error']}", file=sys.stderr)
+        more = f" (and {len(failed) - 10} more)" if len(failed) > 10 else ""
+        print(f"fastem: {len(failed)} of {total} failed{more}: see "
+              f"{Path(args.output_dir) / 'manifest.jsonl'}", file=sys.stderr)
+        return SOME_FAILED
+    return 0
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fastem_ext"
 # Bottom to top (DESIGN.md, STYLE.md): a module may import its own layer and the layers below.
 LAYERS = [
     ("foundation", {"checks", "hardware", "png16", "io", "physics", "schedule", "observation",
-                    "boundary", "motion", "noise", "metrics", "models"}),
+                    "boundary", "motion", "noise", "metrics", "models", "manifest",
+                    "batch_plan", "distributed"}),
     ("ops", {"ops"}),
     ("algorithms", {"mstep", "guidance"}),
     ("sampling", {"step", "samplers", "engine", "progress", "priors"}),
-    ("interface", {"api", "cli", "demo", "launch", ""}),  # "": the package's __init__
+    ("interface", {"api", "cli", "demo", "launch", "batch", ""}),  # "": the package's __init__
 ]
 
 

@@ -1,0 +1,224 @@
+"""``run_batch()``: many photos, one job — resumable, and spread over ``torchrun``'s processes.
+
+One process loads the prior once and calls ``run()`` for each of its images with the same
+settings and the same seed, so an image's result is the one ``run()`` / ``fastem deblur`` gives
+alone. Each finished image is one manifest line (``manifest``); a rerun skips an input whose
+bytes and settings have an ``ok`` line and whose outputs exist, and redoes failed or changed
+ones. Under ``torchrun`` each process takes the inputs whose content hash modulo the world size
+is its rank, and rank 0 merges the processes' manifests once all have finished.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .api import BLIND, DEFAULT_STEPS, MAX_PARTICLES, _resolve_device, run
+from .batch_plan import BatchItem, expand_inputs, plan_items
+from .boundary import BOUNDARIES
+from .checks import check_choice, check_int, check_sigma
+from .distributed import ProcessGroup, Ranks, rank_device, ranks_from_env
+from .io import commit_files, encode_image, encode_kernel, load_image
+from .manifest import (
+    append_record,
+    file_sha256,
+    latest_by_content,
+    merge,
+    rank_manifest,
+    read_records,
+    settings_hash,
+)
+from .mstep import REGULARIZERS
+from .priors import Prior, load_prior
+from .schedule import Schedule
+
+IMAGE_ERRORS = (ValueError, RuntimeError, OSError)  # one image fails; the job goes on
+
+
+@dataclass
+class BatchResult:
+    """The whole job's outcome (the same on every ``torchrun`` rank).
+
+    records: the latest manifest record of each input (``manifest.RECORD_KEYS``); processed:
+    images run now, by all processes; skipped: found done by an earlier run; failed: the records
+    whose status is ``failed``; duplicates: ``{input: the input with the same bytes}`` (processed
+    once).
+    """
+
+    records: list[dict]
+    processed: int
+    skipped: int
+    duplicates: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[dict]:
+        return [record for record in self.records if record["status"] != "ok"]
+
+
+def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
+              sigma: float | None = None, *, method: str = "fastem-pigdm",
+              prior: object = "natural", particles: int = 1, steps: str | int | None = None,
+              kernel_size: int = 33, seed: int = 0, device: str | None = None,
+              boundary: str = "valid", regularizer: str = "pnp",
+              progress: bool = True) -> BatchResult:
+    """Deblur every image of ``inputs`` (files, folders, glob patterns) into ``out_dir``.
+
+    For an input ``x.jpg``: ``out_dir/x.png`` (the restored image, 16-bit where the input is)
+    and ``out_dir/x.kernel.npy`` (the ``[K, K]`` kernel); names that two inputs would share get
+    a content-hash suffix (``batch_plan``). Every image gets the same ``seed`` and settings,
+    which are ``run()``'s (blind methods only); ``sigma=None`` estimates each image's noise
+    level. An image that cannot be read or restored (not an image, too small, NaN, a failed
+    run) is recorded as failed and the job goes on; errors of the settings or the inputs'
+    paths raise ``ValueError`` before any work. ``progress``: a bar over this process's images
+    (rate, time left; under ``torchrun`` rank 0's only) and a line per failure on stderr.
+    Ctrl-C stops after the outputs of the finished images; nothing partial is written.
+    """
+    out_dir = _prepare_out_dir(out_dir)
+    method = check_choice("method", method, BLIND)
+    settings = {
+        "method": method,
+        "particles": check_int("particles", particles, low=1, high=MAX_PARTICLES),
+        "steps": str(DEFAULT_STEPS[method] if steps is None else steps),
+        "kernel_size": check_int("kernel_size", kernel_size, low=3),
+        "seed": check_int("seed", seed, low=0, high=2**63 - 1),
+        "boundary": check_choice("boundary", boundary, BOUNDARIES),
+        "regularizer": check_choice("regularizer", regularizer, REGULARIZERS),
+        "sigma": None if sigma is None else check_sigma("sigma", sigma),
+    }
+    Schedule(settings["steps"])  # a bad respacing is an error of the job, not of each image
+    ranks = ranks_from_env()
+    device = _resolve_device(rank_device(device, ranks))
+    with ProcessGroup(ranks, device) as group:
+        plan = group.broadcast(_plan(inputs, out_dir) if ranks.rank == 0 else None)
+        if isinstance(plan, str):
+            raise ValueError(plan)
+        items, duplicates = plan
+        net_prior = load_prior(prior, device)
+        settings["prior"] = _prior_identity(prior, net_prior)
+        job = _Job(out_dir, settings, settings_hash(settings), ranks, str(device), net_prior)
+        mine = [item for item in items if item.shard(ranks.world_size) == ranks.rank]
+        todo = [item for item in mine if not job.done(item)]
+        job.process(todo, progress)
+        counts = group.gather((len(todo), len(mine) - len(todo)))  # all ranks have finished
+        if ranks.rank == 0:
+            merge(out_dir)
+        group.barrier()  # the merged manifest is complete for every reader
+    return BatchResult(_job_records(items, read_records(out_dir)),
+                       sum(done for done, _ in counts), sum(before for _, before in counts),
+                       {str(k): str(v) for k, v in duplicates.items()})
+
+
+def _job_records(items: list[BatchItem], records: list[dict]) -> list[dict]:
+    """The latest record of each item: by content hash, or by path for an unreadable file."""
+    by_content = latest_by_content(records)
+    unreadable = {record["input"]: record for record in records if record["sha256"] is None}
+    found = [by_content.get(item.sha256) if item.sha256 is not None
+             else unreadable.get(str(item.path)) for item in items]
+    return [record for record in found if record is not None]
+
+
+class _Job:
+    """The per-image loop of one process: run, write the outputs, append the record."""
+
+    def __init__(self, out_dir: Path, settings: dict, key: str, ranks: Ranks, device: str,
+                 net_prior: Prior) -> None:
+        self.out_dir, self.settings, self.key, self.ranks = out_dir, settings, key, ranks
+        self.device, self.prior = device, net_prior
+        self.manifest = rank_manifest(out_dir, ranks.rank, ranks.world_size)
+        self.previous = latest_by_content(read_records(out_dir))
+
+    def done(self, item: BatchItem) -> bool:
+        """Finished by an earlier run with these settings, its outputs still there."""
+        record = self.previous.get(item.sha256)
+        return (record is not None and record["status"] == "ok" and record["settings"] == self.key
+                and all((self.out_dir / name).is_file()
+                        for name in (record["output"], record["kernel"])))
+
+    def process(self, items: list[BatchItem], progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        desc = "batch" if self.ranks.world_size == 1 else f"rank {self.ranks.rank}"
+        show = progress and self.ranks.rank == 0
+        failed = 0
+        with tqdm(items, desc=desc, unit="image", disable=not show, dynamic_ncols=True) as bar:
+            for item in bar:
+                record = self._one(item)
+                append_record(self.manifest, record)
+                if record["status"] != "ok":
+                    failed += 1
+                    if progress:
+                        bar.write(f"fastem: {item.path}: failed: {record['error']}",
+                                  file=sys.stderr)
+                    bar.set_postfix_str(f"{failed} failed", refresh=False)
+
+    def _one(self, item: BatchItem) -> dict:
+        """Deblur one input and commit its outputs; its manifest record, ok or failed."""
+        started = time.perf_counter()
+        record = {"input": str(item.path), "sha256": item.sha256, "settings": self.key,
+                  "status": "failed", "error": item.error, "rank": self.ranks.rank}
+        if item.error is None:
+            try:
+                record.update(self._restore(item))
+                record["status"] = "ok"
+            except IMAGE_ERRORS as err:
+                record["error"] = (str(err) if isinstance(err, ValueError)
+                                   else f"{type(err).__name__}: {err}")
+                if self.device.startswith("cuda"):
+                    torch.cuda.empty_cache()  # after an out-of-memory error, for the next one
+        record["seconds"] = time.perf_counter() - started
+        record["finished"] = time.time()
+        return record
+
+    def _restore(self, item: BatchItem) -> dict:
+        loaded = load_image(item.path, name="input")
+        if file_sha256(item.path) != item.sha256:
+            raise ValueError("the file changed while the job ran; run the job again")
+        s = self.settings
+        result = run(loaded.image, s["sigma"], method=s["method"], prior=self.prior,
+                     particles=s["particles"], steps=s["steps"], kernel_size=s["kernel_size"],
+                     seed=s["seed"], device=self.device, progress=False,
+                     boundary=s["boundary"], regularizer=s["regularizer"])
+        output, kernel = self.out_dir / item.output, self.out_dir / item.kernel
+        commit_files({output: encode_image(output, result.image, loaded.bits),
+                      kernel: encode_kernel(kernel, result.kernel)})
+        return {"sigma": result.info["sigma"], "sigma_estimated": result.info["sigma_estimated"],
+                "output": item.output, "kernel": item.kernel}
+
+
+def _plan(inputs: list[str | os.PathLike], out_dir: Path) -> tuple | str:
+    """The job's items and duplicates, or the message of the inputs' error (sent to every rank,
+    each raises it)."""
+    try:
+        paths = expand_inputs(inputs, out_dir)
+        return plan_items(paths, latest_by_content(read_records(out_dir)))
+    except ValueError as err:
+        return str(err)
+
+
+def _prepare_out_dir(out_dir: str | os.PathLike) -> Path:
+    """``out_dir``, created if missing (its parent must exist), checked to be a writable folder."""
+    if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
+        raise ValueError(f"out_dir must be a folder path, got {out_dir!r}")
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"out_dir: {path} exists and is not a folder")
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise ValueError(f"out_dir: the folder above it does not exist: {path.parent}")
+        path.mkdir(exist_ok=True)  # several ranks may create it at once
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"out_dir: folder is not writable: {path}")
+    return path
+
+
+def _prior_identity(spec: object, net_prior: Prior) -> str:
+    """What names the prior in the settings hash: a name, or a weights file by its bytes (a
+    module or a callable by its name only)."""
+    if isinstance(spec, (str, os.PathLike)) and Path(spec).is_file():
+        return f"{Path(spec).name}:{file_sha256(Path(spec))}"
+    return os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else net_prior.name
