@@ -19,7 +19,7 @@ LAYERS = [
     ("ops", {"ops"}),
     ("algorithms", {"mstep", "guidance"}),
     ("sampling", {"step", "samplers", "engine", "progress", "priors"}),
-    ("interface", {"api", "cli", "demo", "launch", ""}),  # "": the package's __init__
+    ("interface", {"api", "aot", "cli", "demo", "launch", ""}),  # "": the package's __init__
 ]
 
 
