@@ -132,6 +132,9 @@ def export(path: str | os.PathLike, height: int, width: int, *, prior: str = "na
             inductor_configs={"aot_inductor.metadata": _metadata(manifest)})
         manifest["export_seconds"] = round(time.perf_counter() - started, 1)
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's folder is private: give open()'s mode
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -8,7 +8,9 @@
 #include <torch/csrc/api/include/torch/version.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <sstream>
 #include <utility>
