@@ -37,6 +37,17 @@ def photo(height: int, width: int, path: Path) -> None:
     path.write_bytes(encode_image(path, blurry, 16))
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("package")
@@ -78,7 +89,7 @@ def main() -> None:
     report = {
         "package": {k: manifest[k] for k in ("prior", "method", "height", "width", "steps",
                                              "particles", "kernel_size", "torch_version")},
-        "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+        "cpu": cpu_name(), "threads": args.threads,
         "command": " ".join(["python", "benchmarks/bench_aot.py", args.package, args.binary,
                              "--repeats", str(args.repeats), "--threads", str(args.threads)]),
         "runs": rows,

@@ -28,8 +28,9 @@ stay ``torch.ops.fastem`` calls, which AOTInductor's proxy executor dispatches b
 program needs libfastem loaded), except ``pigdm_filter`` and ``wiener_z``: their kernels take σ
 as a host float, which tracing would freeze, so with σ an input they run their pure-torch
 references (``ops._backend.dispatch``). The FFTs have no AOTInductor C shim either and go through
-the proxy executor as well. One package per image size: the grid, the frame and the masks are
-static shapes.
+the proxy executor as well. One package per image size: the grid, the frame's offsets, the
+kernel's placement on the grid and the FFT sizes are Python integers in the traced step, so
+dynamic sizes were not attempted.
 """
 
 from __future__ import annotations

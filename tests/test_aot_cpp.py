@@ -9,6 +9,7 @@ built example; the C++ cases skip without it).
 import json
 import os
 import shutil
+import signal
 import subprocess
 import zipfile
 from pathlib import Path
@@ -136,3 +137,20 @@ def test_the_cpp_example_fails_cleanly(manifest, photos, tmp_path):
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr and done.stderr.count("\n") == 1, done.stderr
         assert not out.exists()
+
+
+@needs_binary
+def test_ctrl_c_cancels_the_cpp_run(photos, tmp_path):
+    """SIGINT after the first step sets the cancel flag: exit 130, nothing written."""
+    out = tmp_path / "out.png"
+    process = subprocess.Popen([BINARY, PACKAGE, str(photos["rgb16"]), str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    while b"step 1/" not in seen:
+        byte = process.stderr.read(1)
+        assert byte, seen
+        seen += byte
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=600)
+    assert process.returncode == 130, seen + rest
+    assert b"cancelled after" in rest and not out.exists()

@@ -308,8 +308,14 @@ Result Deblurrer::run(
     }
     const at::Tensor noise = at::randn(shape, generator, options);
     const at::Tensor step = at::scalar_tensor(i, options.dtype(at::kLong));
-    std::vector<at::Tensor> out =
-        s.program->run({x, kernel, step, noise, s.y, s.mask, sigma});
+    std::vector<at::Tensor> out;
+    try {
+      out = s.program->run({x, kernel, step, noise, s.y, s.mask, sigma});
+    } catch (const c10::Error& err) { // e.g. out of memory: one error convention
+      throw Error(
+          std::string("the step program failed: ") +
+          err.what_without_backtrace());
+    }
     x = std::move(out.at(0));
     kernel = std::move(out.at(1));
     if (progress) {

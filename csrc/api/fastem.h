@@ -12,7 +12,8 @@
 // result (float32, CPU: within 1e-4; the CI compares them).
 //
 // Errors: every failure throws a fastem::Error (a std::runtime_error) whose
-// what() names the cause; the subclasses say which kind. A Deblurrer holds no
+// what() names the cause; the subclasses say which kind (a failure inside the
+// compiled step, out of memory say, is a plain fastem::Error). A Deblurrer holds no
 // global state: several may run side by side, each from one thread at a time.
 // Link against libfastem (it also registers the fused ops the program calls).
 #pragma once
