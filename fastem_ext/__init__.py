@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the same names, for type checkers and tests/test_layers.py's import walk
     from . import metrics
+    from .aot import export, load_package
     from .api import METHODS, Result, run
     from .batch import BatchResult, run_batch
     from .motion import motion_kernel, motion_kernels
@@ -21,6 +22,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and tests/test_layers.py'
 _EXPORTS = {
     "METHODS": ".api", "Result": ".api", "run": ".api",
     "BatchResult": ".batch", "run_batch": ".batch",
+    "export": ".aot", "load_package": ".aot",
     "motion_kernel": ".motion", "motion_kernels": ".motion",
     "HQSConfig": ".mstep", "estimate_kernel": ".mstep",
     "estimate_noise": ".noise",
@@ -55,7 +57,9 @@ __all__ = [
     "dirac_kernel",
     "estimate_kernel",
     "estimate_noise",
+    "export",
     "gaussian_kernel",
+    "load_package",
     "metrics",
     "motion_kernel",
     "motion_kernels",

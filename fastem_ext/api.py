@@ -102,7 +102,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     estimated = sigma is None
     sigma = check_sigma("estimated noise level (pass sigma=)" if estimated else "sigma",
                         estimate_noise(image) if estimated else sigma)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     engine = check_choice("engine", engine, ENGINES)
     if engine == "auto":
         engine = "fast" if device.type == "cuda" else "reference"
@@ -114,7 +114,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     runner = sample if engine == "reference" else partial(
         graphed_sample, engine=EngineConfig(precision=precision, compile=compile).validate())
     schedule = Schedule(DEFAULT_STEPS[method] if steps is None else steps, r2=r2)
-    mstep = _mstep_config(regularizer, kernel_size, device, mstep)
+    mstep = mstep_config(regularizer, kernel_size, device, mstep)
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable, got {type(callback).__name__}")
 
@@ -225,8 +225,8 @@ def _check_finite(out: SamplerOutput, guidance_scale: float) -> None:
         )
 
 
-def _mstep_config(regularizer: str, size: int, device: torch.device,
-                  given: HQSConfig | None) -> HQSConfig:
+def mstep_config(regularizer: str, size: int, device: torch.device,
+                 given: HQSConfig | None) -> HQSConfig:
     """The validated M-step settings: ``given`` (its regulariser wins), else the tuned ones for
     ``regularizer``; a plug-and-play regulariser without a denoiser gets the bundled one."""
     if given is None:
@@ -257,7 +257,8 @@ def _probe_denoiser(denoiser, size: int, device: torch.device) -> None:
         raise ValueError("the kernel denoiser returned NaN or infinite values")
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` checked (``cpu`` or an available ``cuda``); ``None``: CUDA if present."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

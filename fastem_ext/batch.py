@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .api import BLIND, DEFAULT_STEPS, MAX_PARTICLES, _resolve_device, run
+from .api import BLIND, DEFAULT_STEPS, MAX_PARTICLES, resolve_device, run
 from .batch_plan import BatchItem, expand_inputs, plan_items
 from .boundary import BOUNDARIES
 from .checks import check_choice, check_int, check_sigma
@@ -92,7 +92,7 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
     }
     Schedule(settings["steps"])  # a bad respacing is an error of the job, not of each image
     ranks = ranks_from_env()
-    device = _resolve_device(rank_device(device, ranks))
+    device = resolve_device(rank_device(device, ranks))
     with ProcessGroup(ranks, device) as group:
         plan = group.broadcast(_plan(inputs, out_dir) if ranks.rank == 0 else None)
         if isinstance(plan, str):

@@ -1,5 +1,5 @@
-"""The ``fastem`` command: ``fastem deblur IN -o OUT``, ``fastem batch IN... -o OUT_DIR`` and
-``fastem demo``.
+"""The ``fastem`` command: ``fastem deblur IN -o OUT``, ``fastem batch IN... -o OUT_DIR``,
+``fastem demo`` and ``fastem export``.
 
 Exit codes: 0 done, 2 bad input or a failed run (one line on stderr, no traceback, no output
 written), 3 a batch job that finished with some images failed (each one recorded in the
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .aot import EXPORT_METHODS
 from .api import METHODS, run
 from .boundary import BOUNDARIES
 from .checks import LEAST_SIGMA, MAX_SIGMA, check_int
@@ -110,7 +111,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--kernel-seed", type=int, default=7,
                       help="seed of the generated camera-shake kernel")
     _common(demo)
+    export = commands.add_parser(
+        "export", help="compile a package for deblurring from C++ (csrc/api/fastem.h)",
+        description="Compile the guided step ahead of time (AOTInductor) for one photo size "
+        "and the settings below into a package folder: step.pt2 and manifest.json. Minutes "
+        "for the natural prior on a CPU.")
+    export.add_argument("output", help="the package folder to create (must not exist)")
+    export.add_argument("--size", required=True, metavar="HxW",
+                        help="the photos' size in pixels, e.g. 256x256")
+    export.add_argument("--method", choices=EXPORT_METHODS, default="fastem-pigdm",
+                        help="fastem-pigdm (default) or fastem-dps")
+    export.add_argument("--prior", default="natural",
+                        help="natural (bundled), gaussian, ffhq, imagenet, a guided-diffusion "
+                        ".pt file or natural-prior .safetensors weights")
+    export.add_argument("--particles", type=int, default=1, help="posterior samples (default 1)")
+    export.add_argument("--steps", default=None, help="diffusion steps, e.g. 100 or ddim50")
+    export.add_argument("--kernel-size", type=int, default=33,
+                        help="size K of the K×K kernel to estimate, in pixels (default 33)")
+    export.add_argument("--regularizer", choices=REGULARIZERS, default="pnp",
+                        help="the kernel prior of the M-step (default pnp)")
+    export.add_argument("--boundary", choices=BOUNDARIES, default="valid",
+                        help="valid (default: real photos) or circular")
+    export.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    export.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the compilation (default: as deblur)")
     return parser
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``"HxW"`` → ``(H, W)``."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+        raise ValueError(f"--size must be HxW in pixels (e.g. 256x256), got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             _deblur(args)
         elif args.command == "batch":
             return _batch(args)
+        elif args.command == "export":
+            _export(args)
         else:
             from .demo import run_demo
 
@@ -207,6 +242,19 @@ def _batch(args: argparse.Namespace) -> int:
               f"{Path(args.output_dir) / 'manifest.jsonl'}", file=sys.stderr)
         return SOME_FAILED
     return 0
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .aot import export
+
+    height, width = _size(args.size)
+    manifest = export(args.output, height, width, prior=args.prior, method=args.method,
+                      particles=args.particles, steps=args.steps, kernel_size=args.kernel_size,
+                      boundary=args.boundary, regularizer=args.regularizer, device=args.device)
+    megabytes = sum(f.stat().st_size for f in Path(args.output).iterdir()) / 1e6
+    print(f"{args.output}: {manifest['method']}, prior {manifest['prior']}, {height}x{width}, "
+          f"{manifest['steps']} steps, {manifest['device']}: {megabytes:.1f} MB, exported in "
+          f"{manifest['export_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,17 @@ def guided_step(eps_model: EpsModel, plan: StepPlan, step: Tensor, x: Tensor,
                 kernel: Tensor | None,
                 generator: torch.Generator | None) -> tuple[Tensor, Tensor | None, Tensor]:
     """One step from ``x_t`` (``[n, C, H, W]``, network units) at the respaced index ``step``
-    (0-d int64 on ``x``'s device). Returns ``(x_{t−1}, kernel, x̂0 in [0, 1])``, all detached."""
+    (0-d int64 on ``x``'s device), its noise drawn from ``generator`` (one ``randn`` of ``x``'s
+    shape per step). Returns ``(x_{t−1}, kernel, x̂0 in [0, 1])``, all detached."""
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return step_with_noise(eps_model, plan, step, x, kernel, noise)
+
+
+def step_with_noise(eps_model: EpsModel, plan: StepPlan, step: Tensor, x: Tensor,
+                    kernel: Tensor | None,
+                    noise: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``guided_step`` with the step's standard normal ``noise`` (``[n, C, H, W]``) given: the
+    form an exported program traces (``export``), where the caller draws the noise."""
     from . import ops  # lazily (module docstring)
 
     config, tables = plan.config, plan.tables
@@ -119,7 +129,6 @@ def guided_step(eps_model: EpsModel, plan: StepPlan, step: Tensor, x: Tensor,
         else:
             v = dps_vector(plan.obs, spec_x, otf)
         (grad,) = torch.autograd.grad(unclamped, x_t, grad_outputs=v)
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     x_prev, _ = ops.ddpm_update(x.detach(), eps, plan.coefs, step, noise, grad, config.scale)
     return x_prev, kernel, x0
 

@@ -20,7 +20,7 @@ LAYERS = [
     ("ops", {"ops"}),
     ("algorithms", {"mstep", "guidance"}),
     ("sampling", {"step", "samplers", "engine", "progress", "priors"}),
-    ("interface", {"api", "cli", "demo", "launch", "batch", ""}),  # "": the package's __init__
+    ("interface", {"api", "aot", "batch", "cli", "demo", "launch", ""}),  # "": __init__
 ]
 
 

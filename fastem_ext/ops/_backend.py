@@ -69,6 +69,14 @@ def _load_extension() -> str | None:
     return None
 
 
+def load_extension() -> None:
+    """Load ``fastem_ext._C`` now: a compiled program that calls the ops by name (``export``)
+    needs them registered. RuntimeError saying why when it cannot."""
+    why = _load_extension()
+    if why is not None:
+        raise RuntimeError(f"the fastem C++ ops are unavailable: {why}")
+
+
 # torch.compile runs this eagerly and keeps the answer (it loads libraries, reads caches).
 @torch.compiler.assume_constant_result
 def unavailable(backend: str, device: torch.device) -> str | None:
@@ -106,10 +114,12 @@ def select(op: str, device: torch.device) -> str:
 
 
 def dispatch(op: str, like: torch.Tensor, reference: Callable,
-             triton_impl: Callable | None) -> Callable:
+             triton_impl: Callable | None, scalar: float | torch.Tensor = 0.0) -> Callable:
     """The callable for ``op`` on tensors like ``like``: ``reference``, ``triton_impl`` or
-    ``fastem::<op>`` (the reference for any dtype but float32/complex64)."""
-    if like.dtype not in FUSED_DTYPES:
+    ``fastem::<op>`` (the reference for any dtype but float32/complex64, and when ``scalar``,
+    an argument the kernels take as a host float, is a tensor: a traced program's input, e.g.
+    σ in ``export``, which a host float would freeze at its traced value)."""
+    if like.dtype not in FUSED_DTYPES or isinstance(scalar, torch.Tensor):
         return reference
     backend = select(op, like.device)
     if backend == "cpp":

@@ -90,10 +90,12 @@ else:
 
 
 def pigdm_filter(spec: Tensor, otf: Tensor, spec_y: Tensor | None, r2: Tensor, step: Tensor,
-                 sigma: float) -> Tensor:
+                 sigma: float | Tensor) -> Tensor:
     """``conj(K)·R / (r2[step]·|K|² + σ²)``, ``[n, C, H, Wh]`` complex64 (module docstring).
 
-    r2: ``[S]`` float32 table; step: 0-d int64; sigma: the noise level in the units of ``Y``.
+    r2: ``[S]`` float32 table; step: 0-d int64; sigma: the noise level in the units of ``Y``
+    (a 0-d tensor runs the reference: ``_backend.dispatch``).
     """
-    impl = _backend.dispatch("pigdm_filter", spec, _pigdm_reference, _pigdm_triton)
-    return impl(*_backend.dense(spec, otf, spec_y), r2, step, float(sigma))
+    impl = _backend.dispatch("pigdm_filter", spec, _pigdm_reference, _pigdm_triton, sigma)
+    sigma = sigma if isinstance(sigma, Tensor) else float(sigma)
+    return impl(*_backend.dense(spec, otf, spec_y), r2, step, sigma)

@@ -73,11 +73,12 @@ else:
 
 
 def wiener_z(cross: Tensor, energy: Tensor, otf: Tensor, shift: Tensor, step: Tensor,
-             coupling: float) -> Tensor:
+             coupling: float | Tensor) -> Tensor:
     """The Z spectrum ``(cross + coupling·otf) / (energy + shift[step])``, ``[H, Wh]`` complex64.
 
     cross, otf: ``[H, Wh]`` complex64; energy: ``[H, Wh]`` float32; shift: ``[S]`` float32;
-    step: 0-d int64 (device tensors: graph-safe).
+    step: 0-d int64 (device tensors: graph-safe); coupling: a float, or a 0-d tensor (which
+    runs the reference: ``_backend.dispatch``).
     """
-    impl = _backend.dispatch("wiener_z", cross, _reference, _triton_impl)
+    impl = _backend.dispatch("wiener_z", cross, _reference, _triton_impl, coupling)
     return impl(*_backend.dense(cross, energy, otf), shift, step, coupling)

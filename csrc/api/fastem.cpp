@@ -1,0 +1,344 @@
+// The C++ API of csrc/api/fastem.h: the loop of Python's fastem_ext.aot
+// Package.run around the exported step program.
+#include "fastem.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+#include <torch/csrc/api/include/torch/version.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <sstream>
+#include <utility>
+#include <vector>
+
+namespace fastem {
+namespace {
+
+constexpr int kFormat = 1;
+constexpr int64_t kChannels = 3; // the network's; grey photos are repeated
+constexpr double kMadToStd = 0.6744897501960817; // median(|N(0, 1)|)
+
+std::string entry(
+    const std::map<std::string, std::string>& manifest,
+    const std::string& key) {
+  const auto found = manifest.find(key);
+  if (found == manifest.end()) {
+    throw PackageError("bad package: its manifest has no '" + key + "'");
+  }
+  return found->second;
+}
+
+int64_t integer(
+    const std::map<std::string, std::string>& manifest,
+    const std::string& key) {
+  const std::string text = entry(manifest, key);
+  try {
+    size_t used = 0;
+    const int64_t value = std::stoll(text, &used);
+    if (used == text.size()) {
+      return value;
+    }
+  } catch (const std::logic_error&) {
+  }
+  throw PackageError("bad package: '" + key + "' is not an integer: " + text);
+}
+
+double real(
+    const std::map<std::string, std::string>& manifest,
+    const std::string& key) {
+  const std::string text = entry(manifest, key);
+  try {
+    size_t used = 0;
+    const double value = std::stod(text, &used);
+    if (used == text.size()) {
+      return value;
+    }
+  } catch (const std::logic_error&) {
+  }
+  throw PackageError("bad package: '" + key + "' is not a number: " + text);
+}
+
+// A space-separated list of exactly `count` numbers (Python's repr: exact).
+std::vector<float> reals(
+    const std::map<std::string, std::string>& manifest,
+    const std::string& key,
+    int64_t count) {
+  std::istringstream text(entry(manifest, key));
+  std::vector<float> values;
+  double value = 0.0;
+  while (text >> value) {
+    values.push_back(static_cast<float>(value));
+  }
+  if (!text.eof() || static_cast<int64_t>(values.size()) != count) {
+    throw PackageError(
+        "bad package: '" + key + "' is not a list of " +
+        std::to_string(count) + " numbers");
+  }
+  return values;
+}
+
+c10::Device parse_device(const std::string& name) {
+  try {
+    return c10::Device(name);
+  } catch (const c10::Error&) {
+    throw DeviceError(
+        "device must be 'cpu' or 'cuda[:index]', got '" + name + "'");
+  }
+}
+
+at::Generator seeded_generator(const c10::Device& device, uint64_t seed) {
+  // Python's torch.Generator(device).manual_seed(seed).
+  if (device.is_cpu()) {
+    return at::detail::createCPUGenerator(seed);
+  }
+  at::Generator generator =
+      at::detail::getCUDAHooks().getNewGenerator(device.index());
+  generator.set_current_seed(seed);
+  return generator;
+}
+
+} // namespace
+
+double estimate_noise(const at::Tensor& image, double floor) {
+  // As fastem_ext.noise.estimate_noise (the CI's comparison covers it).
+  const int64_t height = image.size(-2) / 2 * 2;
+  const int64_t width = image.size(-1) / 2 * 2;
+  const at::Tensor x =
+      image.slice(-2, 0, height).slice(-1, 0, width).to(at::kDouble);
+  const auto even = [](const at::Tensor& t, int64_t dim, int64_t start) {
+    return t.slice(dim, start, c10::nullopt, 2);
+  };
+  const at::Tensor top = even(x, -2, 0), bottom = even(x, -2, 1);
+  const at::Tensor diagonal = (even(top, -1, 0) - even(top, -1, 1) -
+                               even(bottom, -1, 0) + even(bottom, -1, 1)) /
+      2;
+  const double sigma = diagonal.abs().median().item<double>() / kMadToStd;
+  return std::max(sigma, floor);
+}
+
+struct Deblurrer::State {
+  std::map<std::string, std::string> manifest;
+  c10::Device device{c10::kCPU};
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> program;
+  int64_t height = 0, width = 0, top = 0, left = 0, grid_height = 0,
+          grid_width = 0, particles = 0, kernel_size = 0, steps = 0;
+  bool masked = false;
+  double sigma_min = 0.0, sigma_max = 0.0, sigma_floor = 0.0;
+  at::Tensor initial_kernel; // [K, K] on the device
+  // The observation on the grid (set_observation).
+  at::Tensor y, mask;
+  int64_t channels = 0;
+  double sigma = 0.0;
+  bool sigma_estimated = false;
+};
+
+Deblurrer::Deblurrer(const std::string& path, const std::string& device)
+    : state_(std::make_unique<State>()) {
+  State& s = *state_;
+  const std::filesystem::path folder(path);
+  const std::filesystem::path step = folder / "step.pt2";
+  if (!std::filesystem::is_regular_file(folder / "manifest.json") ||
+      !std::filesystem::is_regular_file(step)) {
+    throw PackageError(
+        "not a fastem package (needs manifest.json and step.pt2): " + path);
+  }
+  std::unordered_map<std::string, std::string> metadata;
+  try {
+    metadata = torch::inductor::AOTIModelPackageLoader::
+        load_metadata_from_package(step.string(), "model");
+  } catch (const std::exception& err) {
+    throw PackageError(
+        "bad package " + path + ": cannot read step.pt2: " + err.what());
+  }
+  s.manifest = {metadata.begin(), metadata.end()};
+  if (integer(s.manifest, "format") != kFormat) {
+    throw PackageError(
+        "bad package " + path + ": format is not " + std::to_string(kFormat));
+  }
+  const std::string made_by = entry(s.manifest, "torch_version");
+  if (made_by.substr(0, made_by.find('+')) != TORCH_VERSION) {
+    throw PackageError(
+        "package " + path + " was made by torch " + made_by +
+        "; this program runs libtorch " + TORCH_VERSION +
+        ": export it again with torch " + TORCH_VERSION);
+  }
+  s.device = parse_device(device);
+  const std::string package_device = entry(s.manifest, "device");
+  if (c10::DeviceTypeName(s.device.type(), true) != package_device) {
+    throw DeviceError(
+        "package " + path + " was compiled for " + package_device +
+        ", not for " + device + ": export one for " + device);
+  }
+  if (s.device.is_cuda() &&
+      (!at::hasCUDA() ||
+       s.device.index() >= at::detail::getCUDAHooks().deviceCount())) {
+    throw DeviceError("device " + device + " is not available here");
+  }
+  s.height = integer(s.manifest, "height");
+  s.width = integer(s.manifest, "width");
+  s.top = integer(s.manifest, "top");
+  s.left = integer(s.manifest, "left");
+  s.grid_height = integer(s.manifest, "grid_height");
+  s.grid_width = integer(s.manifest, "grid_width");
+  s.particles = integer(s.manifest, "particles");
+  s.kernel_size = integer(s.manifest, "kernel_size");
+  s.steps = integer(s.manifest, "steps");
+  s.masked = integer(s.manifest, "masked") != 0;
+  s.sigma_min = real(s.manifest, "sigma_min");
+  s.sigma_max = real(s.manifest, "sigma_max");
+  s.sigma_floor = real(s.manifest, "sigma_floor");
+  const std::vector<float> kernel = reals(
+      s.manifest, "initial_kernel", s.kernel_size * s.kernel_size);
+  s.initial_kernel =
+      at::tensor(kernel).reshape({s.kernel_size, s.kernel_size}).to(s.device);
+  try {
+    s.program = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
+        step.string(), "model", false, 1, s.device.index());
+  } catch (const std::exception& err) {
+    throw PackageError(
+        "bad package " + path + ": cannot load step.pt2: " + err.what());
+  }
+}
+
+Deblurrer::~Deblurrer() = default;
+Deblurrer::Deblurrer(Deblurrer&&) noexcept = default;
+Deblurrer& Deblurrer::operator=(Deblurrer&&) noexcept = default;
+
+const std::map<std::string, std::string>& Deblurrer::manifest() const {
+  return state_->manifest;
+}
+int64_t Deblurrer::height() const {
+  return state_->height;
+}
+int64_t Deblurrer::width() const {
+  return state_->width;
+}
+int64_t Deblurrer::kernel_size() const {
+  return state_->kernel_size;
+}
+int64_t Deblurrer::steps() const {
+  return state_->steps;
+}
+
+void Deblurrer::set_observation(
+    const at::Tensor& image,
+    std::optional<double> sigma) {
+  State& s = *state_;
+  if (!image.defined() || image.dim() != 3 ||
+      (image.size(0) != 1 && image.size(0) != kChannels)) {
+    throw InputError("image must be [C, H, W] with C = 1 or 3");
+  }
+  if (image.size(1) != s.height || image.size(2) != s.width) {
+    throw InputError(
+        "image is " + std::to_string(image.size(1)) + "x" +
+        std::to_string(image.size(2)) + "; the package is for " +
+        std::to_string(s.height) + "x" + std::to_string(s.width) + " photos");
+  }
+  if (image.scalar_type() != at::kFloat) {
+    throw InputError(
+        std::string("image must be float32, got ") +
+        c10::toString(image.scalar_type()));
+  }
+  const at::Tensor photo = image.to(at::kCPU).contiguous();
+  if (!photo.isfinite().all().item<bool>() || photo.min().item<float>() < 0 ||
+      photo.max().item<float>() > 1) {
+    throw InputError("image must hold finite values in [0, 1]");
+  }
+  const double level =
+      sigma.has_value() ? *sigma : estimate_noise(photo, s.sigma_floor);
+  if (!std::isfinite(level) || level < s.sigma_min || level > s.sigma_max) {
+    std::ostringstream message;
+    message << (sigma.has_value() ? "sigma" : "the estimated noise level (pass sigma)")
+            << " must be in [" << s.sigma_min << ", " << s.sigma_max
+            << "] in [0, 1] units, got " << level;
+    throw InputError(message.str());
+  }
+  // boundary.Frame.pad: edge replication around the frame, and its mask.
+  const at::Tensor colour =
+      photo.size(0) == 1 ? photo.expand({kChannels, -1, -1}) : photo;
+  const at::Tensor on_device = colour.to(s.device);
+  if (s.masked) {
+    const int64_t bottom = s.grid_height - s.height - s.top;
+    const int64_t right = s.grid_width - s.width - s.left;
+    s.y = at::pad(
+              on_device.unsqueeze(0),
+              {s.left, right, s.top, bottom},
+              "replicate")
+              .squeeze(0)
+              .contiguous();
+  } else {
+    s.y = on_device.contiguous();
+  }
+  s.mask = at::zeros({1, s.grid_height, s.grid_width}, s.y.options());
+  s.mask.slice(1, s.top, s.top + s.height)
+      .slice(2, s.left, s.left + s.width)
+      .fill_(1.0);
+  s.channels = photo.size(0);
+  s.sigma = level;
+  s.sigma_estimated = !sigma.has_value();
+}
+
+Result Deblurrer::run(
+    uint64_t seed,
+    const Progress& progress,
+    const std::atomic<bool>* cancel) {
+  State& s = *state_;
+  if (!s.y.defined()) {
+    throw InputError("run() needs an observation: call set_observation first");
+  }
+  const auto started = std::chrono::steady_clock::now();
+  const at::TensorOptions options = s.y.options();
+  at::Generator generator = seeded_generator(s.device, seed);
+  const std::vector<int64_t> shape = {
+      s.particles, kChannels, s.grid_height, s.grid_width};
+  // samplers.sample's order: x_T, then one noise tensor per step.
+  at::Tensor x = at::randn(shape, generator, options);
+  at::Tensor kernel = s.initial_kernel.clone();
+  const at::Tensor sigma = at::scalar_tensor(s.sigma, options);
+  for (int64_t i = s.steps - 1; i >= 0; --i) {
+    if (cancel != nullptr && cancel->load()) {
+      throw Cancelled(
+          "cancelled after " + std::to_string(s.steps - 1 - i) + " of " +
+          std::to_string(s.steps) + " steps");
+    }
+    const at::Tensor noise = at::randn(shape, generator, options);
+    const at::Tensor step = at::scalar_tensor(i, options.dtype(at::kLong));
+    std::vector<at::Tensor> out;
+    try {
+      out = s.program->run({x, kernel, step, noise, s.y, s.mask, sigma});
+    } catch (const c10::Error& err) { // e.g. out of memory: one error convention
+      throw Error(
+          std::string("the step program failed: ") +
+          err.what_without_backtrace());
+    }
+    x = std::move(out.at(0));
+    kernel = std::move(out.at(1));
+    if (progress) {
+      progress(s.steps - i, s.steps);
+    }
+  }
+  // schedule.to_image of the clamped particles, cropped to the frame.
+  at::Tensor particles = ((x.clamp(-1.0, 1.0) + 1.0) / 2.0)
+                             .slice(2, s.top, s.top + s.height)
+                             .slice(3, s.left, s.left + s.width);
+  if (s.channels == 1) {
+    particles = particles.mean(1, /*keepdim=*/true);
+  }
+  Result result;
+  result.particles = particles.to(at::kCPU).contiguous();
+  result.image = result.particles[0];
+  result.kernel = kernel.to(at::kCPU).contiguous();
+  result.sigma = s.sigma;
+  result.sigma_estimated = s.sigma_estimated;
+  result.seconds = std::chrono::duration<double>(
+                       std::chrono::steady_clock::now() - started)
+                       .count();
+  return result;
+}
+
+} // namespace fastem

@@ -1,0 +1,347 @@
+"""Export of the whole blind deblur for programs without Python (camera pipelines, C++).
+
+``export(path, height, width, ...)`` writes a **package**, a folder of two files:
+
+- ``step.pt2``: the guided step (``step.step_with_noise``: the network's forward pass and its
+  input-VJP, the M-step with the bundled kernel denoiser, the guidance and the DDPM update, on
+  the ``torch.ops.fastem`` ops) compiled ahead of time by AOTInductor for one prior, image size,
+  particle count, method and device, with the schedule's tables and every weight inside;
+- ``manifest.json``: the settings and what the loop around the step needs (``manifest``). The
+  same entries, as strings, are the program's AOTInductor metadata, which the C++ API
+  (``csrc/api/fastem.h``) reads.
+
+The step program: inputs ``x`` ``[n, 3, H, W]`` (network units), ``kernel`` ``[K, K]``, ``step``
+(0-d int64, the respaced index), ``noise`` ``[n, 3, H, W]`` (standard normal), ``y``
+``[3, H, W]`` and ``mask`` ``[1, H, W]`` (the photo placed on the grid by ``boundary.Frame``;
+``mask`` is ignored for ``boundary="circular"``), ``sigma`` (0-d, [0, 1] units); outputs
+``(x_{t−1}, kernel)``; float32 throughout. The loop around it is ``run()``'s
+(``samplers.sample``): ``x_T`` and then each step's noise are drawn, in that order, from one
+generator seeded with the run's seed; the step runs for ``step = S−1 … 0``; the particles are
+``(clamp(x_0, −1, 1) + 1)/2`` cropped to the frame (grey photos: the channels' mean).
+``Package.run`` is that loop in Python, the test oracle of the C++ one.
+
+**Route.** ``torch.export`` of a module that calls ``torch.func.vjp`` or ``torch.autograd.grad``
+traces, but AOTInductor then fails on the lifted tensor constants ("Cannot access data pointer of
+Tensor (FakeTensor)", torch 2.13). Tracing first with ``make_fx``, which records the backward pass
+as plain ATen ops with the weights as constants, and exporting that graph works. The fused ops
+stay ``torch.ops.fastem`` calls, which AOTInductor's proxy executor dispatches by name (the
+program needs libfastem loaded), except ``pigdm_filter`` and ``wiener_z``: their kernels take σ
+as a host float, which tracing would freeze, so with σ an input they run their pure-torch
+references (``ops._backend.dispatch``). The FFTs have no AOTInductor C shim either and go through
+the proxy executor as well. One package per image size: the grid, the frame's offsets, the
+kernel's placement on the grid and the FFT sizes are Python integers in the traced step, so
+dynamic sizes were not attempted.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .api import (
+    DEFAULT_STEPS,
+    MAX_GUIDANCE_SCALE,
+    MAX_PARTICLES,
+    Result,
+    mstep_config,
+    resolve_device,
+)
+from .boundary import BOUNDARIES, Frame
+from .checks import (
+    LEAST_SIGMA,
+    MAX_SIGMA,
+    check_choice,
+    check_int,
+    check_kernel_size,
+    check_positive,
+    check_sigma,
+)
+from .io import load_image
+from .mstep import REGULARIZERS
+from .noise import MIN_SIGMA, estimate_noise
+from .observation import Observation
+from .physics import gaussian_kernel
+from .priors import load_prior
+from .schedule import R2_RULES, Schedule, to_image
+from .step import StepConfig, plan_step, step_with_noise
+
+FORMAT = 1
+STEP_FILE = "step.pt2"
+MANIFEST_FILE = "manifest.json"
+EXPORT_METHODS = ("fastem-pigdm", "fastem-dps")  # the blind methods whose loop is one step
+CHANNELS = 3  # the network's; a grey photo is repeated on the three
+MAX_SIDE = 8192
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """What one package is compiled for (``export``'s arguments, checked)."""
+
+    height: int
+    width: int
+    prior: str
+    method: str
+    particles: int
+    steps: str
+    kernel_size: int
+    boundary: str
+    regularizer: str
+    r2: str
+    guidance_scale: float
+    device: torch.device
+
+
+def export(path: str | os.PathLike, height: int, width: int, *, prior: str = "natural",
+           method: str = "fastem-pigdm", particles: int = 1, steps: str | int | None = None,
+           kernel_size: int = 33, boundary: str = "valid", regularizer: str = "pnp",
+           r2: str = "reference", guidance_scale: float = 1.0,
+           device: str | torch.device | None = "cpu") -> dict[str, Any]:
+    """Compile a package for photos of ``height × width`` pixels into the new folder ``path``.
+
+    The settings are ``run()``'s (same names, same defaults; ``method`` one of
+    ``EXPORT_METHODS``); ``prior`` is a name or a weights path (not a module: the package records
+    it by name). Takes minutes for the natural prior on a CPU. The folder appears only when
+    complete. Returns the manifest, with ``export_seconds``.
+    """
+    started = time.perf_counter()
+    target = Path(path)
+    if target.exists():
+        raise ValueError(f"package path already exists: {target}")
+    if not target.parent.is_dir():
+        raise ValueError(f"output folder does not exist: {target.parent}")
+    program, manifest = trace(height, width, prior=prior, method=method, particles=particles,
+                              steps=steps, kernel_size=kernel_size, boundary=boundary,
+                              regularizer=regularizer, r2=r2, guidance_scale=guidance_scale,
+                              device=device)
+    from torch._inductor import aoti_compile_and_package  # heavy: on use only
+
+    staging = Path(tempfile.mkdtemp(prefix=".fastem-", dir=target.parent))
+    try:
+        aoti_compile_and_package(
+            program, package_path=str(staging / STEP_FILE),
+            inductor_configs={"aot_inductor.metadata": _metadata(manifest)})
+        manifest["export_seconds"] = round(time.perf_counter() - started, 1)
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's folder is private: give open()'s mode
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def trace(height: int, width: int, *, prior: str = "natural", method: str = "fastem-pigdm",
+          particles: int = 1, steps: str | int | None = None, kernel_size: int = 33,
+          boundary: str = "valid", regularizer: str = "pnp", r2: str = "reference",
+          guidance_scale: float = 1.0, device: str | torch.device | None = "cpu",
+          ) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
+    """The step program, exported but not compiled, and its manifest (``export``'s arguments).
+    ``Package(manifest, program.module())`` runs it uncompiled, in seconds."""
+    settings = _check_settings(height, width, prior, method, particles, steps, kernel_size,
+                               boundary, regularizer, r2, guidance_scale, device)
+    net_prior = load_prior(settings.prior, settings.device)
+    frame = Frame.plan(settings.height, settings.width, settings.kernel_size,
+                       net_prior.size_multiple, settings.boundary)
+    schedule = Schedule(settings.steps, r2=settings.r2)
+    graph, example = _trace_step(net_prior.model, settings, frame, schedule)
+    return (torch.export.export(graph, example),
+            _manifest(settings, frame, schedule, graph))
+
+
+def _check_settings(height, width, prior, method, particles, steps, kernel_size, boundary,
+                    regularizer, r2, guidance_scale, device) -> ExportSettings:
+    height = check_int("height", height, low=1, high=MAX_SIDE)
+    width = check_int("width", width, low=1, high=MAX_SIDE)
+    if not isinstance(prior, (str, os.PathLike)):
+        raise ValueError(f"prior must be a name or a weights path to export, got "
+                         f"{type(prior).__name__}")
+    method = check_choice("method", method, EXPORT_METHODS)
+    steps = DEFAULT_STEPS[method] if steps is None else steps
+    if len(Schedule(steps)) < 1:
+        raise ValueError(f"steps {steps!r} gives no step")
+    return ExportSettings(
+        height, width, os.fspath(prior), method,
+        check_int("particles", particles, low=1, high=MAX_PARTICLES), str(steps),
+        check_kernel_size("kernel_size", kernel_size, (height, width)),
+        check_choice("boundary", boundary, BOUNDARIES),
+        check_choice("regularizer", regularizer, REGULARIZERS),
+        check_choice("r2", r2, R2_RULES),
+        check_positive("guidance_scale", guidance_scale, high=MAX_GUIDANCE_SCALE),
+        resolve_device(device))
+
+
+def _trace_step(model, settings: ExportSettings, frame: Frame,
+                schedule: Schedule) -> tuple[torch.fx.GraphModule, tuple[Tensor, ...]]:
+    """``step_with_noise`` over the program's inputs (module docstring), traced by ``make_fx``
+    on example inputs."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    device = settings.device
+    guidance = "dps" if settings.method.endswith("dps") else "pigdm"
+    mstep = mstep_config(settings.regularizer, settings.kernel_size, device, None)
+    config = StepConfig(guidance, mstep, settings.guidance_scale)
+    tables = schedule.tables(device)
+
+    def step_program(x: Tensor, kernel: Tensor, step: Tensor, noise: Tensor, y: Tensor,
+                     mask: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        obs = Observation(y, sigma, mask if frame.masked else None)
+        x_prev, kernel, _ = step_with_noise(model, plan_step(obs, tables, config), step, x,
+                                            kernel, noise)
+        return x_prev, kernel
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    shape = (settings.particles, CHANNELS, frame.grid_h, frame.grid_w)
+    photo = torch.rand(CHANNELS, frame.height, frame.width, generator=generator, device=device)
+    y, mask = frame.pad(photo)
+    if mask is None:
+        mask = torch.ones(1, frame.grid_h, frame.grid_w, device=device)
+    example = (torch.randn(shape, generator=generator, device=device),
+               _initial_kernel(settings.kernel_size).to(device),
+               torch.tensor(len(schedule) - 1, device=device),
+               torch.randn(shape, generator=generator, device=device), y, mask,
+               torch.tensor(10 / 255, device=device))
+    return _take_as_index(make_fx(step_program)(*example)), example
+
+
+def _take_as_index(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite the table reads ``aten.take(table [S], step)`` (``schedule.at``) as
+    ``aten.index(table, [step])``, the same gather: Inductor's decomposition of ``take`` indexes
+    with the 0-d tensor as a Python int, a data-dependent value it cannot compile."""
+    for node in graph.graph.nodes:
+        if node.target is torch.ops.aten.take.default:
+            table, index = node.args
+            if table.meta["val"].dim() != 1 or index.meta["val"].dim() != 0:
+                raise RuntimeError(f"unexpected take in the step: {node.format_node()}")
+            node.target, node.args = torch.ops.aten.index.Tensor, (table, [index])
+    graph.recompile()
+    return graph
+
+
+def _initial_kernel(size: int) -> Tensor:
+    """``run()``'s initial kernel: a Gaussian of standard deviation ``K/16``, sum 1."""
+    kernel = gaussian_kernel(size, size / 16)
+    return kernel / kernel.sum()
+
+
+def _manifest(settings: ExportSettings, frame: Frame, schedule: Schedule,
+              graph: torch.fx.GraphModule) -> dict[str, Any]:
+    fused = sorted({str(node.target).split(".")[1] for node in graph.graph.nodes
+                    if str(node.target).startswith("fastem.")})
+    return {
+        "format": FORMAT, "torch_version": torch.__version__,
+        "fastem_version": importlib.metadata.version("fastem"),
+        "device": settings.device.type, "prior": settings.prior, "method": settings.method,
+        "particles": settings.particles, "steps": len(schedule), "steps_spec": settings.steps,
+        "kernel_size": settings.kernel_size, "boundary": settings.boundary,
+        "regularizer": settings.regularizer, "r2": settings.r2,
+        "guidance_scale": settings.guidance_scale, "channels": CHANNELS,
+        "height": frame.height, "width": frame.width, "grid_height": frame.grid_h,
+        "grid_width": frame.grid_w, "top": frame.top, "left": frame.left,
+        "masked": int(frame.masked), "sigma_min": LEAST_SIGMA, "sigma_max": MAX_SIGMA,
+        "sigma_floor": MIN_SIGMA, "sigma_estimator": "haar-mad (noise.estimate_noise)",
+        "fastem_ops": " ".join(fused),
+        "initial_kernel": _initial_kernel(settings.kernel_size).flatten().tolist(),
+    }
+
+
+def _metadata(manifest: dict[str, Any]) -> dict[str, str]:
+    """The manifest as AOTInductor's string metadata: numbers in ``repr`` (exact), lists
+    space-separated."""
+    def text(value: Any) -> str:
+        if isinstance(value, list):
+            return " ".join(map(repr, value))
+        return value if isinstance(value, str) else repr(value)
+
+    return {key: text(value) for key, value in manifest.items()}
+
+
+def load_package(path: str | os.PathLike) -> Package:
+    """Load the package folder ``path`` (``export``'s output) on its device.
+
+    ``ValueError`` for a folder that is not a package, one made by another torch version
+    (naming both), or a device this machine lacks.
+    """
+    folder = Path(path)
+    manifest_path, step_path = folder / MANIFEST_FILE, folder / STEP_FILE
+    if not manifest_path.is_file() or not step_path.is_file():
+        raise ValueError(f"not a fastem package (needs {MANIFEST_FILE} and {STEP_FILE}): "
+                         f"{folder}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"bad package manifest {manifest_path}: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"bad package manifest {manifest_path}: format is not {FORMAT}")
+    if manifest.get("torch_version") != torch.__version__:
+        raise ValueError(f"package {folder} was made by torch {manifest.get('torch_version')}; "
+                         f"this is torch {torch.__version__}: export it again with this version")
+    resolve_device(manifest["device"])
+    if manifest["fastem_ops"]:  # the program calls them by name
+        from .ops import _backend
+
+        _backend.load_extension()
+    from torch._inductor import aoti_load_package  # heavy: on use only
+
+    return Package(manifest, aoti_load_package(str(step_path)))
+
+
+class Package:
+    """A package in Python: its ``manifest`` and ``run``, the loop of the C++ API around the step
+    program ``step`` (compiled by ``load_package``, or ``trace``'s program uncompiled)."""
+
+    def __init__(self, manifest: dict[str, Any], step: Callable[..., Any]) -> None:
+        self.manifest = manifest
+        self.device = torch.device(manifest["device"])
+        self._step = step
+
+    def run(self, blurry: object, sigma: float | None = None, *, seed: int = 0) -> Result:
+        """Deblur ``blurry`` (as ``run()`` takes it; the package's size) with σ given or
+        estimated. Returns a ``Result`` whose ``info`` holds σ and the timings."""
+        started = time.perf_counter()
+        m = self.manifest
+        image = load_image(blurry).image
+        if tuple(image.shape[-2:]) != (m["height"], m["width"]):
+            raise ValueError(f"blurry is {image.shape[-2]}x{image.shape[-1]}; the package is "
+                             f"for {m['height']}x{m['width']} photos")
+        seed = check_int("seed", seed, low=0, high=2**63 - 1)
+        estimated = sigma is None
+        sigma = check_sigma("estimated noise level (pass sigma=)" if estimated else "sigma",
+                            estimate_noise(image) if estimated else sigma)
+        frame = Frame(m["height"], m["width"], m["top"], m["left"], m["grid_height"],
+                      m["grid_width"], bool(m["masked"]))
+        colour = image.expand(CHANNELS, -1, -1) if image.shape[0] == 1 else image
+        y, mask = frame.pad(colour.to(self.device))
+        if mask is None:
+            mask = torch.ones(1, frame.grid_h, frame.grid_w, device=self.device)
+        size = m["kernel_size"]
+        kernel = torch.tensor(m["initial_kernel"], device=self.device).reshape(size, size)
+        sigma_t = torch.tensor(sigma, device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        shape = (m["particles"], CHANNELS, frame.grid_h, frame.grid_w)
+        x = torch.randn(shape, generator=generator, device=self.device)
+        sampling = time.perf_counter()
+        for i in reversed(range(m["steps"])):
+            noise = torch.randn(shape, generator=generator, device=self.device)
+            step = torch.tensor(i, device=self.device)
+            x, kernel = self._step(x, kernel, step, noise, y, mask, sigma_t)
+        restored = frame.crop(to_image(x.clamp(-1.0, 1.0)))
+        if image.shape[0] == 1:
+            restored = restored.mean(dim=1, keepdim=True)
+        restored, kernel = restored.float().cpu(), kernel.float().cpu()
+        info = {"sigma": sigma, "sigma_estimated": estimated, "seed": seed,
+                "seconds_sampling": time.perf_counter() - sampling,
+                "seconds_total": time.perf_counter() - started}
+        return Result(restored[0], kernel, restored, restored.mean(0), info)

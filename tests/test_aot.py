@@ -1,0 +1,107 @@
+"""The exported step (``fastem_ext.aot``): the traced program in the C++ API's loop gives
+``run()``'s result for the same photo, σ and seed; packages are checked before use.
+
+The AOTInductor compilation takes minutes and runs in CI only (tests/test_aot_cpp.py); here the
+exported program runs uncompiled (``Package(manifest, program.module())``).
+"""
+
+import json
+
+import pytest
+import torch
+from ops_helpers import NO_EXT
+
+from fastem_ext import aot, run
+from fastem_ext.cli import main
+
+SETTINGS = dict(prior="gaussian", steps="5", kernel_size=9)
+
+
+@pytest.mark.parametrize("method, boundary, channels, sigma", [
+    ("fastem-pigdm", "valid", 3, 0.05),
+    ("fastem-dps", "circular", 1, None),
+])
+def test_the_exported_step_reproduces_run(method, boundary, channels, sigma):
+    """Particles and kernel within 1e-5 of ``run()``, with σ given (not the traced example's
+    10/255: a σ frozen by tracing would fail) or estimated, RGB or grey, two particles."""
+    program, manifest = aot.trace(24, 32, method=method, boundary=boundary, particles=2,
+                                  **SETTINGS)
+    package = aot.Package(manifest, program.module())
+    photo = torch.rand(channels, 24, 32, generator=torch.Generator().manual_seed(1))
+    got = package.run(photo, sigma, seed=3)
+    want = run(photo, sigma, method=method, boundary=boundary, particles=2, seed=3,
+               progress=False, **SETTINGS)
+    assert got.particles.shape == want.particles.shape == (2, channels, 24, 32)
+    torch.testing.assert_close(got.particles, want.particles, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.kernel, want.kernel, rtol=0, atol=1e-5)
+    assert got.info["sigma"] == want.info["sigma"]
+
+
+@pytest.fixture(scope="module")
+def traced():
+    """The default method's program for 24×32 photos, and its manifest."""
+    return aot.trace(24, 32, **SETTINGS)
+
+
+def test_the_manifest_describes_the_program(traced):
+    program, manifest = traced
+    assert (manifest["height"], manifest["width"]) == (24, 32)
+    assert (manifest["grid_height"], manifest["grid_width"]) == (32, 40)  # + K//2 on each side
+    assert manifest["steps"] == 5 and manifest["torch_version"] == torch.__version__
+    assert len(manifest["initial_kernel"]) == 81
+    assert sum(manifest["initial_kernel"]) == pytest.approx(1.0)
+    names = [spec.arg.name for spec in program.graph_signature.input_specs
+             if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    assert len(names) == 7
+    if not NO_EXT:  # the fused ops stay calls by name, for AOTInductor's proxy executor
+        assert set(manifest["fastem_ops"].split()) == {"ddpm_update", "kernel_project",
+                                                        "predict_x0", "spectral_sums"}
+    metadata = aot._metadata(manifest)
+    assert all(isinstance(value, str) for value in metadata.values())
+    assert [float(v) for v in metadata["initial_kernel"].split()] == manifest["initial_kernel"]
+
+
+def _fake_package(folder, **changes):
+    folder.mkdir()
+    (folder / aot.STEP_FILE).write_bytes(b"not a program")
+    manifest = {"format": aot.FORMAT, "torch_version": torch.__version__, "device": "cpu",
+                "fastem_ops": "", **changes}
+    (folder / aot.MANIFEST_FILE).write_text(json.dumps(manifest))
+    return folder
+
+
+def test_load_package_refuses_bad_packages(tmp_path):
+    with pytest.raises(ValueError, match="not a fastem package"):
+        aot.load_package(tmp_path)
+    old = _fake_package(tmp_path / "old", torch_version="2.4.0+cpu")
+    with pytest.raises(ValueError) as refused:
+        aot.load_package(old)
+    assert f"made by torch 2.4.0+cpu; this is torch {torch.__version__}" in str(refused.value)
+    with pytest.raises(ValueError, match="format is not 1"):
+        aot.load_package(_fake_package(tmp_path / "future", format=2))
+    broken = _fake_package(tmp_path / "broken")
+    (broken / aot.MANIFEST_FILE).write_text("{")
+    with pytest.raises(ValueError, match="bad package manifest"):
+        aot.load_package(broken)
+
+
+def test_export_checks_its_arguments(tmp_path):
+    with pytest.raises(ValueError, match="method must be one of"):
+        aot.export(tmp_path / "p", 32, 32, method="diffem-pigdm", **SETTINGS)
+    with pytest.raises(ValueError, match="already exists"):
+        aot.export(tmp_path, 32, 32, **SETTINGS)
+    with pytest.raises(ValueError, match="kernel_size"):
+        aot.export(tmp_path / "p", 16, 16, prior="gaussian", kernel_size=33)
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_package_runs_photos_of_its_size_only(traced):
+    program, manifest = traced
+    with pytest.raises(ValueError, match="package is for 24x32 photos"):
+        aot.Package(manifest, program.module()).run(torch.rand(3, 32, 24), 0.05)
+
+
+@pytest.mark.parametrize("size", ["64", "64x", "axb", "64x64x3"])
+def test_cli_export_refuses_a_bad_size(size, tmp_path, capsys):
+    assert main(["export", str(tmp_path / "p"), "--size", size]) == 2
+    assert "fastem: error: --size must be HxW" in capsys.readouterr().err
