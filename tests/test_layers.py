@@ -15,11 +15,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fastem_ext"
 # Bottom to top (DESIGN.md, STYLE.md): a module may import its own layer and the layers below.
 LAYERS = [
     ("foundation", {"checks", "hardware", "png16", "io", "physics", "schedule", "observation",
-                    "boundary", "motion", "noise", "metrics", "models"}),
+                    "boundary", "motion", "noise", "metrics", "models", "tiles", "crops"}),
     ("ops", {"ops"}),
-    ("algorithms", {"mstep", "guidance"}),
+    ("algorithms", {"mstep", "guidance", "deconv"}),
     ("sampling", {"step", "samplers", "engine", "progress", "priors"}),
-    ("interface", {"api", "cli", "demo", "launch", ""}),  # "": the package's __init__
+    ("interface", {"api", "cli", "demo", "launch", "photo", ""}),  # "": the package's __init__
 ]
 
 
