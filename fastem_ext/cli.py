@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     large.add_argument("--max-batch", type=int, default=8,
                        help="tiles × particles per network call: bounds the memory (default 8)")
     large.add_argument("--tile-steps", default=None,
-                       help="diffusion steps of the non-blind tile pass (default: as --steps "
-                       "for pigdm / dps)")
+                       help="diffusion steps of the non-blind tile pass (default 25 for "
+                       "ΠGDM, 1000 for DPS)")
     large.add_argument("--fast", action="store_true",
                        help="restore the frame by TV deconvolution with the estimated kernel "
                        "(seconds; a preview) instead of the tiles")
@@ -152,9 +152,11 @@ def _deblur(args: argparse.Namespace) -> None:
                  boundary=args.boundary, regularizer=args.regularizer, kernel=kernel,
                  working_size=args.working_size, crops=args.crops, max_batch=args.max_batch,
                  tile_steps=args.tile_steps, fast=args.fast, full_diffusion=args.full_diffusion)
-    files = {outputs["-o/--output"]: encode_image(args.output, result.image, loaded.bits)}
+    files = {outputs["-o/--output"]: encode_image(args.output, result.image, loaded.bits,
+                                                  loaded.icc)}
     if "--mean-out" in outputs:
-        files[outputs["--mean-out"]] = encode_image(args.mean_out, result.mean, loaded.bits)
+        files[outputs["--mean-out"]] = encode_image(args.mean_out, result.mean, loaded.bits,
+                                                    loaded.icc)
     if "--kernel-out" in outputs:
         files[outputs["--kernel-out"]] = encode_kernel(args.kernel_out, result.kernel)
     if "--kernel-preview" in outputs:
