@@ -128,9 +128,9 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable, got {type(callback).__name__}")
 
-    working_size = check_int("working_size", working_size, low=max(4 * kernel_size, 32))
+    working_size = check_int("working_size", working_size, low=32)
     crops = check_int("crops", crops, low=1, high=MAX_CROPS)
-    max_batch = check_int("max_batch", max_batch, low=particles, high=MAX_PARTICLES)
+    max_batch = check_int("max_batch", max_batch, low=1, high=MAX_PARTICLES)
     tile_schedule = Schedule(DEFAULT_TILE_STEPS[NONBLIND[method]] if tile_steps is None
                              else tile_steps, r2=r2)
     for name, flag in (("fast", fast), ("full_diffusion", full_diffusion)):
@@ -143,9 +143,8 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         raise ValueError("fast=True works on real photos: it needs boundary='valid'")
     large = max(image.shape[-2:]) > working_size
     on_crops = boundary == "valid" and not full_diffusion and (large or fast)
-    if on_crops and method in BLIND and crops * particles > max_batch:
-        raise ValueError(f"max_batch must hold the crops × particles of the kernel estimate "
-                         f"({crops} × {particles}), got {max_batch}")
+    if on_crops:
+        _check_crops_path(method, kernel_size, working_size, crops, particles, max_batch)
 
     net_prior = load_prior(prior, device)
     if on_crops:
@@ -299,6 +298,18 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
         if device.type == "cuda" else None})
     return Result(restored[0], final_kernel, restored, restored.mean(0), info)
+
+
+def _check_crops_path(method: str, kernel_size: int, working_size: int, crops: int,
+                      particles: int, max_batch: int) -> None:
+    """What the crops path needs beyond each argument's own range."""
+    if working_size < 4 * kernel_size:  # room for a tile's context and blend ramp
+        raise ValueError(f"working_size must be at least 4 × kernel_size = {4 * kernel_size} "
+                         f"for the crops and tiles, got {working_size}")
+    needed = crops * particles if method in BLIND else particles
+    if max_batch < needed:
+        raise ValueError(f"max_batch must hold the {'crops × ' if method in BLIND else ''}"
+                         f"particles of one network call ({needed}), got {max_batch}")
 
 
 def _elapsed(clock: float, device: torch.device) -> float:

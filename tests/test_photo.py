@@ -87,16 +87,23 @@ def test_tiles_and_the_whole_image_agree_on_a_small_image():
     scene = (PRIOR.sample((1, 3, 84, 120), generator=g)[0] + 1) / 2
     sharp = scene[:, 2:-2, 2:-2]
     blurry = blur(scene, kernel, "valid") + 0.01 * torch.randn(sharp.shape, generator=g)
-    common = dict(method="pigdm", kernel=kernel, prior=PRIOR, steps="30", particles=4,
-                  progress=False, working_size=48, max_batch=16)
+    common = dict(method="pigdm", kernel=kernel, prior=PRIOR, steps="50", tile_steps="50",
+                  particles=4, progress=False, working_size=48, max_batch=16)
     tiled = run(blurry, 0.01, **common)
     whole = run(blurry, 0.01, full_diffusion=True, **common)
     assert tiled.info["path"] == "tiles" and tiled.info["stages"]["tiles"]["count"] >= 6
     psnr_tiled = float(metrics.psnr(tiled.mean, sharp))
     psnr_whole = float(metrics.psnr(whole.mean, sharp))
-    assert psnr_tiled > float(metrics.psnr(blurry, sharp)) + 0.3  # measured: +0.8 (whole +0.2)
-    assert abs(psnr_tiled - psnr_whole) < 1.0
-    assert float(metrics.psnr(tiled.mean, whole.mean)) > max(psnr_tiled, psnr_whole) + 2
+    # measured: blurry 22.97, tiled 23.66, whole 23.58 dB; tiled against whole 29.3 dB
+    assert psnr_tiled > float(metrics.psnr(blurry, sharp)) + 0.4
+    assert abs(psnr_tiled - psnr_whole) < 0.5
+    assert float(metrics.psnr(tiled.mean, whole.mean)) > max(psnr_tiled, psnr_whole) + 3
+
+
+def test_small_images_ignore_the_crops_path_settings():
+    result = run(_photo((3, 40, 40)), 0.02, particles=3, max_batch=1, working_size=64,
+                 **{**FAST, "kernel_size": 17})  # 64 < 4 × 17: too small for tiles, unused
+    assert result.info["path"] == "whole image" and result.particles.shape[0] == 3
 
 
 def test_every_network_call_holds_at_most_max_batch_inputs():
@@ -136,10 +143,13 @@ def test_fast_mode_deconvolves_the_frame_with_the_kernel():
     ({"fast": True, "boundary": "circular"}, "boundary='valid'"),
     ({"fast": 1}, "fast must be True or False"),
     ({"working_size": 16}, "working_size"),
+    ({"working_size": 19, "kernel_size": 5, "fast": True}, "working_size"),
+    ({"working_size": 40, "kernel_size": 11}, "at least 4 × kernel_size = 44"),
     ({"working_size": 50, "prior": "natural"}, "working_size must be a multiple"),
     ({"crops": 0}, "crops"),
-    ({"max_batch": 1, "particles": 2}, "max_batch"),
-    ({"crops": 4, "particles": 3}, "max_batch must hold the crops"),
+    ({"max_batch": 1, "particles": 2, "method": "pigdm", "kernel": torch.ones(5, 5)},
+     r"max_batch must hold the particles of one network call \(2\)"),
+    ({"crops": 4, "particles": 3}, r"crops × particles of one network call \(12\)"),
     ({"tile_steps": "x"}, "steps"),
 ])
 def test_bad_combinations_give_one_clear_value_error(kwargs, match):
