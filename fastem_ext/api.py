@@ -91,12 +91,13 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     A photo larger than ``working_size`` (pixels, default 256) on either side takes the crops
     path (``photo``): the blind method runs on its ``crops`` most informative windows as one
     batch sharing the kernel, then the full frame is restored with that kernel by non-blind
-    ΠGDM/DPS over overlapping tiles (``tile_steps``: default 25 for ΠGDM, 1000 for DPS;
-    at most ``max_batch`` network inputs, tiles × particles, per call), or,
-    with ``fast=True``, by a TV deconvolution (``deconv``: seconds; one image, any size).
-    ``full_diffusion=True`` keeps the whole-image run. On the crops path ``callback`` sees the
-    current crops or tiles (their windows) instead of the frame. ``info["path"]`` says which
-    path ran; ``info["stages"]`` gives each stage's crops or tiles, steps and seconds.
+    ΠGDM/DPS over overlapping tiles (``tile_steps``: default 25 for ΠGDM, 1000 for DPS; at
+    most ``max_batch`` network inputs, tiles × particles, per call), or, with ``fast=True``
+    (this path at any size), by a TV deconvolution (``deconv``: no diffusion; one image).
+    Non-blind methods skip the crops. ``full_diffusion=True`` keeps the whole-image run. On the
+    crops path ``callback`` sees the current crops or tiles (their windows) instead of the
+    frame. ``info["path"]`` says which path ran; ``info["stages"]`` gives each stage's crops or
+    tiles, steps and seconds.
     """
     started = time.perf_counter()
     loaded = load_image(blurry)

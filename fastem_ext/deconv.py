@@ -1,5 +1,6 @@
 """Fast non-blind deconvolution of a whole photo with a known kernel: total variation by
-half-quadratic splitting, for previews and CPU users (no diffusion, seconds at 12 megapixels).
+half-quadratic splitting, for previews and CPU users (no diffusion: 1.6 s at 768×512, 133 s at
+12 megapixels on one thread of a busy 2-core CPU).
 
 It minimises, per colour channel, in [0, 1] image units::
 
