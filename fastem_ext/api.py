@@ -19,12 +19,14 @@ from .checks import (
     check_positive,
     check_sigma,
 )
+from .deconv import deconvolve_tv
 from .engine import EngineConfig, graphed_sample
 from .hardware import describe_device
 from .io import load_image
 from .mstep import REGULARIZERS, HQSConfig, bundled_denoiser
 from .noise import estimate_noise
 from .observation import Observation
+from .photo import crop_window, estimate_on_crops, restore_tiles, tile_plan
 from .physics import blur_spectrum, gaussian_kernel, psf2otf
 from .priors import Prior, load_prior
 from .progress import StepProgress
@@ -39,6 +41,10 @@ MAX_PARTICLES = 256
 MAX_ROUNDS = 100  # Diffusion EM's full runs (10 by default)
 MAX_GUIDANCE_SCALE = 100.0  # far beyond any useful value; larger ones overflow the update
 ENGINES = ("auto", "fast", "reference")
+NONBLIND = {"fastem-pigdm": "pigdm", "fastem-dps": "dps", "diffem-pigdm": "pigdm",
+            "pigdm": "pigdm", "dps": "dps"}  # the tiles' method after the crops' kernel
+DEFAULT_TILE_STEPS = {"pigdm": "25", "dps": "1000"}  # the kernel is known: fewer steps (README)
+MAX_CROPS = 64
 
 
 @dataclass
@@ -62,7 +68,9 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         regularizer: str = "pnp", rounds: int = 10, r2: str = "reference",
         guidance_scale: float = 1.0, engine: str = "auto", precision: str = "bf16",
         compile: bool = False, mstep: HQSConfig | None = None,
-        callback: StepCallback | None = None) -> Result:
+        callback: StepCallback | None = None, working_size: int = 256, crops: int = 3,
+        max_batch: int = 8, tile_steps: str | int | None = None, fast: bool = False,
+        full_diffusion: bool = False) -> Result:
     """Blind (or non-blind) deblurring of one photo.
 
     blurry: a path, PIL image, ``H×W(×C)`` numpy array (uint8, uint16 or float in [0, 1]) or a
@@ -82,6 +90,17 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     callback: called after every step as ``callback(i, x0, kernel)`` with the respaced step
     ``i`` (counting down to 0), the current ``x̂0`` ``[n, C, H, W]`` in [0, 1] cropped to the
     photo's frame, and the current kernel (device tensors; reading them synchronises).
+
+    A photo larger than ``working_size`` (pixels, default 256) on either side takes the crops
+    path (``photo``): the blind method runs on its ``crops`` most informative windows as one
+    batch sharing the kernel, then the full frame is restored with that kernel by non-blind
+    ΠGDM/DPS over overlapping tiles (``tile_steps``: default 25 for ΠGDM, 1000 for DPS; at
+    most ``max_batch`` network inputs, tiles × particles, per call), or, with ``fast=True``
+    (this path at any size), by a TV deconvolution (``deconv``: no diffusion; one image).
+    Non-blind methods skip the crops. ``full_diffusion=True`` keeps the whole-image run. On the
+    crops path ``callback`` sees the current crops or tiles (their windows) instead of the
+    frame. ``info["path"]`` says which path ran; ``info["stages"]`` gives each stage's crops or
+    tiles, steps and seconds.
     """
     started = time.perf_counter()
     loaded = load_image(blurry)
@@ -118,7 +137,38 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable, got {type(callback).__name__}")
 
+    working_size = check_int("working_size", working_size, low=32)
+    crops = check_int("crops", crops, low=1, high=MAX_CROPS)
+    max_batch = check_int("max_batch", max_batch, low=1, high=MAX_PARTICLES)
+    tile_schedule = Schedule(DEFAULT_TILE_STEPS[NONBLIND[method]] if tile_steps is None
+                             else tile_steps, r2=r2)
+    for name, flag in (("fast", fast), ("full_diffusion", full_diffusion)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    if fast and full_diffusion:
+        raise ValueError("fast=True restores the frame by deconvolution, full_diffusion=True by "
+                         "one diffusion run over it: choose one")
+    if fast and boundary != "valid":
+        raise ValueError("fast=True works on real photos: it needs boundary='valid'")
+    large = max(image.shape[-2:]) > working_size
+    on_crops = boundary == "valid" and not full_diffusion and (large or fast)
+    if on_crops:
+        _check_crops_path(method, kernel_size, working_size, crops, particles, max_batch)
+
     net_prior = load_prior(prior, device)
+    if on_crops:
+        if working_size % net_prior.size_multiple:
+            raise ValueError(f"working_size must be a multiple of {net_prior.size_multiple} for "
+                             f"this prior, got {working_size}")
+        return _run_on_crops(
+            loaded, image, sigma, estimated, started, method=method, net_prior=net_prior,
+            kernel=kernel, kernel_size=kernel_size, schedule=schedule,
+            tile_schedule=tile_schedule, particles=particles, seed=seed, device=device,
+            progress=progress, mstep=mstep, rounds=rounds, guidance_scale=guidance_scale,
+            callback=callback, runner=runner, working_size=working_size, crops=crops,
+            max_batch=max_batch, fast=fast, info={
+                "r2": r2, "engine": engine, "precision": precision if engine == "fast" else "fp32",
+                "regularizer": mstep.kind})
     frame = Frame.plan(*image.shape[-2:], kernel_size, net_prior.size_multiple, boundary)
     colour = image.expand(3, -1, -1) if image.shape[0] == 1 else image
     grid, mask = frame.pad(colour.to(device))
@@ -171,9 +221,121 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         "seconds_per_step": (sample_seconds - (out.compile_seconds or 0.0)) / total,
         "seconds_compile": out.compile_seconds,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
-        if device.type == "cuda" else None,
+        if device.type == "cuda" else None, "path": "whole image",
     }
     return Result(restored[0], final_kernel, restored, mean, info)
+
+
+def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started: float, *,
+                  method: str, net_prior: Prior, kernel: Tensor | None, kernel_size: int,
+                  schedule: Schedule, tile_schedule: Schedule, particles: int, seed: int,
+                  device: torch.device, progress: bool, mstep: HQSConfig, rounds: int,
+                  guidance_scale: float, callback: StepCallback | None, runner: Runner,
+                  working_size: int, crops: int, max_batch: int, fast: bool,
+                  info: dict[str, Any]) -> Result:
+    """``run()``'s crops path (``photo``): the kernel from crops (blind methods), then the
+    frame by tiles or, ``fast``, by TV deconvolution. Arguments are checked by ``run()``."""
+    height, width = image.shape[-2:]
+    colour = (image.expand(3, -1, -1) if image.shape[0] == 1 else image).to(device)
+    blind = method in BLIND
+    multiple = net_prior.size_multiple
+    plan = None if fast else tile_plan(height, width, working_size, kernel_size)
+    crop_steps = len(schedule) * (rounds if method == "diffem-pigdm" else 1)
+    total = (crop_steps if blind else 0) + (0 if fast else len(tile_schedule) * -(
+        -len(plan) // max(1, max_batch // particles)))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    reporter = StepProgress(total, Observation(colour, sigma), enabled=progress, desc=method)
+    probed = set()
+
+    def step_callback(i: int, x0: Tensor, k: Tensor | None) -> None:
+        reporter(i, x0, k)
+        if callback is not None:
+            callback(i, x0, k)
+
+    def sample(which: str, obs: Observation, k: Tensor, sched: Schedule,
+               n: int) -> SamplerOutput:
+        reporter.observe(obs)
+        shape = (n, 3, *obs.y.shape[-2:])
+        if shape not in probed:  # once per shape: a forward pass costs a step
+            _probe_prior(net_prior, shape, sched, device)
+            probed.add(shape)
+        return _sample(which, net_prior.model, obs, k, sched, n, generator, mstep, rounds,
+                       guidance_scale, step_callback, runner)
+
+    stages: dict[str, Any] = {}
+    try:
+        if blind:
+            clock = time.perf_counter()
+            initial = gaussian_kernel(kernel_size, kernel_size / 16) if kernel is None else kernel
+            kernel, boxes = estimate_on_crops(
+                colour, sample, method, (initial / initial.sum()).to(device), schedule,
+                count=crops, working_size=working_size, multiple=multiple, sigma=sigma,
+                particles=particles)
+            _check_kernel_finite(kernel)
+            stages["crops"] = {"boxes": [list(box) for box in boxes],
+                               "window": list(crop_window(height, width, working_size,
+                                                          kernel_size)),
+                               "steps": crop_steps, "seconds": _elapsed(clock, device)}
+        kernel = (kernel / kernel.sum()).to(device)
+        clock = time.perf_counter()
+        if fast:
+            restored = deconvolve_tv(image.to(device), kernel, sigma)[None]
+            stages["fast"] = {"method": "TV deconvolution", "seconds": _elapsed(clock, device)}
+        else:
+            restored = restore_tiles(colour, sample, NONBLIND[method], kernel, tile_schedule,
+                                     plan, multiple=multiple, sigma=sigma, particles=particles,
+                                     max_batch=max_batch)
+            stages["tiles"] = {"count": len(plan), "window": [plan.window_h, plan.window_w],
+                               "steps": len(tile_schedule), "max_batch": max_batch,
+                               "seconds": _elapsed(clock, device)}
+    finally:
+        reporter.close()
+    if not bool(torch.isfinite(restored).all()):
+        raise RuntimeError("the restoration produced NaN or infinite values; nothing was "
+                           "returned")
+    if image.shape[0] == 1 and restored.shape[1] == 3:
+        restored = restored.mean(dim=1, keepdim=True)
+    reblur = _reblur_rmse(restored.mean(0), image.to(device), kernel)
+    restored, final_kernel = restored.float().cpu(), kernel.float().cpu()
+    info.update({
+        "method": method, "prior": net_prior.name, "particles": particles,
+        "steps": len(schedule) if blind else 0,
+        "rounds": rounds if method == "diffem-pigdm" else 1, "sigma": sigma,
+        "sigma_estimated": estimated, "kernel_size": kernel_size, "boundary": "valid",
+        "seed": seed, "device": describe_device(device), "source": loaded.source,
+        "bits": loaded.bits, "reblur_rmse": reblur, "path": "crops + fast" if fast else
+        ("crops + tiles" if blind else "tiles"), "working_size": working_size,
+        "stages": stages, "seconds_total": time.perf_counter() - started,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda" else None})
+    return Result(restored[0], final_kernel, restored, restored.mean(0), info)
+
+
+def _check_crops_path(method: str, kernel_size: int, working_size: int, crops: int,
+                      particles: int, max_batch: int) -> None:
+    """What the crops path needs beyond each argument's own range."""
+    if working_size < 4 * kernel_size:  # room for a tile's context and blend ramp
+        raise ValueError(f"working_size must be at least 4 × kernel_size = {4 * kernel_size} "
+                         f"for the crops and tiles, got {working_size}")
+    needed = crops * particles if method in BLIND else particles
+    if max_batch < needed:
+        raise ValueError(f"max_batch must hold the {'crops × ' if method in BLIND else ''}"
+                         f"particles of one network call ({needed}), got {max_batch}")
+
+
+def _elapsed(clock: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - clock
+
+
+def _reblur_rmse(restored: Tensor, blurry: Tensor, kernel: Tensor) -> float:
+    """RMSE of ``blurry − k ⊛ restored`` over the frame, ``restored`` extended by replication
+    (the valid model's unknown surroundings, approximated)."""
+    frame = Frame.plan(*blurry.shape[-2:], kernel.shape[-1], 1, "valid")
+    grid, _ = frame.pad(restored)
+    reblur = frame.crop(blur_spectrum(grid, psf2otf(kernel, grid.shape[-2:])))
+    return float((reblur - blurry).square().mean().sqrt())
 
 
 def _sample(method: str, model, obs: Observation, kernel: Tensor, schedule: Schedule,
@@ -215,14 +377,18 @@ def _probe_prior(prior: Prior, shape: tuple[int, ...], schedule: Schedule,
 
 def _check_finite(out: SamplerOutput, guidance_scale: float) -> None:
     """No NaN or inf leaves ``run()``: say which stage produced it."""
-    if not bool(torch.isfinite(out.kernel).all()):
-        raise RuntimeError("the M-step produced a kernel with NaN or infinite values (a kernel "
-                           "denoiser or the prior diverged during the run); nothing was returned")
+    _check_kernel_finite(out.kernel)
     if not bool(torch.isfinite(out.particles).all()):
         raise RuntimeError(
             "sampling produced NaN or infinite values (the prior's output or the guidance "
             f"diverged during the run; guidance_scale={guidance_scale:g}); nothing was returned"
         )
+
+
+def _check_kernel_finite(kernel: Tensor) -> None:
+    if not bool(torch.isfinite(kernel).all()):
+        raise RuntimeError("the M-step produced a kernel with NaN or infinite values (a kernel "
+                           "denoiser or the prior diverged during the run); nothing was returned")
 
 
 def mstep_config(regularizer: str, size: int, device: torch.device,

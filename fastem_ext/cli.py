@@ -85,6 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     deblur.add_argument("--boundary", choices=BOUNDARIES, default="valid",
                         help="valid (default: real photos, no wrap-around) or circular "
                         "(synthetic data blurred circularly)")
+    large = deblur.add_argument_group(
+        "large photos", "above --working-size on either side: the kernel from crops, the frame "
+        "in tiles (or by --fast deconvolution)")
+    large.add_argument("--working-size", type=int, default=256,
+                       help="side of one crop or tile's grid, in pixels (default 256)")
+    large.add_argument("--crops", type=int, default=3,
+                       help="crops the kernel is estimated on (default 3)")
+    large.add_argument("--max-batch", type=int, default=8,
+                       help="tiles × particles per network call: bounds the memory (default 8)")
+    large.add_argument("--tile-steps", default=None,
+                       help="diffusion steps of the non-blind tile pass (default 25 for "
+                       "ΠGDM, 1000 for DPS)")
+    large.add_argument("--fast", action="store_true",
+                       help="restore the frame by TV deconvolution with the estimated kernel "
+                       "(seconds; a preview) instead of the tiles")
+    large.add_argument("--full-diffusion", action="store_true",
+                       help="one diffusion run over the whole photo, whatever its size")
     _common(deblur)
     batch = commands.add_parser(
         "batch", help="deblur many photos into a folder: resumable, runs under torchrun",
@@ -191,10 +208,14 @@ def _deblur(args: argparse.Namespace) -> None:
     result = run(loaded.image, sigma, method=args.method, prior=args.prior,
                  particles=args.particles, steps=args.steps, kernel_size=args.kernel_size,
                  seed=args.seed, device=args.device, progress=not args.quiet,
-                 boundary=args.boundary, regularizer=args.regularizer, kernel=kernel)
-    files = {outputs["-o/--output"]: encode_image(args.output, result.image, loaded.bits)}
+                 boundary=args.boundary, regularizer=args.regularizer, kernel=kernel,
+                 working_size=args.working_size, crops=args.crops, max_batch=args.max_batch,
+                 tile_steps=args.tile_steps, fast=args.fast, full_diffusion=args.full_diffusion)
+    files = {outputs["-o/--output"]: encode_image(args.output, result.image, loaded.bits,
+                                                  loaded.icc)}
     if "--mean-out" in outputs:
-        files[outputs["--mean-out"]] = encode_image(args.mean_out, result.mean, loaded.bits)
+        files[outputs["--mean-out"]] = encode_image(args.mean_out, result.mean, loaded.bits,
+                                                    loaded.icc)
     if "--kernel-out" in outputs:
         files[outputs["--kernel-out"]] = encode_kernel(args.kernel_out, result.kernel)
     if "--kernel-preview" in outputs:
@@ -207,7 +228,8 @@ def _deblur(args: argparse.Namespace) -> None:
     info = result.info
     print(f"{args.output}: sigma {255 * info['sigma']:.2f}/255"
           f"{' (estimated)' if info['sigma_estimated'] else ''}, reblur RMSE "
-          f"{255 * info['reblur_rmse']:.2f}/255, {info['seconds_total']:.1f} s on {info['device']}")
+          f"{255 * info['reblur_rmse']:.2f}/255, {info['path']}, {info['seconds_total']:.1f} s "
+          f"on {info['device']}")
 
 
 def _sigma(sigma: float | None) -> float | None:

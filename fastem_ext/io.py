@@ -21,12 +21,15 @@ from .png16 import encode_png16, png_bit_depth, read_png16
 
 @dataclass(frozen=True)
 class LoadedImage:
-    """image: ``[C, H, W]`` float32 in [0, 1] (C = 1 grey or 3 colour); bits: 8 or 16 (the
-    precision to write results back in); source: a short description for reports."""
+    """image: ``[C, H, W]`` float32 in [0, 1] (C = 1 grey or 3 colour), upright (a file's or
+    PIL image's EXIF orientation applied); bits: 8 or 16 (the precision to write results back
+    in); source: a short description for reports; icc: the embedded colour profile, if any (to
+    write results back with)."""
 
     image: Tensor
     bits: int
     source: str
+    icc: bytes | None = None
 
 
 def load_image(source: object, name: str = "blurry") -> LoadedImage:
@@ -44,8 +47,9 @@ def load_image(source: object, name: str = "blurry") -> LoadedImage:
     except ImportError:  # pragma: no cover - pillow is a dependency
         Image = None
     if Image is not None and isinstance(source, Image.Image):
-        image, bits = _from_numpy(_pil_array(source, name), name)
-        return LoadedImage(image, bits, "PIL image")
+        array = _orient(_pil_array(source, name), _orientation(source))
+        image, bits = _from_numpy(array, name)
+        return LoadedImage(image, bits, "PIL image", source.info.get("icc_profile"))
     raise ValueError(
         f"{name} must be a path, a PIL image, a numpy array or a torch tensor, "
         f"got {type(source).__name__}"
@@ -53,8 +57,27 @@ def load_image(source: object, name: str = "blurry") -> LoadedImage:
 
 
 def _load_path(path: Path, name: str) -> LoadedImage:
-    image, bits = _from_numpy(_decode(path, name), name)
-    return LoadedImage(image, bits, str(path))
+    array, orientation, icc = _decode(path, name)
+    image, bits = _from_numpy(_orient(array, orientation), name)
+    return LoadedImage(image, bits, str(path), icc)
+
+
+def _orientation(img) -> int:
+    """The EXIF orientation tag (1..8; 1, upright, when absent or invalid)."""
+    try:
+        value = int(img.getexif().get(0x0112, 1))
+    except (ValueError, TypeError, OSError, SyntaxError):  # a malformed EXIF block: ignore it
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
+    """``[H, W(, C)]`` as displayed under EXIF ``orientation`` (as ``ImageOps.exif_transpose``:
+    2 mirror, 3 rotate 180°, 4 flip, 5 transpose, 6 rotate 90° clockwise, 7 transverse,
+    8 rotate 90° anticlockwise)."""
+    swapped = array.swapaxes(0, 1)
+    return {1: array, 2: array[:, ::-1], 3: array[::-1, ::-1], 4: array[::-1], 5: swapped,
+            6: np.rot90(array, 3), 7: swapped[::-1, ::-1], 8: np.rot90(array, 1)}[orientation]
 
 
 def _check_file(path: Path, name: str) -> None:
@@ -67,17 +90,19 @@ def _check_file(path: Path, name: str) -> None:
         raise ValueError(f"{name}: {path} is not a regular file")
 
 
-def _decode(path: Path, name: str) -> np.ndarray:
-    """An image file's pixels as Pillow or the 16-bit PNG reader gives them."""
+def _decode(path: Path, name: str) -> tuple[np.ndarray, int, bytes | None]:
+    """An image file's pixels as Pillow or the 16-bit PNG reader gives them, its EXIF
+    orientation and its ICC colour profile (Pillow reads both from the header alone)."""
     from PIL import Image, UnidentifiedImageError
 
     _check_file(path, name)
     try:
-        if png_bit_depth(path) == 16:
-            return read_png16(path)
         with Image.open(path) as img:
+            orientation, icc = _orientation(img), img.info.get("icc_profile")
+            if png_bit_depth(path) == 16:
+                return read_png16(path), orientation, icc
             img.load()
-            return _pil_array(img, name)
+            return _pil_array(img, name), orientation, icc
     except Image.DecompressionBombError as err:
         raise ValueError(f"{name}: {path} is too large to read ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
@@ -157,21 +182,24 @@ def kernel_suffixes() -> tuple[str, ...]:
     return (".npy", *image_suffixes())
 
 
-def encode_image(path: str | os.PathLike, image: Tensor, bits: int = 8) -> bytes:
+def encode_image(path: str | os.PathLike, image: Tensor, bits: int = 8,
+                 icc: bytes | None = None) -> bytes:
     """``[C, H, W]`` in [0, 1] as the bytes of an image file of ``path``'s format; PNG may be
-    16-bit, the other formats are 8-bit (Pillow)."""
+    16-bit, the other formats are 8-bit (Pillow). ``icc``: a colour profile to embed (where the
+    format has a place for one)."""
     path = Path(path)
     check_suffix(path, image_suffixes())
     array = image.detach().float().clamp(0, 1).cpu().numpy().transpose(1, 2, 0)
     if bits == 16 and path.suffix.lower() == ".png":
-        return encode_png16(np.round(array * 65535).astype(np.uint16))
+        return encode_png16(np.round(array * 65535).astype(np.uint16), icc)
     from PIL import Image
 
     pixels = np.round(array * 255).astype(np.uint8)
     pil = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
     buffer = io.BytesIO()
     try:
-        pil.save(buffer, format=Image.registered_extensions()[path.suffix.lower()])
+        pil.save(buffer, format=Image.registered_extensions()[path.suffix.lower()],
+                 **({} if icc is None else {"icc_profile": icc}))
     except (KeyError, ValueError, OSError) as err:
         raise ValueError(f"cannot write {path}: unsupported image format ({err})") from None
     return buffer.getvalue()
@@ -302,7 +330,7 @@ def read_kernel(path: str | os.PathLike, name: str = "kernel") -> Tensor:
             raise ValueError(f"{name}: {path} must hold a 2-D numeric array, got shape "
                              f"{array.shape} of {array.dtype}")
         return torch.from_numpy(array.astype(np.float64))
-    array = _decode(path, name)
+    array = _orient(*_decode(path, name)[:2])
     if array.ndim == 3:
         array = array[:, :, : 3 if array.shape[2] >= 3 else 1].mean(axis=2)  # alpha dropped
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))

@@ -9,6 +9,11 @@ they contribute no residual to the guidance, and the M-step sees them imputed wi
 prediction ``k ⊛ x̂0`` (the EM treatment of missing observations), which keeps every solve
 diagonal in the Fourier basis.
 
+A **batched** observation (``y`` ``[n, C, H, W]``, ``mask`` ``[n, 1, H, W]``) holds one image per
+particle: particle ``i`` is guided by ``y[i]`` alone, and the M-step's sums over particles become
+the joint least-squares fit of one kernel to all of them (several crops of one photo sharing its
+camera shake; the tiles of a non-blind pass). A run over it has exactly ``n`` particles.
+
 Everything here is in image units ([0, 1]); the network's units stop at ``step``.
 """
 
@@ -25,16 +30,28 @@ from .physics import psf2otf
 
 @dataclass(frozen=True)
 class Observation:
-    """y: ``[C, H, W]`` in [0, 1] on the grid; sigma: noise std in [0, 1] units; mask:
-    ``None`` or ``[1, H, W]`` (1 = observed)."""
+    """y: ``[C, H, W]`` (shared by every particle) or ``[n, C, H, W]`` (one per particle) in
+    [0, 1] on the grid; sigma: noise std in [0, 1] units; mask: ``None``, ``[1, H, W]`` or, with
+    a batched ``y``, ``[n, 1, H, W]`` (1 = observed)."""
 
     y: Tensor
     sigma: float
     mask: Tensor | None = None
 
+    def particle_shape(self, particles: int) -> tuple[int, int, int, int]:
+        """The shape ``(n, C, H, W)`` of ``particles`` samples of this observation; a batched
+        observation needs exactly one particle per image."""
+        if self.y.dim() == 3:
+            return (particles, *self.y.shape)
+        if particles != self.y.shape[0]:
+            raise ValueError(f"a batched observation of {self.y.shape[0]} images needs "
+                             f"particles={self.y.shape[0]} (one per image), got {particles}")
+        return tuple(self.y.shape)
+
     @cached_property
     def spec_y(self) -> Tensor:
-        """``rfft2(y)`` ``[C, H, W//2+1]``, computed once (touch it outside a captured graph)."""
+        """``rfft2(y)`` ``[(n,) C, H, W//2+1]``, computed once (touch it outside a captured
+        graph)."""
         return torch.fft.rfft2(self.y)
 
     def residual(self, spec_x: Tensor, otf: Tensor) -> Tensor:
@@ -45,8 +62,8 @@ class Observation:
 
     def target_spectrum(self, spec_x: Tensor, kernel: Tensor) -> Tensor:
         """The half spectrum of what the M-step fits: ``y``, with unobserved pixels imputed as
-        ``k ⊛ x``. spec_x: ``rfft2(x)`` ``[n, C, H, W//2+1]``. Returns ``[C, H, W//2+1]`` (no
-        mask) or ``[n, C, H, W//2+1]``."""
+        ``k ⊛ x``. spec_x: ``rfft2(x)`` ``[n, C, H, W//2+1]``. Returns ``[C, H, W//2+1]`` (shared,
+        no mask) or ``[n, C, H, W//2+1]``."""
         if self.mask is None:
             return self.spec_y
         shape = self.y.shape[-2:]

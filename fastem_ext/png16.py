@@ -111,16 +111,20 @@ def _sequential(line: np.ndarray, prev: np.ndarray, bpp: int, paeth: bool) -> np
     return cur
 
 
-def encode_png16(pixels: np.ndarray) -> bytes:
-    """Encode ``uint16 [H, W, 1 or 3]`` as a 16-bit grey or RGB PNG (filter 0, zlib level 6)."""
+def encode_png16(pixels: np.ndarray, icc: bytes | None = None) -> bytes:
+    """Encode ``uint16 [H, W, 1 or 3]`` as a 16-bit grey or RGB PNG (filter 0, zlib level 6),
+    with the colour profile ``icc`` in an ``iCCP`` chunk if given."""
     height, width, channels = pixels.shape
     colour = {1: 0, 3: 2}[channels]
     body = pixels.astype(">u2").reshape(height, width * channels)
     raw = np.concatenate([np.zeros((height, 1), np.uint8), body.view(np.uint8)], axis=1)
     ihdr = struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0)
+    chunks = [(b"IHDR", ihdr)]
+    if icc is not None:  # profile name, its NUL, compression method 0 (zlib), the profile
+        chunks.append((b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc)))
+    chunks += [(b"IDAT", zlib.compress(raw.tobytes(), 6)), (b"IEND", b"")]
     parts = [SIGNATURE]
-    for kind, chunk in ((b"IHDR", ihdr), (b"IDAT", zlib.compress(raw.tobytes(), 6)),
-                        (b"IEND", b"")):
+    for kind, chunk in chunks:
         crc = zlib.crc32(kind + chunk) & 0xFFFFFFFF
         parts.append(struct.pack(">I", len(chunk)) + kind + chunk + struct.pack(">I", crc))
     return b"".join(parts)

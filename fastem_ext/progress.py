@@ -27,6 +27,10 @@ class StepProgress:
         self.event = torch.cuda.Event() if self.cuda else None
         self.pending = False
 
+    def observe(self, obs: Observation) -> None:
+        """Measure the residual against ``obs`` from now on (the next stage of a run)."""
+        self.obs = obs
+
     def __call__(self, i: int, x0: Tensor, kernel: Tensor | None) -> None:
         if self.bar.disable:
             return

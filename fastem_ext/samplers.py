@@ -68,7 +68,7 @@ def fast_em(eps_model: EpsModel, obs: Observation, kernel_init: Tensor, *, sched
     """Fast EM (Algorithm 2): one guided run with an M-step folded into every step.
 
     ``runner`` executes the loop: ``sample`` (eager) or ``engine.graphed_sample``."""
-    shape = (particles, *obs.y.shape)
+    shape = obs.particle_shape(particles)
     return runner(eps_model, obs, schedule=schedule, shape=shape, generator=generator,
                   guidance=guidance, kernel=kernel_init, mstep=mstep,
                   guidance_scale=guidance_scale, callback=callback)
@@ -79,7 +79,7 @@ def nonblind(eps_model: EpsModel, obs: Observation, kernel: Tensor, *, schedule:
              guidance_scale: float = 1.0, callback: StepCallback | None = None,
              runner: Runner = sample) -> SamplerOutput:
     """Non-blind ΠGDM/DPS (Algorithm 1) with a known kernel."""
-    shape = (particles, *obs.y.shape)
+    shape = obs.particle_shape(particles)
     return runner(eps_model, obs, schedule=schedule, shape=shape, generator=generator,
                   guidance=guidance, kernel=kernel, guidance_scale=guidance_scale,
                   callback=callback)

@@ -254,3 +254,23 @@ def test_any_pillow_format_and_long_names_are_written(photo, tmp_path):
     assert Image.open(tmp_path / "out.ppm").size == (30, 24) and long_name.exists()
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".png", ".png", ".ppm"]
 
+
+
+def test_large_photo_options_and_16bit_crops_path(tmp_path, capsys):
+    """Above --working-size: the crops path, 16-bit in and out, its stages in the report;
+    --fast and --full-diffusion together are refused (exit 2, one line)."""
+    pixels = np.random.default_rng(3).integers(0, 65536, (50, 70, 3), dtype=np.uint16)
+    src, out, report = tmp_path / "big16.png", tmp_path / "out16.png", tmp_path / "r.json"
+    src.write_bytes(encode_png16(pixels))
+    args = ["deblur", str(src), "-o", str(out), "--report", str(report), "--working-size",
+            "40", "--crops", "2", "--max-batch", "4", "--tile-steps", "2", *FAST]
+    assert main(args) == 0
+    assert read_png16(out).shape == (50, 70, 3)
+    info = json.loads(report.read_text())
+    assert info["path"] == "crops + tiles" and info["stages"]["tiles"]["steps"] == 2
+    assert len(info["stages"]["crops"]["boxes"]) == 2
+    assert "crops + tiles" in capsys.readouterr().out
+    assert main([*args[:4], "--fast", *FAST]) == 0
+    assert main([*args[:4], "--fast", "--full-diffusion", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastem: error: ") and "choose one" in err and err.count("\n") == 1

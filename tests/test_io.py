@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastem_ext.io import commit_files, load_image, write_image, write_kernel
+from fastem_ext.io import commit_files, encode_image, load_image, write_image, write_kernel
 from fastem_ext.png16 import encode_png16, read_png16
 
 
@@ -198,3 +198,38 @@ def test_overwriting_keeps_the_mode_and_writes_through_symlinks(tmp_path):
     assert link.is_symlink() and target.stat().st_mode & 0o777 == 0o640
     assert load_image(link).image.shape == (3, 8, 8)
 
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_honoured_as_pillow_does(tmp_path, orientation):
+    from PIL import Image, ImageOps
+
+    pixels = (np.random.default_rng(orientation).random((9, 13, 3)) * 255).astype(np.uint8)
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.png"
+    img.save(path, exif=exif.tobytes())
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(path))).astype(np.float32) / 255
+    for source in (path, Image.open(path)):
+        loaded = load_image(source)
+        np.testing.assert_array_equal(loaded.image.numpy().transpose(1, 2, 0), expected)
+
+
+@pytest.mark.parametrize("bits, suffix", [(8, ".png"), (16, ".png"), (8, ".jpg"), (8, ".tif")])
+def test_the_colour_profile_is_kept(tmp_path, bits, suffix):
+    from PIL import Image, ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    pixels = (np.random.default_rng(0).random((10, 9, 3)) * 255).astype(np.uint8)
+    source = tmp_path / "in.png"
+    Image.fromarray(pixels).save(source, icc_profile=profile)
+    loaded = load_image(source)
+    assert loaded.icc == profile
+    out = tmp_path / f"out{suffix}"
+    out.write_bytes(encode_image(out, loaded.image, bits, loaded.icc))
+    with Image.open(out) as img:
+        assert img.info.get("icc_profile") == profile
+    again = load_image(out)
+    assert again.icc == profile and again.bits == (16 if bits == 16 else 8)
+    assert load_image(tmp_path / "in.png").image.shape == (3, 10, 9)

@@ -15,12 +15,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fastem_ext"
 # Bottom to top (DESIGN.md, STYLE.md): a module may import its own layer and the layers below.
 LAYERS = [
     ("foundation", {"checks", "hardware", "png16", "io", "physics", "schedule", "observation",
-                    "boundary", "motion", "noise", "metrics", "models", "manifest",
-                    "batch_plan", "distributed"}),
+                    "boundary", "motion", "noise", "metrics", "models", "tiles", "crops",
+                    "manifest", "batch_plan", "distributed"}),
     ("ops", {"ops"}),
-    ("algorithms", {"mstep", "guidance"}),
+    ("algorithms", {"mstep", "guidance", "deconv"}),
     ("sampling", {"step", "samplers", "engine", "progress", "priors"}),
-    ("interface", {"api", "aot", "batch", "cli", "demo", "launch", ""}),  # "": __init__
+    ("interface", {"api", "aot", "batch", "cli", "demo", "launch", "photo", ""}),  # "": __init__
 ]
 
 

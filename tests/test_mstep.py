@@ -45,8 +45,32 @@ def _dense_z(x, y, k_prev, sigma, beta, r2, lam):
         for c in range(C):
             xc = origin_kernel_matrix(x[i, c])
             lhs += xc.T @ xc + r2 * impulse_gram
-            rhs += xc.T @ y[c].reshape(-1)
+            rhs += xc.T @ (y[i] if y.dim() == 4 else y)[c].reshape(-1)
     return torch.linalg.solve(lhs, rhs).reshape(HW)
+
+
+def test_z_update_of_a_batched_observation_is_the_joint_fit_of_its_images():
+    """A batched ``Observation`` (one image per particle: crops of one photo) gives the Z-update
+    of one kernel fitted to all pairs ``(x^i, y^i)`` jointly (dense least squares), not to one."""
+    from fastem_ext.observation import Observation
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(3, C, *HW, generator=g, dtype=torch.float64)
+    kernels = torch.rand(3, 3, 3, generator=g, dtype=torch.float64)
+    y = torch.stack([circular_convolve(x[i], kernels[i] / kernels[i].sum()) for i in range(3)])
+    k_prev = torch.rand(3, 3, generator=g, dtype=torch.float64)
+    k_prev = k_prev / k_prev.sum()
+    obs = Observation(y, 0.05)
+    spec_x = torch.fft.rfft2(x)
+    spectra = kernel_spectra(obs.target_spectrum(spec_x, k_prev), spec_x)
+    config = HQSConfig(regularizer="none", beta=40.0).validate(3)
+    terms = hqs_terms(config, 3, C, HW, 0.05)
+    shift, step = ops.table_index(terms.shift, k_prev)
+    z = torch.fft.irfft2(ops.wiener_z(spectra.cross, spectra.energy, psf2otf(k_prev, HW), shift,
+                                      step, terms.coupling), s=HW)
+    torch.testing.assert_close(z, _dense_z(x, y, k_prev, 0.05, 40.0, 0.0, 0.0), rtol=1e-9,
+                               atol=1e-11)
+    assert (z - _dense_z(x, y[0], k_prev, 0.05, 40.0, 0.0, 0.0)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("n", [1, 3])

@@ -1,0 +1,157 @@
+"""Large photos (issue 16): the crops + tiles path against the whole-image run on one Kodak
+photo, and the fast mode; or, with ``--megapixels``, the fast mode and a few tiles of a
+12-megapixel photo made by up-scaling a training image.
+
+The photo is blurred as in ``evaluate.py``: an EVAL-seed kernel (``--kernel-seed``, default the
+first), valid convolution of the photo extended by reflection (so the blurry image keeps the
+photo's size and the sharp reference is the photo itself), Gaussian noise σ. Writes one JSON per
+measurement to ``--out`` (wall times, PSNR, kernel MSE, peak RSS, load average, threads).
+
+    OMP_NUM_THREADS=1 nice python python/evaluate_photo.py --stage kodak
+    OMP_NUM_THREADS=1 nice python python/evaluate_photo.py --stage fast12mp
+    OMP_NUM_THREADS=1 nice python python/evaluate_photo.py --stage tiles12mp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fastem_ext import metrics, motion_kernel, run
+from fastem_ext.io import read_image
+from fastem_ext.motion import EVAL_SEEDS
+from fastem_ext.photo import restore_tiles, tile_plan
+from fastem_ext.physics import blur
+from fastem_ext.priors import load_prior
+from fastem_ext.samplers import nonblind
+from fastem_ext.schedule import Schedule
+
+DATA = Path(os.environ.get("FASTEM_DATA", Path(__file__).resolve().parents[2] / "shared/data"))
+
+
+def blurred(sharp: torch.Tensor, kernel: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+    margin = kernel.shape[-1] // 2
+    scene = F.pad(sharp[None], (margin,) * 4, mode="reflect")[0]
+    noise = torch.randn(sharp.shape, generator=torch.Generator().manual_seed(seed))
+    return blur(scene, kernel, "valid") + sigma * noise
+
+
+def conditions() -> dict:
+    return {"loadavg": os.getloadavg(), "threads": torch.get_num_threads(),
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def record(out: Path, name: str, entry: dict) -> None:
+    entry = {**entry, **conditions()}
+    (out / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
+    print(name, json.dumps(entry), flush=True)
+
+
+def shifted_psnr(image: torch.Tensor, sharp: torch.Tensor, reach: int = 8) -> float:
+    """The best PSNR over integer shifts ``|dy|, |dx| ≤ reach`` of ``image`` against ``sharp``,
+    on the frame less ``reach`` pixels: blind deconvolution cannot tell a shifted kernel and an
+    oppositely shifted image apart (``metrics.kernel_mse`` forgives the kernel the same way)."""
+    height, width = sharp.shape[-2:]
+    core = sharp[:, reach : height - reach, reach : width - reach]
+    return max(float(metrics.psnr(image[:, reach + dy : height - reach + dy,
+                                        reach + dx : width - reach + dx], core))
+               for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1))
+
+
+def scores(result, sharp, kernel, seconds: float) -> dict:
+    return {"psnr": float(metrics.psnr(result.image, sharp)),
+            "psnr_best_shift": shifted_psnr(result.image, sharp),
+            "kernel_mse": float(metrics.kernel_mse(result.kernel, kernel)),
+            "seconds": seconds, "path": result.info["path"],
+            "stages": result.info.get("stages"), "kernel": result.kernel.tolist()}
+
+
+def kodak(args, out: Path) -> None:
+    sharp = read_image(DATA / "natural/val/kodak_01.png")[0]
+    kernel = motion_kernel(33, seed=EVAL_SEEDS.start + args.kernel_seed)
+    sigma = 10 / 255
+    y = blurred(sharp, kernel, sigma, 1)
+    record(out, "kodak_blurry", {"psnr": float(metrics.psnr(y.clamp(0, 1), sharp)),
+                                 "size": list(sharp.shape)})
+    clock = time.perf_counter()
+    tiled = run(y, sigma, progress=False)
+    record(out, "kodak_crops_tiles", scores(tiled, sharp, kernel, time.perf_counter() - clock))
+    found = tiled.kernel
+    for steps in ("10", "50"):
+        clock = time.perf_counter()
+        res = run(y, sigma, method="pigdm", kernel=found, tile_steps=steps, progress=False)
+        record(out, f"kodak_tiles{steps}_crop_kernel",
+               scores(res, sharp, kernel, time.perf_counter() - clock))
+        if steps == "10":
+            clock = time.perf_counter()
+            res = run(y, sigma, method="pigdm", kernel=found, fast=True, progress=False)
+            record(out, "kodak_fast_crop_kernel",
+                   scores(res, sharp, kernel, time.perf_counter() - clock))
+            clock = time.perf_counter()
+            whole = run(y, sigma, full_diffusion=True, progress=False)
+            record(out, "kodak_whole", scores(whole, sharp, kernel, time.perf_counter() - clock))
+
+
+def twelve_mp(kernel_seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 4032×3024 photo: ``kodak``-style blur of a training image up-scaled bicubically."""
+    image = read_image(DATA / "natural/train/mcmaster_01.png")[0]
+    sharp = F.interpolate(image[None], size=(3024, 4032), mode="bicubic",
+                          align_corners=False)[0].clamp(0, 1)
+    kernel = motion_kernel(33, seed=EVAL_SEEDS.start + kernel_seed)
+    return sharp, kernel, blurred(sharp, kernel, 10 / 255, 2)
+
+
+def fast12mp(args, out: Path) -> None:
+    sharp, kernel, y = twelve_mp(args.kernel_seed)
+    clock = time.perf_counter()
+    res = run(y, 10 / 255, fast=True, progress=False)
+    entry = scores(res, sharp, kernel, time.perf_counter() - clock)
+    entry["blurry_psnr"] = float(metrics.psnr(y.clamp(0, 1), sharp))
+    record(out, "12mp_fast", entry)
+
+
+def tiles12mp(args, out: Path) -> None:
+    """``restore_tiles`` on a 4×? block of tiles of the 12 MP photo at the default 25 steps,
+    max_batch 8, with the true kernel: time per tile and peak memory (extrapolated by the
+    caller to the whole frame, whose tile count is printed)."""
+    sharp, kernel, y = twelve_mp(args.kernel_seed)
+    full = tile_plan(3024, 4032, 256, 33)
+    region = y[:, :420, :1100]  # 2 rows × 6 columns of tiles
+    plan = tile_plan(*region.shape[-2:], 256, 33)
+    prior = load_prior("natural", "cpu")
+    generator = torch.Generator().manual_seed(0)
+
+    def sample(method, obs, k, schedule, n):
+        return nonblind(prior.model, obs, k, schedule=schedule, particles=n,
+                        generator=generator)
+
+    clock = time.perf_counter()
+    with torch.no_grad():
+        restore_tiles(region, sample, "pigdm", kernel, Schedule("25"), plan,
+                      multiple=prior.size_multiple, sigma=10 / 255, particles=1, max_batch=8)
+    seconds = time.perf_counter() - clock
+    record(out, "12mp_tiles_sample", {
+        "tiles_run": len(plan), "window": [plan.window_h, plan.window_w], "seconds": seconds,
+        "seconds_per_tile": seconds / len(plan), "tiles_full_frame": len(full),
+        "extrapolated_full_frame_tile_seconds": seconds / len(plan) * len(full)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", choices=("kodak", "fast12mp", "tiles12mp"), required=True)
+    parser.add_argument("--kernel-seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results/photo")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    {"kodak": kodak, "fast12mp": fast12mp, "tiles12mp": tiles12mp}[args.stage](args, args.out)
+
+
+if __name__ == "__main__":
+    main()
