@@ -110,9 +110,10 @@ def export(path: str | os.PathLike, height: int, width: int, *, prior: str = "na
     """Compile a package for photos of ``height × width`` pixels into the new folder ``path``.
 
     The settings are ``run()``'s (same names, same defaults; ``method`` one of
-    ``EXPORT_METHODS``); ``prior`` is a name or a weights path (not a module: the package records
-    it by name). Takes minutes for the natural prior on a CPU. The folder appears only when
-    complete. Returns the manifest, with ``export_seconds``.
+    ``EXPORT_METHODS``), its whole-image run (``full_diffusion=True``: a larger photo's default
+    crops + tiles path is not exported); ``prior`` is a name or a weights path (not a module:
+    the package records it by name). Takes minutes for the natural prior on a CPU. The folder
+    appears only when complete. Returns the manifest, with ``export_seconds``.
     """
     started = time.perf_counter()
     target = Path(path)

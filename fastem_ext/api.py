@@ -98,9 +98,10 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     most ``max_batch`` network inputs, tiles × particles, per call), or, with ``fast=True``
     (this path at any size), by a TV deconvolution (``deconv``: no diffusion; one image).
     Non-blind methods skip the crops. ``full_diffusion=True`` keeps the whole-image run. On the
-    crops path ``callback`` sees the current crops or tiles (their windows) instead of the
-    frame. ``info["path"]`` says which path ran; ``info["stages"]`` gives each stage's crops or
-    tiles, steps and seconds.
+    crops path ``callback`` sees each batch's ``x̂0`` on its computation grids (crops or tiles
+    × particles, window-major, the unobserved borders included) instead of the frame.
+    ``info["path"]`` says which path ran; ``info["stages"]`` gives each stage's crops or tiles,
+    steps and seconds.
     """
     started = time.perf_counter()
     loaded = load_image(blurry)
@@ -153,7 +154,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     large = max(image.shape[-2:]) > working_size
     on_crops = boundary == "valid" and not full_diffusion and (large or fast)
     if on_crops:
-        _check_crops_path(method, kernel_size, working_size, crops, particles, max_batch)
+        _check_crops_path(method, kernel_size, working_size, crops, particles, max_batch, fast)
 
     net_prior = load_prior(prior, device)
     if on_crops:
@@ -298,8 +299,9 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
     reblur = _reblur_rmse(restored.mean(0), image.to(device), kernel)
     restored, final_kernel = restored.float().cpu(), kernel.float().cpu()
     info.update({
-        "method": method, "prior": net_prior.name, "particles": particles,
+        "method": method, "prior": net_prior.name, "particles": restored.shape[0],
         "steps": len(schedule) if blind else 0,
+        "tile_steps": None if fast else len(tile_schedule),
         "rounds": rounds if method == "diffem-pigdm" else 1, "sigma": sigma,
         "sigma_estimated": estimated, "kernel_size": kernel_size, "boundary": "valid",
         "seed": seed, "device": describe_device(device), "source": loaded.source,
@@ -312,15 +314,22 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
 
 
 def _check_crops_path(method: str, kernel_size: int, working_size: int, crops: int,
-                      particles: int, max_batch: int) -> None:
+                      particles: int, max_batch: int, fast: bool) -> None:
     """What the crops path needs beyond each argument's own range."""
-    if working_size < 4 * kernel_size:  # room for a tile's context and blend ramp
+    if working_size < 4 * kernel_size:  # room for a crop's blur footprint
         raise ValueError(f"working_size must be at least 4 × kernel_size = {4 * kernel_size} "
                          f"for the crops and tiles, got {working_size}")
-    needed = crops * particles if method in BLIND else particles
+    try:  # a tile's context and blend ramp, as the tile plan counts them
+        tile_plan(working_size, working_size, working_size, kernel_size)
+    except ValueError as err:
+        raise ValueError(f"working_size {working_size} is too small for kernel_size "
+                         f"{kernel_size}: {err}") from None
+    blind = method in BLIND
+    needed = crops * particles if blind else (0 if fast else particles)  # fast: no tiles
     if max_batch < needed:
-        raise ValueError(f"max_batch must hold the {'crops × ' if method in BLIND else ''}"
-                         f"particles of one network call ({needed}), got {max_batch}")
+        raise ValueError(f"max_batch (--max-batch) must hold the {'crops × ' if blind else ''}"
+                         f"particles of one network call ({needed}), got {max_batch}; raise it "
+                         f"or lower {'crops (--crops) or ' if blind else ''}particles")
 
 
 def _elapsed(clock: float, device: torch.device) -> float:

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "ΠGDM, 1000 for DPS)")
     large.add_argument("--fast", action="store_true",
                        help="restore the frame by TV deconvolution with the estimated kernel "
-                       "(seconds; a preview) instead of the tiles")
+                       "instead of the tiles (a preview: the deconvolution takes seconds, after "
+                       "the crops' blind runs)")
     large.add_argument("--full-diffusion", action="store_true",
                        help="one diffusion run over the whole photo, whatever its size")
     _common(deblur)

@@ -186,10 +186,12 @@ def encode_image(path: str | os.PathLike, image: Tensor, bits: int = 8,
                  icc: bytes | None = None) -> bytes:
     """``[C, H, W]`` in [0, 1] as the bytes of an image file of ``path``'s format; PNG may be
     16-bit, the other formats are 8-bit (Pillow). ``icc``: a colour profile to embed (where the
-    format has a place for one)."""
+    format has a place for one), dropped unless its colour space is the image's (a CMYK photo's
+    profile does not describe the RGB result)."""
     path = Path(path)
     check_suffix(path, image_suffixes())
     array = image.detach().float().clamp(0, 1).cpu().numpy().transpose(1, 2, 0)
+    icc = icc if profile_matches(icc, array.shape[2]) else None
     if bits == 16 and path.suffix.lower() == ".png":
         return encode_png16(np.round(array * 65535).astype(np.uint16), icc)
     from PIL import Image
@@ -203,6 +205,13 @@ def encode_image(path: str | os.PathLike, image: Tensor, bits: int = 8,
     except (KeyError, ValueError, OSError) as err:
         raise ValueError(f"cannot write {path}: unsupported image format ({err})") from None
     return buffer.getvalue()
+
+
+def profile_matches(icc: bytes | None, channels: int) -> bool:
+    """Whether the ICC profile ``icc`` describes images of ``channels`` channels: its header's
+    colour-space field (bytes 16–19) is ``RGB `` for 3, ``GRAY`` for 1."""
+    space = {3: b"RGB ", 1: b"GRAY"}.get(channels)
+    return icc is not None and len(icc) >= 20 and icc[16:20] == space
 
 
 def encode_kernel(path: str | os.PathLike, kernel: Tensor) -> bytes:

@@ -233,3 +233,21 @@ def test_the_colour_profile_is_kept(tmp_path, bits, suffix):
     again = load_image(out)
     assert again.icc == profile and again.bits == (16 if bits == 16 else 8)
     assert load_image(tmp_path / "in.png").image.shape == (3, 10, 9)
+
+
+def test_a_profile_of_another_colour_space_is_dropped(tmp_path):
+    """A CMYK JPEG comes back RGB: its CMYK profile would mislabel the result."""
+    from PIL import Image, ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    cmyk = srgb[:16] + b"CMYK" + srgb[20:]  # the header's colour-space field is what counts
+    image = torch.rand(3, 6, 5, generator=torch.Generator().manual_seed(0))
+    for suffix, bits in ((".png", 16), (".png", 8), (".jpg", 8)):
+        out = tmp_path / f"out{bits}{suffix}"
+        out.write_bytes(encode_image(out, image, bits, cmyk))
+        with Image.open(out) as img:
+            assert img.info.get("icc_profile") is None
+    grey = tmp_path / "grey.png"
+    grey.write_bytes(encode_image(grey, image[:1], 8, srgb))  # an RGB profile on a grey image
+    with Image.open(grey) as img:
+        assert img.info.get("icc_profile") is None

@@ -73,6 +73,7 @@ def test_run_picks_the_crops_path_above_the_working_size_and_reports_it():
     crops, tiles = info["stages"]["crops"], info["stages"]["tiles"]
     assert len(crops["boxes"]) == 2 and crops["window"] == [44, 44] and crops["steps"] == 4
     assert tiles["steps"] == 3 and tiles["count"] >= 4 and tiles["seconds"] > 0
+    assert result.info["steps"] == 4 and result.info["tile_steps"] == 3
     assert result.kernel.shape == (5, 5) and abs(float(result.kernel.sum()) - 1) < 1e-5
     whole = run(_photo(), 0.02, working_size=48, full_diffusion=True, **FAST)
     assert whole.info["path"] == "whole image"
@@ -134,8 +135,8 @@ def test_fast_mode_deconvolves_the_frame_with_the_kernel():
     gain = float(metrics.psnr(result.image, sharp)) - float(metrics.psnr(blurry, sharp))
     assert gain > 1.0
     grey = run(blurry[:1], 0.01, method="pigdm", kernel=kernel, fast=True, progress=False,
-               prior="gaussian")
-    assert grey.image.shape == (1, 88, 104)
+               prior="gaussian", particles=16, max_batch=8)  # no network call: no batch limit
+    assert grey.image.shape == (1, 88, 104) and grey.info["particles"] == 1
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -148,7 +149,8 @@ def test_fast_mode_deconvolves_the_frame_with_the_kernel():
     ({"working_size": 50, "prior": "natural"}, "working_size must be a multiple"),
     ({"crops": 0}, "crops"),
     ({"max_batch": 1, "particles": 2, "method": "pigdm", "kernel": torch.ones(5, 5)},
-     r"max_batch must hold the particles of one network call \(2\)"),
+     r"max_batch \(--max-batch\) must hold the particles of one network call \(2\)"),
+    ({"working_size": 32, "kernel_size": 7}, "working_size 32 is too small for kernel_size 7"),
     ({"crops": 4, "particles": 3}, r"crops × particles of one network call \(12\)"),
     ({"tile_steps": "x"}, "steps"),
 ])
