@@ -253,13 +253,16 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
         if callback is not None:
             callback(i, x0, k)
 
-    def sample(which: str, obs: Observation, k: Tensor, sched: Schedule,
-               n: int) -> SamplerOutput:
+    def observe(obs: Observation, sched: Schedule) -> None:
         reporter.observe(obs)
-        shape = (n, 3, *obs.y.shape[-2:])
+        shape = tuple(obs.y.shape)
         if shape not in probed:  # once per shape: a forward pass costs a step
             _probe_prior(net_prior, shape, sched, device)
             probed.add(shape)
+
+    def sample(which: str, obs: Observation, k: Tensor, sched: Schedule,
+               n: int) -> SamplerOutput:
+        observe(obs, sched)
         return _sample(which, net_prior.model, obs, k, sched, n, generator, mstep, rounds,
                        guidance_scale, step_callback, runner)
 
@@ -283,9 +286,11 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
             restored = deconvolve_tv(image.to(device), kernel, sigma)[None]
             stages["fast"] = {"method": "TV deconvolution", "seconds": _elapsed(clock, device)}
         else:
-            restored = restore_tiles(colour, sample, NONBLIND[method], kernel, tile_schedule,
-                                     plan, multiple=multiple, sigma=sigma, particles=particles,
-                                     max_batch=max_batch)
+            restored = restore_tiles(
+                colour, net_prior.model, NONBLIND[method], kernel, tile_schedule, plan,
+                multiple=multiple, sigma=sigma, particles=particles, max_batch=max_batch,
+                generator=generator, scale=guidance_scale,
+                before_batch=lambda obs: observe(obs, tile_schedule), callback=step_callback)
             stages["tiles"] = {"count": len(plan), "window": [plan.window_h, plan.window_w],
                                "steps": len(tile_schedule), "max_batch": max_batch,
                                "seconds": _elapsed(clock, device)}

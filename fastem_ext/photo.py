@@ -8,9 +8,11 @@ Camera shake is one kernel for the whole frame, so a large photo needs no giant 
    them: its M-step fits one kernel to all crops jointly (the sums of Eq. 24 run over them).
 2. **Tiles** (``restore_tiles``): non-blind ΠGDM/DPS with that kernel over overlapping tiles of
    the working size (``tiles.TilePlan``), ``max_batch`` network inputs (tiles × particles) per
-   call, so memory does not grow with the photo; the tiles' cores are blended seamlessly
-   (``tiles.TileBlend``). Each tile uses the valid model on its own window: at the photo's edges
-   that is the truth, inside it the tile's unobserved border is covered by its neighbour.
+   call, so the network's memory does not grow with the photo (the canvas state does: three
+   frame-sized buffers per particle). The tiles step in lockstep and are blended at every step
+   (``tiles.TileBlend`` on the canvas), so the result is one sample without seams. Each tile
+   uses the valid model on its own window: at the photo's edges that is the truth, inside it
+   the tile's unobserved border is covered by its neighbour.
 
 ``sample(method, obs, kernel, schedule, particles)`` is the caller's sampler (``api.run`` binds
 the prior, the generator, the M-step settings and the progress bar).
@@ -26,8 +28,9 @@ from torch import Tensor
 from .boundary import Frame
 from .crops import choose_crops
 from .observation import Observation
-from .samplers import SamplerOutput
-from .schedule import Schedule
+from .samplers import SamplerOutput, StepCallback
+from .schedule import Schedule, to_image
+from .step import EpsModel, StepConfig, plan_step, step_with_noise
 from .tiles import TileBlend, TilePlan
 
 Sampler = Callable[[str, Observation, Tensor, Schedule, int], SamplerOutput]
@@ -72,21 +75,51 @@ def estimate_on_crops(image: Tensor, sample: Sampler, method: str, kernel: Tenso
     return out.kernel, boxes
 
 
-def restore_tiles(image: Tensor, sample: Sampler, method: str, kernel: Tensor,
+def restore_tiles(image: Tensor, model: EpsModel, guidance: str, kernel: Tensor,
                   schedule: Schedule, plan: TilePlan, *, multiple: int, sigma: float,
-                  particles: int, max_batch: int) -> Tensor:
-    """Non-blind ``method`` with ``kernel`` over the tiles of ``plan``, ``max_batch //
-    particles`` tiles per call, blended. image: ``[3, H, W]`` on the
-    run's device. Returns ``[particles, 3, H, W]`` (on the device, float32)."""
+                  particles: int, max_batch: int, generator: torch.Generator, scale: float,
+                  before_batch: Callable[[Observation], None],
+                  callback: StepCallback) -> Tensor:
+    """Non-blind ``guidance`` (``"pigdm"``/``"dps"``) with ``kernel`` over the tiles of ``plan``,
+    all tiles in lockstep: one ``x_t`` on the canvas (``TileBlend`` with a border: the photo and
+    the tiles' grid borders), one noise draw on it per step; at every step each batch of
+    ``max_batch // particles`` tiles takes its grids from the canvas and the blend of their
+    ``x_{t−1}`` is the canvas's next state. Neighbours therefore share their state in the
+    overlap at every step and the final sample is one image: no tile ends as an independent
+    sample whose texture a final blend would average away. image: ``[3, H, W]`` on the run's
+    device. ``before_batch(obs)`` runs before each batch's step, ``callback(i, x0, kernel)``
+    after it. Returns ``[particles, 3, H, W]`` in [0, 1] (on the device, float32)."""
     frame = Frame.plan(plan.window_h, plan.window_w, kernel.shape[-1], multiple, "valid")
-    blend = TileBlend(plan, particles, image.shape[0], image.device)
-    indices = range(len(plan))
+    border = (frame.top, frame.left, frame.grid_h, frame.grid_w)
+    device = image.device
+    tables = schedule.tables(device, torch.float32)
+    config = StepConfig(guidance, None, scale)
     per_call = max(1, max_batch // particles)
-    for first in range(0, len(indices), per_call):
-        batch = indices[first : first + per_call]
-        obs = batched_observation(plan.windows(image, batch), frame, sigma, particles)
-        out = sample(method, obs, kernel, schedule, len(batch) * particles)
-        restored = frame.crop(out.particles).unflatten(0, (len(batch), particles))
-        for index, tile in zip(batch, restored, strict=True):
-            blend.add(index, tile)
-    return blend.result()
+    batches = [range(first, min(first + per_call, len(plan)))
+               for first in range(0, len(plan), per_call)]
+    canvas = (particles, image.shape[0], *TileBlend(plan, 1, 1, "meta", border).shape())
+    x = torch.randn(canvas, generator=generator, device=device)
+    index = torch.full((), len(tables) - 1, dtype=torch.int64, device=device)
+    for i in reversed(range(len(tables))):
+        noise = torch.randn(canvas, generator=generator, device=device)
+        blend = TileBlend(plan, particles, image.shape[0], device, border)
+        for batch in batches:
+            obs = batched_observation(plan.windows(image, batch), frame, sigma, particles)
+            before_batch(obs)
+            grids = [blend.box(tile) for tile in batch]
+            x_prev, _, x0 = step_with_noise(
+                model, plan_step(obs, tables, config), index, _grids(x, grids), kernel,
+                _grids(noise, grids))
+            for tile, grid in zip(batch, x_prev.unflatten(0, (len(batch), particles)),
+                                  strict=True):
+                blend.add(tile, grid)
+            callback(i, x0, kernel)
+        x = blend.result()
+        index.sub_(1)
+    photo = x[..., frame.top : frame.top + plan.height, frame.left : frame.left + plan.width]
+    return to_image(photo.clamp(-1.0, 1.0))
+
+
+def _grids(canvas: Tensor, boxes: list[tuple[int, int, int, int]]) -> Tensor:
+    """The boxes of ``canvas`` ``[n, C, H, W]`` stacked tile-major: ``[len(boxes)·n, C, h, w]``."""
+    return torch.cat([canvas[..., t : t + h, lf : lf + w] for t, lf, h, w in boxes])

@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -101,23 +102,58 @@ class TilePlan:
 
 
 class TileBlend:
-    """Accumulates restored tiles ``[n, C, window_h, window_w]`` into ``[n, C, H, W]`` (float32,
-    on ``device``), weighted by ``TilePlan.weight``."""
+    """Accumulates restored tiles into one image (float32, on ``device``), weighted by
+    ``TilePlan.weight``.
+
+    Without a ``border`` the tiles are the windows ``[n, C, window_h, window_w]`` and the image is
+    the photo ``[n, C, H, W]``. With ``border = (top, left, grid_h, grid_w)`` (where a
+    ``boundary.Frame`` puts a window on its computation grid) each tile is its whole grid, the
+    image is the *canvas*: the photo extended by the grids' borders, ``[n, C, H + grid_h −
+    window_h, W + grid_w − window_w]``, the photo at ``(top, left)``, so tile ``i``'s grid sits at
+    its window's own ``(top_i, left_i)``; a tile's weight continues its window's edge values into
+    its border (zero beside an inner edge, where the neighbour's weight takes over)."""
 
     def __init__(self, plan: TilePlan, particles: int, channels: int,
-                 device: torch.device | str = "cpu") -> None:
-        self.plan = plan
-        self.sum = torch.zeros(particles, channels, plan.height, plan.width, device=device)
-        self.total = torch.zeros(plan.height, plan.width, dtype=torch.float64, device=device)
+                 device: torch.device | str = "cpu",
+                 border: tuple[int, int, int, int] | None = None) -> None:
+        self.plan, self.border = plan, border
+        height, width = self.shape()
+        self.sum = torch.zeros(particles, channels, height, width, device=device)
+        self.total = torch.zeros(height, width, dtype=torch.float64, device=device)
+
+    def shape(self) -> tuple[int, int]:
+        """The blended image's ``(height, width)``: the photo's, or the canvas's."""
+        if self.border is None:
+            return self.plan.height, self.plan.width
+        _, _, grid_h, grid_w = self.border
+        return (self.plan.height + grid_h - self.plan.window_h,
+                self.plan.width + grid_w - self.plan.window_w)
+
+    def box(self, index: int) -> tuple[int, int, int, int]:
+        """``(top, left, height, width)`` of tile ``index`` in the blended image."""
+        top, left, height, width = self.plan.boxes()[index]
+        if self.border is None:
+            return top, left, height, width
+        return top, left, self.border[2], self.border[3]
+
+    def weight(self, index: int) -> Tensor:
+        """Tile ``index``'s weight ``[height, width]`` over its box (float64)."""
+        weight = self.plan.weight(index)
+        if self.border is None:
+            return weight
+        top, left, grid_h, grid_w = self.border
+        pads = (left, grid_w - self.plan.window_w - left, top, grid_h - self.plan.window_h - top)
+        return F.pad(weight[None, None], pads, mode="replicate")[0, 0]
 
     def add(self, index: int, tile: Tensor) -> None:
-        top, left, h, w = self.plan.boxes()[index]
-        weight = self.plan.weight(index).to(self.total.device)
+        top, left, h, w = self.box(index)
+        weight = self.weight(index).to(self.total.device)
         self.sum[..., top : top + h, left : left + w] += weight.float() * tile.to(self.sum)
         self.total[top : top + h, left : left + w] += weight
 
     def result(self) -> Tensor:
-        """The blend ``[n, C, H, W]``. Raises ``ValueError`` if a pixel got no weight."""
+        """The blend ``[n, C, height, width]``. Raises ``ValueError`` if a pixel got no
+        weight."""
         if not bool((self.total > 0).all()):
             raise ValueError("the tiles do not cover every pixel of the photo")
         return self.sum / self.total.float()

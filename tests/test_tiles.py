@@ -26,6 +26,24 @@ def test_plan_covers_every_pixel_with_weights_summing_to_one(shape):
                                atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(70, 100), (45, 210)])
+def test_canvas_blend_covers_the_grids_borders_with_weights_summing_to_one(shape):
+    """With a border (the tiles' whole grids), the weights still sum to 1 on every canvas pixel
+    and identical content comes back exactly."""
+    plan = TilePlan.plan(*shape, window=40, context=3, ramp=8)
+    border = (5, 7, plan.window_h + 11, plan.window_w + 13)  # top, left, grid_h, grid_w
+    blend = TileBlend(plan, 1, 1, border=border)
+    height, width = blend.shape()
+    assert (height, width) == (shape[0] + 11, shape[1] + 13)
+    canvas = torch.linspace(0, 1, height * width).reshape(1, 1, height, width)
+    for index in range(len(plan)):
+        top, left, h, w = blend.box(index)
+        assert (h, w) == border[2:]
+        blend.add(index, canvas[..., top : top + h, left : left + w])
+    torch.testing.assert_close(blend.total, torch.ones_like(blend.total), rtol=0, atol=1e-12)
+    torch.testing.assert_close(blend.result(), canvas, rtol=0, atol=1e-6)
+
+
 def test_weights_vanish_in_the_inner_context_and_reach_the_frame():
     plan = TilePlan.plan(100, 300, window=96, context=8, ramp=12)
     assert len(plan.tops) == 2 and len(plan.lefts) == 4
