@@ -161,6 +161,8 @@ class _Job:
         started = time.perf_counter()
         record = {"input": str(item.path), "sha256": item.sha256, "settings": self.key,
                   "status": "failed", "error": item.error, "rank": self.ranks.rank}
+        if item.sha256 is not None:  # a failed image keeps its names reserved (batch_plan)
+            record.update(output=item.output, kernel=item.kernel)
         if item.error is None:
             try:
                 record.update(self._restore(item))
@@ -195,7 +197,7 @@ def _plan(inputs: list[str | os.PathLike], out_dir: Path) -> tuple | str:
     each raises it)."""
     try:
         paths = expand_inputs(inputs, out_dir)
-        return plan_items(paths, latest_by_content(read_records(out_dir)))
+        return plan_items(paths, read_records(out_dir))
     except ValueError as err:
         return str(err)
 

@@ -273,3 +273,26 @@ def test_a_named_pipe_is_refused_not_read(tmp_path):
     os.mkfifo(tmp_path / "pipe.png")
     with pytest.raises(ValueError, match="not a regular file"):
         run_batch([tmp_path / "pipe.png"], tmp_path / "out", **SETTINGS)
+
+
+def test_a_name_stays_reserved_after_its_content_failed(tmp_path, monkeypatch):
+    """A is done as x0.png, then fails in a run with other settings: a new content B with the
+    same stem must not take x0.png (and overwrite A's result), and A keeps its name."""
+    a, = _photos(tmp_path / "a", 1, seed=1, stem="x")
+    b, = _photos(tmp_path / "b", 1, seed=2, stem="x")
+    out = tmp_path / "out"
+    assert run_batch([a], out, **SETTINGS).records[0]["output"] == "x0.png"
+    before = (out / "x0.png").read_bytes()
+    original = batch_module.run
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(batch_module, "run", failing)
+    failed = run_batch([a], out, seed=1, **SETTINGS)
+    assert failed.failed and failed.records[0]["output"] == "x0.png"
+    monkeypatch.setattr(batch_module, "run", original)
+    b_name = f"x0-{file_sha256(b)[:8]}.png"
+    assert run_batch([b], out, **SETTINGS).records[0]["output"] == b_name
+    assert (out / "x0.png").read_bytes() == before
+    assert run_batch([a], out, **SETTINGS).records[0]["output"] == "x0.png"
