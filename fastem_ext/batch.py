@@ -186,7 +186,7 @@ class _Job:
                      seed=s["seed"], device=self.device, progress=False,
                      boundary=s["boundary"], regularizer=s["regularizer"])
         output, kernel = self.out_dir / item.output, self.out_dir / item.kernel
-        commit_files({output: encode_image(output, result.image, loaded.bits),
+        commit_files({output: encode_image(output, result.image, loaded.bits, loaded.icc),
                       kernel: encode_kernel(kernel, result.kernel)})
         return {"sigma": result.info["sigma"], "sigma_estimated": result.info["sigma_estimated"],
                 "output": item.output, "kernel": item.kernel}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 
 import fastem_ext.batch as batch_module
 import fastem_ext.batch_plan as batch_plan
@@ -68,17 +68,23 @@ def test_batch_outputs_equal_single_deblur_runs(tmp_path):
     photos = _photos(tmp_path / "in", 2)
     grey = tmp_path / "in" / "grey.png"
     Image.fromarray(np.random.default_rng(5).integers(0, 256, (26, 20), np.uint8)).save(grey)
+    tagged = tmp_path / "in" / "tagged.png"  # its sRGB profile is kept, as deblur keeps it
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(np.random.default_rng(6).integers(0, 256, (22, 28, 3), np.uint8)).save(
+        tagged, icc_profile=srgb)
     out = tmp_path / "out"
     assert main(["batch", str(tmp_path / "in"), "-o", str(out), "--seed", "3", *FAST]) == 0
-    for photo in [*photos, grey]:
+    with Image.open(out / tagged.name) as restored:
+        assert restored.info.get("icc_profile") == srgb
+    for photo in [*photos, grey, tagged]:
         single, kernel = tmp_path / f"single_{photo.name}", tmp_path / f"{photo.stem}.npy"
         assert main(["deblur", str(photo), "-o", str(single), "--kernel-out", str(kernel),
                      "--seed", "3", *FAST]) == 0
         assert (out / photo.name).read_bytes() == single.read_bytes()
         np.testing.assert_array_equal(np.load(out / f"{photo.stem}.kernel.npy"), np.load(kernel))
     records = read_records(out)
-    assert [r["status"] for r in records] == ["ok"] * 3
-    assert {r["sha256"] for r in records} == {file_sha256(p) for p in [*photos, grey]}
+    assert [r["status"] for r in records] == ["ok"] * 4
+    assert {r["sha256"] for r in records} == {file_sha256(p) for p in [*photos, grey, tagged]}
     assert all(r["sigma_estimated"] and 0 < r["sigma"] < 0.5 for r in records)
 
 
