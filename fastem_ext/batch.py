@@ -133,10 +133,12 @@ class _Job:
         self.previous = latest_by_content(read_records(out_dir))
 
     def done(self, item: BatchItem) -> bool:
-        """Finished by an earlier run with these settings, its outputs still there."""
+        """Finished by an earlier run with these settings, its outputs still there and not
+        empty (a power loss may leave an ok line and empty files where the system did not
+        keep the renames' order)."""
         record = self.previous.get(item.sha256)
         return (record is not None and record["status"] == "ok" and record["settings"] == self.key
-                and all((self.out_dir / name).is_file()
+                and all(_non_empty_file(self.out_dir / name)
                         for name in (record["output"], record["kernel"])))
 
     def process(self, items: list[BatchItem], progress: bool) -> None:
@@ -200,6 +202,13 @@ def _plan(inputs: list[str | os.PathLike], out_dir: Path) -> tuple | str:
         return plan_items(paths, read_records(out_dir))
     except ValueError as err:
         return str(err)
+
+
+def _non_empty_file(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def _prepare_out_dir(out_dir: str | os.PathLike) -> Path:

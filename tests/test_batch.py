@@ -302,3 +302,16 @@ def test_a_name_stays_reserved_after_its_content_failed(tmp_path, monkeypatch):
     assert run_batch([b], out, **SETTINGS).records[0]["output"] == b_name
     assert (out / "x0.png").read_bytes() == before
     assert run_batch([a], out, **SETTINGS).records[0]["output"] == "x0.png"
+
+
+def test_an_empty_output_is_redone(tmp_path, counting_run):
+    """After a power loss an ok line may point at an empty file: it is not taken as done."""
+    _photos(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    run_batch([tmp_path / "in"], out, **SETTINGS)
+    good = (out / "p1.png").read_bytes()
+    (out / "p1.png").write_bytes(b"")
+    (out / "p0.kernel.npy").write_bytes(b"")
+    counter = counting_run()
+    assert run_batch([tmp_path / "in"], out, **SETTINGS).processed == 2 and counter.calls == 2
+    assert (out / "p1.png").read_bytes() == good
