@@ -315,3 +315,61 @@ def test_an_empty_output_is_redone(tmp_path, counting_run):
     counter = counting_run()
     assert run_batch([tmp_path / "in"], out, **SETTINGS).processed == 2 and counter.calls == 2
     assert (out / "p1.png").read_bytes() == good
+
+
+LARGE_OPTIONS = dict(working_size=64, crops=2, max_batch=4, tile_steps="5", fast=False,
+                     full_diffusion=True)
+
+
+def test_the_large_photo_options_reach_run_and_a_changed_one_is_redone(tmp_path, monkeypatch):
+    _photos(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    original, seen = batch_module.run, []
+
+    def recording(*args, **kwargs):
+        seen.append({name: kwargs[name] for name in LARGE_OPTIONS})
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(batch_module, "run", recording)
+    assert main(["batch", str(tmp_path / "in"), "-o", str(out), "--working-size", "64",
+                 "--crops", "2", "--max-batch", "4", "--tile-steps", "5", "--full-diffusion",
+                 *FAST]) == 0
+    assert seen == [LARGE_OPTIONS] * 2
+    assert run_batch([tmp_path / "in"], out, **LARGE_OPTIONS, **SETTINGS).processed == 0
+    for changed in ({"crops": 3}, {"max_batch": 8}, {"tile_steps": "6"},
+                    {"full_diffusion": False}, {"working_size": 96}):
+        options = {**LARGE_OPTIONS, **changed}
+        assert run_batch([tmp_path / "in"], out, **options, **SETTINGS).processed == 2
+        assert seen[-1] == options
+    assert len(seen) == 2 + 5 * 2
+
+
+def test_outputs_of_another_fastem_version_are_redone(tmp_path, monkeypatch, counting_run):
+    _photos(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    counter = counting_run()
+    run_batch([tmp_path / "in"], out, **SETTINGS)
+    assert run_batch([tmp_path / "in"], out, **SETTINGS).processed == 0
+
+    def missing(name):
+        raise batch_module.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(batch_module.importlib.metadata, "version", missing)
+    assert batch_module.fastem_version() == batch_module.UNKNOWN_VERSION
+    assert run_batch([tmp_path / "in"], out, **SETTINGS).processed == 2
+    assert counter.calls == 4
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"working_size": 16}, "working_size"),
+    ({"crops": 0}, "crops"),
+    ({"max_batch": 0}, "max_batch"),
+    ({"tile_steps": "zero"}, "steps"),
+    ({"fast": True, "full_diffusion": True}, "choose one"),
+    ({"fast": "yes"}, "fast"),
+])
+def test_large_photo_option_errors_raise_before_any_work(tmp_path, options, match):
+    _photos(tmp_path / "in", 1)
+    with pytest.raises(ValueError, match=match):
+        run_batch([tmp_path / "in"], tmp_path / "out", **{**SETTINGS, **options})
+    assert not (tmp_path / "out").exists() or _files(tmp_path / "out") == set()
