@@ -373,3 +373,13 @@ def test_large_photo_option_errors_raise_before_any_work(tmp_path, options, matc
     with pytest.raises(ValueError, match=match):
         run_batch([tmp_path / "in"], tmp_path / "out", **{**SETTINGS, **options})
     assert not (tmp_path / "out").exists() or _files(tmp_path / "out") == set()
+
+
+@pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
+def test_one_gpu_for_every_rank_is_refused(tmp_path, monkeypatch, device):
+    """Under torchrun an explicit cuda:N would put every process on the same GPU."""
+    _photos(tmp_path / "in", 1)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="every process"):
+        run_batch([tmp_path / "in"], tmp_path / "out", device=device, **SETTINGS)
