@@ -3,13 +3,15 @@
 One process loads the prior once and calls ``run()`` for each of its images with the same
 settings and the same seed, so an image's result is the one ``run()`` / ``fastem deblur`` gives
 alone. Each finished image is one manifest line (``manifest``); a rerun skips an input whose
-bytes and settings have an ``ok`` line and whose outputs exist, and redoes failed or changed
-ones. Under ``torchrun`` each process takes the inputs whose content hash modulo the world size
-is its rank, and rank 0 merges the processes' manifests once all have finished.
+bytes and settings (fastem version included) have an ``ok`` line and whose outputs exist, not
+empty, and redoes failed or changed ones. Under ``torchrun`` each process takes the inputs
+whose content hash modulo the world size is its rank, and rank 0 merges the processes'
+manifests once all have finished.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import sys
 import time
@@ -18,7 +20,15 @@ from pathlib import Path
 
 import torch
 
-from .api import BLIND, DEFAULT_STEPS, MAX_PARTICLES, resolve_device, run
+from .api import (
+    BLIND,
+    DEFAULT_STEPS,
+    MAX_CROPS,
+    MAX_PARTICLES,
+    _check_crops_path,
+    resolve_device,
+    run,
+)
 from .batch_plan import BatchItem, expand_inputs, plan_items
 from .boundary import BOUNDARIES
 from .checks import check_choice, check_int, check_sigma
@@ -38,6 +48,7 @@ from .priors import Prior, load_prior
 from .schedule import Schedule
 
 IMAGE_ERRORS = (ValueError, RuntimeError, OSError)  # one image fails; the job goes on
+UNKNOWN_VERSION = "unknown"  # the settings' version where the package metadata is missing
 
 
 @dataclass
@@ -64,17 +75,21 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
               sigma: float | None = None, *, method: str = "fastem-pigdm",
               prior: object = "natural", particles: int = 1, steps: str | int | None = None,
               kernel_size: int = 33, seed: int = 0, device: str | None = None,
-              boundary: str = "valid", regularizer: str = "pnp",
+              boundary: str = "valid", regularizer: str = "pnp", working_size: int = 256,
+              crops: int = 3, max_batch: int = 8, tile_steps: str | int | None = None,
+              fast: bool = False, full_diffusion: bool = False,
               progress: bool = True) -> BatchResult:
     """Deblur every image of ``inputs`` (files, folders, glob patterns) into ``out_dir``.
 
     For an input ``x.jpg``: ``out_dir/x.png`` (the restored image, 16-bit where the input is)
     and ``out_dir/x.kernel.npy`` (the ``[K, K]`` kernel); names that two inputs would share get
     a content-hash suffix (``batch_plan``). Every image gets the same ``seed`` and settings,
-    which are ``run()``'s (blind methods only); ``sigma=None`` estimates each image's noise
-    level. An image that cannot be read or restored (not an image, too small, NaN, a failed
-    run) is recorded as failed and the job goes on; errors of the settings or the inputs'
-    paths raise ``ValueError`` before any work. ``progress``: a bar over this process's images
+    which are ``run()``'s (blind methods only; ``working_size`` … ``full_diffusion``: the crops
+    + tiles path of photos larger than ``working_size``); ``sigma=None`` estimates each
+    image's noise level. A rerun redoes an image whose settings or fastem version differ. An
+    image that cannot be read or restored (not an image, too small, NaN, a failed run) is
+    recorded as failed and the job goes on; errors of the settings or the inputs' paths raise
+    ``ValueError`` before any work. ``progress``: a bar over this process's images
     (rate, time left; under ``torchrun`` rank 0's only) and a line per failure on stderr.
     Ctrl-C stops after the outputs of the finished images; nothing partial is written.
     """
@@ -89,8 +104,29 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
         "boundary": check_choice("boundary", boundary, BOUNDARIES),
         "regularizer": check_choice("regularizer", regularizer, REGULARIZERS),
         "sigma": None if sigma is None else check_sigma("sigma", sigma),
+        "working_size": check_int("working_size", working_size, low=32),
+        "crops": check_int("crops", crops, low=1, high=MAX_CROPS),
+        "max_batch": check_int("max_batch", max_batch, low=1, high=MAX_PARTICLES),
+        "tile_steps": None if tile_steps is None else str(tile_steps),
+        "fast": fast,
+        "full_diffusion": full_diffusion,
+        "version": fastem_version(),
     }
-    Schedule(settings["steps"])  # a bad respacing is an error of the job, not of each image
+    # errors that every image would raise are errors of the job, not of each image
+    Schedule(settings["steps"])
+    if tile_steps is not None:
+        Schedule(settings["tile_steps"])
+    for name, flag in (("fast", fast), ("full_diffusion", full_diffusion)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    if fast and full_diffusion:
+        raise ValueError("fast=True restores the frame by deconvolution, full_diffusion=True by "
+                         "one diffusion run over it: choose one")
+    if fast:  # every image takes the crops path
+        if settings["boundary"] != "valid":
+            raise ValueError("fast=True works on real photos: it needs boundary='valid'")
+        _check_crops_path(method, settings["kernel_size"], settings["working_size"],
+                          settings["crops"], settings["particles"], settings["max_batch"], fast)
     ranks = ranks_from_env()
     device = resolve_device(rank_device(device, ranks))
     with ProcessGroup(ranks, device) as group:
@@ -133,10 +169,12 @@ class _Job:
         self.previous = latest_by_content(read_records(out_dir))
 
     def done(self, item: BatchItem) -> bool:
-        """Finished by an earlier run with these settings, its outputs still there."""
+        """Finished by an earlier run with these settings, its outputs still there and not
+        empty (a power loss may leave an ok line and empty files where the system did not
+        keep the renames' order)."""
         record = self.previous.get(item.sha256)
         return (record is not None and record["status"] == "ok" and record["settings"] == self.key
-                and all((self.out_dir / name).is_file()
+                and all(_non_empty_file(self.out_dir / name)
                         for name in (record["output"], record["kernel"])))
 
     def process(self, items: list[BatchItem], progress: bool) -> None:
@@ -161,6 +199,8 @@ class _Job:
         started = time.perf_counter()
         record = {"input": str(item.path), "sha256": item.sha256, "settings": self.key,
                   "status": "failed", "error": item.error, "rank": self.ranks.rank}
+        if item.sha256 is not None:  # a failed image keeps its names reserved (batch_plan)
+            record.update(output=item.output, kernel=item.kernel)
         if item.error is None:
             try:
                 record.update(self._restore(item))
@@ -182,9 +222,12 @@ class _Job:
         result = run(loaded.image, s["sigma"], method=s["method"], prior=self.prior,
                      particles=s["particles"], steps=s["steps"], kernel_size=s["kernel_size"],
                      seed=s["seed"], device=self.device, progress=False,
-                     boundary=s["boundary"], regularizer=s["regularizer"])
+                     boundary=s["boundary"], regularizer=s["regularizer"],
+                     working_size=s["working_size"], crops=s["crops"], max_batch=s["max_batch"],
+                     tile_steps=s["tile_steps"], fast=s["fast"],
+                     full_diffusion=s["full_diffusion"])
         output, kernel = self.out_dir / item.output, self.out_dir / item.kernel
-        commit_files({output: encode_image(output, result.image, loaded.bits),
+        commit_files({output: encode_image(output, result.image, loaded.bits, loaded.icc),
                       kernel: encode_kernel(kernel, result.kernel)})
         return {"sigma": result.info["sigma"], "sigma_estimated": result.info["sigma_estimated"],
                 "output": item.output, "kernel": item.kernel}
@@ -195,9 +238,25 @@ def _plan(inputs: list[str | os.PathLike], out_dir: Path) -> tuple | str:
     each raises it)."""
     try:
         paths = expand_inputs(inputs, out_dir)
-        return plan_items(paths, latest_by_content(read_records(out_dir)))
+        return plan_items(paths, read_records(out_dir))
     except ValueError as err:
         return str(err)
+
+
+def fastem_version() -> str:
+    """The installed fastem's version, part of the settings hash (so a new version redoes the
+    outputs); ``UNKNOWN_VERSION`` where the package metadata is missing (a bare checkout)."""
+    try:
+        return importlib.metadata.version("fastem")
+    except importlib.metadata.PackageNotFoundError:
+        return UNKNOWN_VERSION
+
+
+def _non_empty_file(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def _prepare_out_dir(out_dir: str | os.PathLike) -> Path:

@@ -2,10 +2,11 @@
 hash, its output names in ``OUT_DIR`` and its shard.
 
 Output names are flat: ``x.png`` → ``OUT_DIR/x.png`` and ``OUT_DIR/x.kernel.npy``. A name stays
-with one content for good: an input keeps the name an earlier run gave the same bytes (the
-manifest says which); a new input takes its stem unless another content of the job or of the
-manifest has it (compared case-insensitively), and then ``{stem}-{first 8 hex digits of its
-SHA-256}``. Inputs with the same bytes are one image, processed once.
+with one content for good: an input keeps the first name an earlier run gave the same bytes,
+whether that run succeeded or failed (the manifest says which); a new input takes its stem
+unless another content of the job or any record of the manifest has it (compared
+case-insensitively), and then ``{stem}-{first 8 hex digits of its SHA-256}``. Inputs with the
+same bytes are one image, processed once.
 """
 
 from __future__ import annotations
@@ -90,11 +91,11 @@ def expand_inputs(specs: Sequence[str | os.PathLike], out_dir: Path) -> list[Pat
     return list(found.values())
 
 
-def plan_items(paths: list[Path], previous: dict[str, dict]) -> tuple[list[BatchItem],
-                                                                     dict[Path, Path]]:
+def plan_items(paths: list[Path], previous: list[dict]) -> tuple[list[BatchItem],
+                                                               dict[Path, Path]]:
     """The job's items (one per distinct content, plus unreadable files) and the duplicates
-    (``{input: the input with the same bytes that is processed}``). previous: the latest
-    manifest record of each content hash (``manifest.latest_by_content``)."""
+    (``{input: the input with the same bytes that is processed}``). previous: every manifest
+    record, oldest first (``manifest.read_records``)."""
     hashed: dict[str, Path] = {}
     duplicates: dict[Path, Path] = {}
     unreadable: list[BatchItem] = []
@@ -108,16 +109,30 @@ def plan_items(paths: list[Path], previous: dict[str, dict]) -> tuple[list[Batch
             duplicates[path] = hashed[sha]
         else:
             hashed[sha] = path
-    taken = {Path(record["output"]).stem.casefold(): sha for sha, record in previous.items()
-             if record["output"]}
-    names = {sha: Path(previous[sha]["output"]).stem for sha in hashed
-             if sha in previous and previous[sha]["output"]}
+    taken, names = _reserved_names(previous)
     for sha, path in hashed.items():
         if sha not in names:
             names[sha] = _free_name(path.stem, sha, taken)
             taken[names[sha].casefold()] = sha
     items = [BatchItem(path, sha, names[sha]) for sha, path in hashed.items()]
     return items + unreadable, duplicates
+
+
+def _reserved_names(records: list[dict]) -> tuple[dict[str, str], dict[str, str]]:
+    """``({casefolded name: the content that first held it}, {content: its first name})`` from
+    every record that ever named outputs, ok or failed: a name is never given to another
+    content, and a content keeps its first name."""
+    taken: dict[str, str] = {}
+    names: dict[str, str] = {}
+    for record in records:
+        sha, output = record["sha256"], record["output"]
+        if sha is None or not output:
+            continue
+        stem = Path(output).stem
+        owner = taken.setdefault(stem.casefold(), sha)
+        if owner == sha:
+            names.setdefault(sha, stem)
+    return taken, names
 
 
 def _free_name(stem: str, sha: str, taken: dict[str, str]) -> str:

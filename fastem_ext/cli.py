@@ -60,6 +60,28 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _large_photos(parser: argparse.ArgumentParser) -> None:
+    """The options of issue 16's crops + tiles path, shared by ``deblur`` and ``batch``."""
+    large = parser.add_argument_group(
+        "large photos", "above --working-size on either side: the kernel from crops, the frame "
+        "in tiles (or by --fast deconvolution)")
+    large.add_argument("--working-size", type=int, default=256,
+                       help="side of one crop or tile's grid, in pixels (default 256)")
+    large.add_argument("--crops", type=int, default=3,
+                       help="crops the kernel is estimated on (default 3)")
+    large.add_argument("--max-batch", type=int, default=8,
+                       help="tiles × particles per network call: bounds the memory (default 8)")
+    large.add_argument("--tile-steps", default=None,
+                       help="diffusion steps of the non-blind tile pass (default 25 for "
+                       "ΠGDM, 1000 for DPS)")
+    large.add_argument("--fast", action="store_true",
+                       help="restore the frame by TV deconvolution with the estimated kernel "
+                       "instead of the tiles (a preview: the deconvolution takes seconds, after "
+                       "the crops' blind runs)")
+    large.add_argument("--full-diffusion", action="store_true",
+                       help="one diffusion run over the whole photo, whatever its size")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastem", description=DESCRIPTION,
                                      epilog="Exit codes: 0 done, 2 bad input or failed run, "
@@ -85,24 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     deblur.add_argument("--boundary", choices=BOUNDARIES, default="valid",
                         help="valid (default: real photos, no wrap-around) or circular "
                         "(synthetic data blurred circularly)")
-    large = deblur.add_argument_group(
-        "large photos", "above --working-size on either side: the kernel from crops, the frame "
-        "in tiles (or by --fast deconvolution)")
-    large.add_argument("--working-size", type=int, default=256,
-                       help="side of one crop or tile's grid, in pixels (default 256)")
-    large.add_argument("--crops", type=int, default=3,
-                       help="crops the kernel is estimated on (default 3)")
-    large.add_argument("--max-batch", type=int, default=8,
-                       help="tiles × particles per network call: bounds the memory (default 8)")
-    large.add_argument("--tile-steps", default=None,
-                       help="diffusion steps of the non-blind tile pass (default 25 for "
-                       "ΠGDM, 1000 for DPS)")
-    large.add_argument("--fast", action="store_true",
-                       help="restore the frame by TV deconvolution with the estimated kernel "
-                       "instead of the tiles (a preview: the deconvolution takes seconds, after "
-                       "the crops' blind runs)")
-    large.add_argument("--full-diffusion", action="store_true",
-                       help="one diffusion run over the whole photo, whatever its size")
+    _large_photos(deblur)
     _common(deblur)
     batch = commands.add_parser(
         "batch", help="deblur many photos into a folder: resumable, runs under torchrun",
@@ -119,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "estimated per image)")
     batch.add_argument("--boundary", choices=BOUNDARIES, default="valid",
                        help="valid (default) or circular")
+    _large_photos(batch)
     _common(batch)
     demo = commands.add_parser("demo", help="blur a sample, restore it, write a comparison PNG")
     demo.add_argument("image", nargs="?", default=None,
@@ -250,7 +256,9 @@ def _batch(args: argparse.Namespace) -> int:
                        prior=args.prior, particles=args.particles, steps=args.steps,
                        kernel_size=args.kernel_size, seed=args.seed, device=args.device,
                        boundary=args.boundary, regularizer=args.regularizer,
-                       progress=not args.quiet)
+                       working_size=args.working_size, crops=args.crops,
+                       max_batch=args.max_batch, tile_steps=args.tile_steps, fast=args.fast,
+                       full_diffusion=args.full_diffusion, progress=not args.quiet)
     if ranks_from_env().rank != 0:
         return 0
     total, failed = len(result.records), result.failed

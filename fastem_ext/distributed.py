@@ -48,7 +48,13 @@ def ranks_from_env() -> Ranks:
 
 def rank_device(requested: str | None, ranks: Ranks) -> str | None:
     """The device of this process: ``cuda:LOCAL_RANK`` where CUDA is present and ``requested`` is
-    ``None`` or ``cuda`` without an index; otherwise ``requested`` as given."""
+    ``None`` or ``cuda`` without an index; otherwise ``requested`` as given. A ``cuda:N`` under
+    ``torchrun`` with more than one process is refused: every process would use that one GPU."""
+    if (ranks.world_size > 1 and isinstance(requested, str)
+            and requested.strip().lower().startswith("cuda:")):
+        raise ValueError(f"--device {requested}: under torchrun (WORLD_SIZE={ranks.world_size}) "
+                         "every process would use that one GPU; give --device cuda (each "
+                         "process on cuda:LOCAL_RANK) or no --device")
     if requested in (None, "cuda") and torch.cuda.is_available():
         return f"cuda:{ranks.local_rank}"
     return requested

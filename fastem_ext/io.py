@@ -287,8 +287,10 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def commit_files(files: dict[Path, bytes]) -> None:
     """Write several files as one: every file goes to a temporary file beside its destination
-    first, and only when all are written are they renamed into place, so a failure or Ctrl-C
-    while writing leaves every destination as it was. A symlinked destination is written
+    first, and only when all are written (and fsynced) are they renamed into place, so a
+    failure or Ctrl-C while writing leaves every destination as it was, and a renamed file's
+    bytes are on disk before its name (the folders are fsynced after the renames, where
+    supported). A symlinked destination is written
     through (its target is replaced); a replaced file keeps its permissions, a new one gets
     those a plain ``open()`` would give."""
     staged: list[tuple[str, Path]] = []
@@ -305,6 +307,8 @@ def commit_files(files: dict[Path, bytes]) -> None:
             staged.append((tmp, target))
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())  # on disk before its name can point at it
             os.chmod(tmp, _mode_for(target))
         for tmp, target in staged:
             os.replace(tmp, target)
@@ -312,6 +316,23 @@ def commit_files(files: dict[Path, bytes]) -> None:
         for tmp, _ in staged:
             Path(tmp).unlink(missing_ok=True)
         raise
+    for folder in dict.fromkeys(target.parent for _, target in staged):
+        _fsync_folder(folder)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the renames in ``folder`` durable where the system allows a folder to be fsynced
+    (not on Windows, nor on some network file systems)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _mode_for(target: Path) -> int:

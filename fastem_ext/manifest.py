@@ -8,7 +8,8 @@ folder and skips a malformed line (the truncated last line of a killed writer); 
 the rank files into ``manifest.jsonl`` atomically. A record (``dict``) has the keys of
 ``RECORD_KEYS``: ``input`` (path), ``sha256`` (of the input file's bytes, ``None`` if it could
 not be read), ``settings`` (``settings_hash``), ``status`` (``ok`` or ``failed``), ``sigma``
-([0, 1] units) and ``sigma_estimated``, ``output`` and ``kernel`` (file names in ``OUT_DIR``),
+([0, 1] units) and ``sigma_estimated``, ``output`` and ``kernel`` (file names in ``OUT_DIR``;
+a failed record has the names planned for it, which stay reserved; ``None`` if unreadable),
 ``seconds`` (wall time of the image), ``error`` (the reason of a failure), ``rank`` and
 ``finished`` (Unix time, s).
 """

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 
 import fastem_ext.batch as batch_module
 import fastem_ext.batch_plan as batch_plan
@@ -68,17 +68,23 @@ def test_batch_outputs_equal_single_deblur_runs(tmp_path):
     photos = _photos(tmp_path / "in", 2)
     grey = tmp_path / "in" / "grey.png"
     Image.fromarray(np.random.default_rng(5).integers(0, 256, (26, 20), np.uint8)).save(grey)
+    tagged = tmp_path / "in" / "tagged.png"  # its sRGB profile is kept, as deblur keeps it
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(np.random.default_rng(6).integers(0, 256, (22, 28, 3), np.uint8)).save(
+        tagged, icc_profile=srgb)
     out = tmp_path / "out"
     assert main(["batch", str(tmp_path / "in"), "-o", str(out), "--seed", "3", *FAST]) == 0
-    for photo in [*photos, grey]:
+    with Image.open(out / tagged.name) as restored:
+        assert restored.info.get("icc_profile") == srgb
+    for photo in [*photos, grey, tagged]:
         single, kernel = tmp_path / f"single_{photo.name}", tmp_path / f"{photo.stem}.npy"
         assert main(["deblur", str(photo), "-o", str(single), "--kernel-out", str(kernel),
                      "--seed", "3", *FAST]) == 0
         assert (out / photo.name).read_bytes() == single.read_bytes()
         np.testing.assert_array_equal(np.load(out / f"{photo.stem}.kernel.npy"), np.load(kernel))
     records = read_records(out)
-    assert [r["status"] for r in records] == ["ok"] * 3
-    assert {r["sha256"] for r in records} == {file_sha256(p) for p in [*photos, grey]}
+    assert [r["status"] for r in records] == ["ok"] * 4
+    assert {r["sha256"] for r in records} == {file_sha256(p) for p in [*photos, grey, tagged]}
     assert all(r["sigma_estimated"] and 0 < r["sigma"] < 0.5 for r in records)
 
 
@@ -273,3 +279,107 @@ def test_a_named_pipe_is_refused_not_read(tmp_path):
     os.mkfifo(tmp_path / "pipe.png")
     with pytest.raises(ValueError, match="not a regular file"):
         run_batch([tmp_path / "pipe.png"], tmp_path / "out", **SETTINGS)
+
+
+def test_a_name_stays_reserved_after_its_content_failed(tmp_path, monkeypatch):
+    """A is done as x0.png, then fails in a run with other settings: a new content B with the
+    same stem must not take x0.png (and overwrite A's result), and A keeps its name."""
+    a, = _photos(tmp_path / "a", 1, seed=1, stem="x")
+    b, = _photos(tmp_path / "b", 1, seed=2, stem="x")
+    out = tmp_path / "out"
+    assert run_batch([a], out, **SETTINGS).records[0]["output"] == "x0.png"
+    before = (out / "x0.png").read_bytes()
+    original = batch_module.run
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(batch_module, "run", failing)
+    failed = run_batch([a], out, seed=1, **SETTINGS)
+    assert failed.failed and failed.records[0]["output"] == "x0.png"
+    monkeypatch.setattr(batch_module, "run", original)
+    b_name = f"x0-{file_sha256(b)[:8]}.png"
+    assert run_batch([b], out, **SETTINGS).records[0]["output"] == b_name
+    assert (out / "x0.png").read_bytes() == before
+    assert run_batch([a], out, **SETTINGS).records[0]["output"] == "x0.png"
+
+
+def test_an_empty_output_is_redone(tmp_path, counting_run):
+    """After a power loss an ok line may point at an empty file: it is not taken as done."""
+    _photos(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    run_batch([tmp_path / "in"], out, **SETTINGS)
+    good = (out / "p1.png").read_bytes()
+    (out / "p1.png").write_bytes(b"")
+    (out / "p0.kernel.npy").write_bytes(b"")
+    counter = counting_run()
+    assert run_batch([tmp_path / "in"], out, **SETTINGS).processed == 2 and counter.calls == 2
+    assert (out / "p1.png").read_bytes() == good
+
+
+LARGE_OPTIONS = dict(working_size=64, crops=2, max_batch=4, tile_steps="5", fast=False,
+                     full_diffusion=True)
+
+
+def test_the_large_photo_options_reach_run_and_a_changed_one_is_redone(tmp_path, monkeypatch):
+    _photos(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    original, seen = batch_module.run, []
+
+    def recording(*args, **kwargs):
+        seen.append({name: kwargs[name] for name in LARGE_OPTIONS})
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(batch_module, "run", recording)
+    assert main(["batch", str(tmp_path / "in"), "-o", str(out), "--working-size", "64",
+                 "--crops", "2", "--max-batch", "4", "--tile-steps", "5", "--full-diffusion",
+                 *FAST]) == 0
+    assert seen == [LARGE_OPTIONS] * 2
+    assert run_batch([tmp_path / "in"], out, **LARGE_OPTIONS, **SETTINGS).processed == 0
+    for changed in ({"crops": 3}, {"max_batch": 8}, {"tile_steps": "6"},
+                    {"full_diffusion": False}, {"working_size": 96}):
+        options = {**LARGE_OPTIONS, **changed}
+        assert run_batch([tmp_path / "in"], out, **options, **SETTINGS).processed == 2
+        assert seen[-1] == options
+    assert len(seen) == 2 + 5 * 2
+
+
+def test_outputs_of_another_fastem_version_are_redone(tmp_path, monkeypatch, counting_run):
+    _photos(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    counter = counting_run()
+    run_batch([tmp_path / "in"], out, **SETTINGS)
+    assert run_batch([tmp_path / "in"], out, **SETTINGS).processed == 0
+
+    def missing(name):
+        raise batch_module.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(batch_module.importlib.metadata, "version", missing)
+    assert batch_module.fastem_version() == batch_module.UNKNOWN_VERSION
+    assert run_batch([tmp_path / "in"], out, **SETTINGS).processed == 2
+    assert counter.calls == 4
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"working_size": 16}, "working_size"),
+    ({"crops": 0}, "crops"),
+    ({"max_batch": 0}, "max_batch"),
+    ({"tile_steps": "zero"}, "steps"),
+    ({"fast": True, "full_diffusion": True}, "choose one"),
+    ({"fast": "yes"}, "fast"),
+])
+def test_large_photo_option_errors_raise_before_any_work(tmp_path, options, match):
+    _photos(tmp_path / "in", 1)
+    with pytest.raises(ValueError, match=match):
+        run_batch([tmp_path / "in"], tmp_path / "out", **{**SETTINGS, **options})
+    assert not (tmp_path / "out").exists() or _files(tmp_path / "out") == set()
+
+
+@pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
+def test_one_gpu_for_every_rank_is_refused(tmp_path, monkeypatch, device):
+    """Under torchrun an explicit cuda:N would put every process on the same GPU."""
+    _photos(tmp_path / "in", 1)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="every process"):
+        run_batch([tmp_path / "in"], tmp_path / "out", device=device, **SETTINGS)

@@ -1,3 +1,4 @@
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -251,3 +252,31 @@ def test_a_profile_of_another_colour_space_is_dropped(tmp_path):
     grey.write_bytes(encode_image(grey, image[:1], 8, srgb))  # an RGB profile on a grey image
     with Image.open(grey) as img:
         assert img.info.get("icc_profile") is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fds through /proc")
+def test_committed_files_are_on_disk_before_they_are_renamed(tmp_path, monkeypatch):
+    """Each temporary file is fsynced before any rename, so after a power loss a renamed name
+    never points at an empty file; the folders are fsynced after the renames."""
+    import fastem_ext.io as io_module
+
+    events = []
+    fsync, replace = io_module.os.fsync, io_module.os.replace
+
+    def logged_fsync(fd):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name))
+        fsync(fd)
+
+    def logged_replace(src, dst):
+        events.append(("replace", Path(src).name))
+        replace(src, dst)
+
+    monkeypatch.setattr(io_module.os, "fsync", logged_fsync)
+    monkeypatch.setattr(io_module.os, "replace", logged_replace)
+    commit_files({tmp_path / "a.png": b"a", tmp_path / "b.npy": b"b"})
+    temporaries = [name for kind, name in events if kind == "replace"]
+    assert len(temporaries) == 2
+    first_replace = events.index(("replace", temporaries[0]))
+    assert {("fsync", name) for name in temporaries} <= set(events[:first_replace])
+    assert events[-1] == ("fsync", tmp_path.name)
+    assert (tmp_path / "a.png").read_bytes() == b"a"
