@@ -38,9 +38,11 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +55,9 @@ from .api import (
     DEFAULT_STEPS,
     MAX_GUIDANCE_SCALE,
     MAX_PARTICLES,
+    WORKING_SIZE,
     Result,
+    check_finite_result,
     mstep_config,
     resolve_device,
 )
@@ -84,6 +88,11 @@ CHANNELS = 3  # the network's; a grey photo is repeated on the three
 MAX_SIDE = 8192
 
 
+class WholeImageWarning(UserWarning):
+    """``export`` of a photo size above ``run()``'s working size: the package runs the
+    whole-image diffusion (``run(..., full_diffusion=True)``), not the crops + tiles path."""
+
+
 @dataclass(frozen=True)
 class ExportSettings:
     """What one package is compiled for (``export``'s arguments, checked)."""
@@ -112,7 +121,10 @@ def export(path: str | os.PathLike, height: int, width: int, *, prior: str = "na
     The settings are ``run()``'s (same names, same defaults; ``method`` one of
     ``EXPORT_METHODS``), its whole-image run (``full_diffusion=True``: a larger photo's default
     crops + tiles path is not exported); ``prior`` is a name or a weights path (not a module:
-    the package records it by name). Takes minutes for the natural prior on a CPU. The folder
+    the package records it by name; the manifest's ``"path"`` is ``"whole image"``). A photo
+    larger than ``run()``'s working size (``api.WORKING_SIZE``) on either side gets a
+    ``UserWarning``: the package then matches ``run(..., full_diffusion=True)``, not ``run()``'s
+    default crops + tiles path. Takes minutes for the natural prior on a CPU. The folder
     appears only when complete. Returns the manifest, with ``export_seconds``.
     """
     started = time.perf_counter()
@@ -125,6 +137,11 @@ def export(path: str | os.PathLike, height: int, width: int, *, prior: str = "na
                               steps=steps, kernel_size=kernel_size, boundary=boundary,
                               regularizer=regularizer, r2=r2, guidance_scale=guidance_scale,
                               device=device)
+    if max(manifest["height"], manifest["width"]) > WORKING_SIZE:
+        warnings.warn(f"a {manifest['height']}x{manifest['width']} package runs the whole-image "
+                      "diffusion: it matches run(..., full_diffusion=True), not run()'s default "
+                      f"crops + tiles path for photos larger than {WORKING_SIZE} pixels on a side",
+                      WholeImageWarning, stacklevel=2)
     from torch._inductor import aoti_compile_and_package  # heavy: on use only
 
     staging = Path(tempfile.mkdtemp(prefix=".fastem-", dir=target.parent))
@@ -244,7 +261,8 @@ def _manifest(settings: ExportSettings, frame: Frame, schedule: Schedule,
     return {
         "format": FORMAT, "torch_version": torch.__version__,
         "fastem_version": importlib.metadata.version("fastem"),
-        "device": settings.device.type, "prior": settings.prior, "method": settings.method,
+        "device": settings.device.type, "path": "whole image",
+        "prior": settings.prior, "method": settings.method,
         "particles": settings.particles, "steps": len(schedule), "steps_spec": settings.steps,
         "kernel_size": settings.kernel_size, "boundary": settings.boundary,
         "regularizer": settings.regularizer, "r2": settings.r2,
@@ -269,11 +287,20 @@ def _metadata(manifest: dict[str, Any]) -> dict[str, str]:
     return {key: text(value) for key, value in manifest.items()}
 
 
+def torch_release(version: str) -> str:
+    """The release part ``major.minor.patch`` of a version string, without a local part
+    (``+cpu``) or a pre-release or development suffix (``a0``, ``.dev20250101``): packages are
+    accepted by torch release, by this rule on both sides (C++: ``csrc/api/fastem.cpp``)."""
+    match = re.match(r"\d+(?:\.\d+){0,2}", version)
+    return match.group(0) if match else ""
+
+
 def load_package(path: str | os.PathLike) -> Package:
     """Load the package folder ``path`` (``export``'s output) on its device.
 
-    ``ValueError`` for a folder that is not a package, one made by another torch version
-    (naming both), or a device this machine lacks.
+    ``ValueError`` for a folder that is not a package, one made by another torch release
+    (``torch_release``: major.minor.patch; naming both full versions), or a device this
+    machine lacks.
     """
     folder = Path(path)
     manifest_path, step_path = folder / MANIFEST_FILE, folder / STEP_FILE
@@ -286,7 +313,7 @@ def load_package(path: str | os.PathLike) -> Package:
         raise ValueError(f"bad package manifest {manifest_path}: {err}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"bad package manifest {manifest_path}: format is not {FORMAT}")
-    if manifest.get("torch_version") != torch.__version__:
+    if torch_release(str(manifest.get("torch_version"))) != torch_release(torch.__version__):
         raise ValueError(f"package {folder} was made by torch {manifest.get('torch_version')}; "
                          f"this is torch {torch.__version__}: export it again with this version")
     resolve_device(manifest["device"])
@@ -338,6 +365,7 @@ class Package:
             noise = torch.randn(shape, generator=generator, device=self.device)
             step = torch.tensor(i, device=self.device)
             x, kernel = self._step(x, kernel, step, noise, y, mask, sigma_t)
+        check_finite_result(x, kernel, m["guidance_scale"])  # as run(): no NaN or inf leaves
         restored = frame.crop(to_image(x.clamp(-1.0, 1.0)))
         if image.shape[0] == 1:
             restored = restored.mean(dim=1, keepdim=True)

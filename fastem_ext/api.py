@@ -38,6 +38,7 @@ BLIND = ("fastem-pigdm", "fastem-dps", "diffem-pigdm")
 DEFAULT_STEPS = {"fastem-pigdm": "100", "fastem-dps": "1000", "diffem-pigdm": "100",
                  "pigdm": "100", "dps": "1000"}
 MAX_PARTICLES = 256
+WORKING_SIZE = 256  # run()'s default working_size: larger photos take the crops + tiles path
 MAX_ROUNDS = 100  # Diffusion EM's full runs (10 by default)
 MAX_GUIDANCE_SCALE = 100.0  # far beyond any useful value; larger ones overflow the update
 ENGINES = ("auto", "fast", "reference")
@@ -68,7 +69,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         regularizer: str = "pnp", rounds: int = 10, r2: str = "reference",
         guidance_scale: float = 1.0, engine: str = "auto", precision: str = "bf16",
         compile: bool = False, mstep: HQSConfig | None = None,
-        callback: StepCallback | None = None, working_size: int = 256, crops: int = 3,
+        callback: StepCallback | None = None, working_size: int = WORKING_SIZE, crops: int = 3,
         max_batch: int = 8, tile_steps: str | int | None = None, fast: bool = False,
         full_diffusion: bool = False) -> Result:
     """Blind (or non-blind) deblurring of one photo.
@@ -391,8 +392,14 @@ def _probe_prior(prior: Prior, shape: tuple[int, ...], schedule: Schedule,
 
 def _check_finite(out: SamplerOutput, guidance_scale: float) -> None:
     """No NaN or inf leaves ``run()``: say which stage produced it."""
-    _check_kernel_finite(out.kernel)
-    if not bool(torch.isfinite(out.particles).all()):
+    check_finite_result(out.particles, out.kernel, guidance_scale)
+
+
+def check_finite_result(particles: Tensor, kernel: Tensor, guidance_scale: float) -> None:
+    """``RuntimeError`` naming the stage when the sampled ``particles`` or the ``kernel`` hold
+    NaN or inf (``run()``'s check; ``aot.Package.run`` makes it too)."""
+    _check_kernel_finite(kernel)
+    if not bool(torch.isfinite(particles).all()):
         raise RuntimeError(
             "sampling produced NaN or infinite values (the prior's output or the guidance "
             f"diverged during the run; guidance_scale={guidance_scale:g}); nothing was returned"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -276,12 +277,23 @@ def _batch(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .aot import export
+    from .aot import WholeImageWarning, export
 
     height, width = _size(args.size)
-    manifest = export(args.output, height, width, prior=args.prior, method=args.method,
-                      particles=args.particles, steps=args.steps, kernel_size=args.kernel_size,
-                      boundary=args.boundary, regularizer=args.regularizer, device=args.device)
+    with warnings.catch_warnings():  # export's own warning as one line, as the CLI's errors
+        shown = warnings.showwarning
+
+        def show(message, category, *args, **kwargs):
+            if issubclass(category, WholeImageWarning):
+                print(f"fastem: warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        manifest = export(args.output, height, width, prior=args.prior, method=args.method,
+                          particles=args.particles, steps=args.steps,
+                          kernel_size=args.kernel_size, boundary=args.boundary,
+                          regularizer=args.regularizer, device=args.device)
     megabytes = sum(f.stat().st_size for f in Path(args.output).iterdir()) / 1e6
     print(f"{args.output}: {manifest['method']}, prior {manifest['prior']}, {height}x{width}, "
           f"{manifest['steps']} steps, {manifest['device']}: {megabytes:.1f} MB, exported in "

@@ -123,6 +123,8 @@ def _pil_array(img, name: str) -> np.ndarray:
         return array.astype(np.uint8 if high <= 255 else np.uint16)
     if img.mode == "F":
         return np.asarray(img, dtype=np.float32)
+    if img.mode == "1":  # 1-bit: grey, one channel (as libpng expands it in fastem_deblur)
+        img = img.convert("L")
     if img.mode not in ("L", "RGB", "LA", "RGBA"):
         img = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info
                           else "RGB")

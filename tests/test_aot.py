@@ -12,6 +12,7 @@ import torch
 from ops_helpers import NO_EXT
 
 from fastem_ext import aot, run
+from fastem_ext.api import WORKING_SIZE
 from fastem_ext.cli import main
 
 SETTINGS = dict(prior="gaussian", steps="5", kernel_size=9)
@@ -48,6 +49,7 @@ def test_the_manifest_describes_the_program(traced):
     assert (manifest["height"], manifest["width"]) == (24, 32)
     assert (manifest["grid_height"], manifest["grid_width"]) == (32, 40)  # + K//2 on each side
     assert manifest["steps"] == 5 and manifest["torch_version"] == torch.__version__
+    assert manifest["path"] == "whole image"
     assert len(manifest["initial_kernel"]) == 81
     assert sum(manifest["initial_kernel"]) == pytest.approx(1.0)
     names = [spec.arg.name for spec in program.graph_signature.input_specs
@@ -77,12 +79,67 @@ def test_load_package_refuses_bad_packages(tmp_path):
     with pytest.raises(ValueError) as refused:
         aot.load_package(old)
     assert f"made by torch 2.4.0+cpu; this is torch {torch.__version__}" in str(refused.value)
+    release = aot.torch_release(torch.__version__)
+    for build in (release + "+cu999", release + "a0+git1234", release):  # the release matches
+        with pytest.raises(Exception) as loading:  # past the version check: "not a program"
+            aot.load_package(_fake_package(tmp_path / build, torch_version=build))
+        assert "made by torch" not in str(loading.value)
     with pytest.raises(ValueError, match="format is not 1"):
         aot.load_package(_fake_package(tmp_path / "future", format=2))
     broken = _fake_package(tmp_path / "broken")
     (broken / aot.MANIFEST_FILE).write_text("{")
     with pytest.raises(ValueError, match="bad package manifest"):
         aot.load_package(broken)
+
+
+def test_the_torch_release_ignores_local_and_development_parts():
+    assert aot.torch_release("2.13.0+cpu") == aot.torch_release("2.13.0") == "2.13.0"
+    assert aot.torch_release("2.13.0a0+git1234") == "2.13.0"
+    assert aot.torch_release("2.13.0.dev20250101+cu128") == "2.13.0"
+    assert aot.torch_release("2.13.1") != aot.torch_release("2.13.0")
+
+
+def test_a_package_run_refuses_non_finite_results(traced):
+    """As ``run()``: a step that diverges is a RuntimeError, not NaN in the result."""
+    _, manifest = traced
+
+    def diverging(x, kernel, *rest):
+        return x * float("nan"), kernel
+
+    with pytest.raises(RuntimeError, match="sampling produced NaN or infinite values"):
+        aot.Package(manifest, diverging).run(torch.rand(3, 24, 32), 0.05)
+
+    def bad_kernel(x, kernel, *rest):
+        return x, kernel * float("inf")
+
+    with pytest.raises(RuntimeError, match="kernel with NaN or infinite values"):
+        aot.Package(manifest, bad_kernel).run(torch.rand(3, 24, 32), 0.05)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _no_compile(*args, **kwargs):
+    raise _Stop("not compiled in this test")
+
+
+def test_export_warns_above_the_working_size(tmp_path, monkeypatch, capsys):
+    """A photo larger than run()'s working size: one warning that the package is the
+    whole-image diffusion (Python and the CLI, one line); the compile itself is skipped."""
+    import torch._inductor
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", _no_compile)
+    size = WORKING_SIZE + 8
+    with pytest.warns(aot.WholeImageWarning, match="matches run\\(..., full_diffusion=True\\)"):
+        with pytest.raises(_Stop):
+            aot.export(tmp_path / "p", size, 64, **SETTINGS)
+    assert not (tmp_path / "p").exists()
+    with pytest.raises(_Stop):
+        main(["export", str(tmp_path / "q"), "--size", f"{size}x64", "--prior", "gaussian",
+              "--steps", "5", "--kernel-size", "9"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"fastem: warning: a {size}x64 package runs")
 
 
 def test_export_checks_its_arguments(tmp_path):

@@ -177,6 +177,16 @@ def test_pillow_integer_and_float_modes_keep_their_range(tmp_path):
         load_image(Image.fromarray(ramp * 255, mode="F"))
 
 
+def test_a_1bit_image_is_one_grey_channel(tmp_path):
+    """Pillow's mode "1" (a 1-bit PNG) loads as grey, 0 or 1, as fastem_deblur reads it."""
+    bits = np.random.default_rng(0).random((12, 20)) > 0.5
+    Image.fromarray(bits).convert("1").save(tmp_path / "bits.png")
+    for source in (tmp_path / "bits.png", Image.open(tmp_path / "bits.png")):
+        loaded = load_image(source)
+        assert loaded.image.shape == (1, 12, 20) and loaded.bits == 8
+        torch.testing.assert_close(loaded.image[0], torch.from_numpy(bits).float())
+
+
 def test_outputs_are_committed_together_or_not_at_all(tmp_path):
     first, second = tmp_path / "a.png", tmp_path / "b.json"
     first.write_bytes(b"old")

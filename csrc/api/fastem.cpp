@@ -9,6 +9,7 @@
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -91,6 +92,54 @@ c10::Device parse_device(const std::string& name) {
   }
 }
 
+// The first line of an error's message: AOTInductor's and c10's carry a
+// multi-line backtrace after it.
+std::string first_line(const char* text) {
+  const std::string message(text);
+  return message.substr(0, message.find('\n'));
+}
+
+// `body()`, with every failure a fastem::Error: ours pass through, any other
+// (c10::Error, AOTInductor's std::runtime_error, std::bad_alloc) becomes a
+// fastem::Error of `context` and the first line of its message.
+template <typename Body>
+auto guarded(const std::string& context, Body&& body) -> decltype(body()) {
+  try {
+    return body();
+  } catch (const Error&) {
+    throw;
+  } catch (const c10::Error& err) {
+    throw Error(context + first_line(err.what_without_backtrace()));
+  } catch (const std::exception& err) {
+    throw Error(context + first_line(err.what()));
+  }
+}
+
+// The release part "major.minor.patch" of a version string: no local part
+// ("+cpu") and no pre-release or development suffix ("a0", ".dev20250101").
+std::string release(const std::string& version) {
+  std::string out;
+  int parts = 0;
+  size_t i = 0;
+  while (parts < 3 && i < version.size() &&
+         std::isdigit(static_cast<unsigned char>(version[i]))) {
+    const size_t start = i;
+    while (i < version.size() &&
+           std::isdigit(static_cast<unsigned char>(version[i]))) {
+      ++i;
+    }
+    out += (parts > 0 ? "." : "") + version.substr(start, i - start);
+    ++parts;
+    if (i + 1 < version.size() && version[i] == '.' &&
+        std::isdigit(static_cast<unsigned char>(version[i + 1]))) {
+      ++i;
+    } else {
+      break;
+    }
+  }
+  return out;
+}
+
 at::Generator seeded_generator(const c10::Device& device, uint64_t seed) {
   // Python's torch.Generator(device).manual_seed(seed).
   if (device.is_cpu()) {
@@ -139,6 +188,10 @@ struct Deblurrer::State {
 
 Deblurrer::Deblurrer(const std::string& path, const std::string& device)
     : state_(std::make_unique<State>()) {
+  guarded("cannot load package " + path + ": ", [&] { load(path, device); });
+}
+
+void Deblurrer::load(const std::string& path, const std::string& device) {
   State& s = *state_;
   const std::filesystem::path folder(path);
   const std::filesystem::path step = folder / "step.pt2";
@@ -153,7 +206,8 @@ Deblurrer::Deblurrer(const std::string& path, const std::string& device)
         load_metadata_from_package(step.string(), "model");
   } catch (const std::exception& err) {
     throw PackageError(
-        "bad package " + path + ": cannot read step.pt2: " + err.what());
+        "bad package " + path + ": cannot read step.pt2: " +
+        first_line(err.what()));
   }
   s.manifest = {metadata.begin(), metadata.end()};
   if (integer(s.manifest, "format") != kFormat) {
@@ -161,7 +215,7 @@ Deblurrer::Deblurrer(const std::string& path, const std::string& device)
         "bad package " + path + ": format is not " + std::to_string(kFormat));
   }
   const std::string made_by = entry(s.manifest, "torch_version");
-  if (made_by.substr(0, made_by.find('+')) != TORCH_VERSION) {
+  if (release(made_by) != release(TORCH_VERSION)) { // as fastem_ext.aot
     throw PackageError(
         "package " + path + " was made by torch " + made_by +
         "; this program runs libtorch " + TORCH_VERSION +
@@ -201,8 +255,16 @@ Deblurrer::Deblurrer(const std::string& path, const std::string& device)
         step.string(), "model", false, 1, s.device.index());
   } catch (const std::exception& err) {
     throw PackageError(
-        "bad package " + path + ": cannot load step.pt2: " + err.what());
+        "bad package " + path + ": cannot load step.pt2: " +
+        first_line(err.what()));
   }
+}
+
+Deblurrer::State& Deblurrer::state() const {
+  if (!state_) {
+    throw Error("this Deblurrer was moved from: it holds no package");
+  }
+  return *state_;
 }
 
 Deblurrer::~Deblurrer() = default;
@@ -210,25 +272,32 @@ Deblurrer::Deblurrer(Deblurrer&&) noexcept = default;
 Deblurrer& Deblurrer::operator=(Deblurrer&&) noexcept = default;
 
 const std::map<std::string, std::string>& Deblurrer::manifest() const {
-  return state_->manifest;
+  return state().manifest;
 }
 int64_t Deblurrer::height() const {
-  return state_->height;
+  return state().height;
 }
 int64_t Deblurrer::width() const {
-  return state_->width;
+  return state().width;
 }
 int64_t Deblurrer::kernel_size() const {
-  return state_->kernel_size;
+  return state().kernel_size;
 }
 int64_t Deblurrer::steps() const {
-  return state_->steps;
+  return state().steps;
 }
 
 void Deblurrer::set_observation(
     const at::Tensor& image,
     std::optional<double> sigma) {
-  State& s = *state_;
+  State& s = state();
+  guarded("set_observation failed: ", [&] { observe(s, image, sigma); });
+}
+
+void Deblurrer::observe(
+    State& s,
+    const at::Tensor& image,
+    std::optional<double> sigma) {
   if (!image.defined() || image.dim() != 3 ||
       (image.size(0) != 1 && image.size(0) != kChannels)) {
     throw InputError("image must be [C, H, W] with C = 1 or 3");
@@ -287,7 +356,15 @@ Result Deblurrer::run(
     uint64_t seed,
     const Progress& progress,
     const std::atomic<bool>* cancel) {
-  State& s = *state_;
+  State& s = state();
+  return guarded("run failed: ", [&] { return sample(s, seed, progress, cancel); });
+}
+
+Result Deblurrer::sample(
+    State& s,
+    uint64_t seed,
+    const Progress& progress,
+    const std::atomic<bool>* cancel) {
   if (!s.y.defined()) {
     throw InputError("run() needs an observation: call set_observation first");
   }
@@ -300,27 +377,38 @@ Result Deblurrer::run(
   at::Tensor x = at::randn(shape, generator, options);
   at::Tensor kernel = s.initial_kernel.clone();
   const at::Tensor sigma = at::scalar_tensor(s.sigma, options);
-  for (int64_t i = s.steps - 1; i >= 0; --i) {
+  const auto stop_if_cancelled = [&](int64_t done) {
     if (cancel != nullptr && cancel->load()) {
       throw Cancelled(
-          "cancelled after " + std::to_string(s.steps - 1 - i) + " of " +
+          "cancelled after " + std::to_string(done) + " of " +
           std::to_string(s.steps) + " steps");
     }
+  };
+  for (int64_t i = s.steps - 1; i >= 0; --i) {
+    stop_if_cancelled(s.steps - 1 - i);
     const at::Tensor noise = at::randn(shape, generator, options);
     const at::Tensor step = at::scalar_tensor(i, options.dtype(at::kLong));
-    std::vector<at::Tensor> out;
-    try {
-      out = s.program->run({x, kernel, step, noise, s.y, s.mask, sigma});
-    } catch (const c10::Error& err) { // e.g. out of memory: one error convention
-      throw Error(
-          std::string("the step program failed: ") +
-          err.what_without_backtrace());
-    }
+    // e.g. out of memory, or a program that refuses its inputs
+    std::vector<at::Tensor> out = guarded("the step program failed: ", [&] {
+      return s.program->run({x, kernel, step, noise, s.y, s.mask, sigma});
+    });
     x = std::move(out.at(0));
     kernel = std::move(out.at(1));
     if (progress) {
       progress(s.steps - i, s.steps);
     }
+  }
+  stop_if_cancelled(s.steps); // a flag set during the last step counts too
+  // As Python's run(): no NaN or inf leaves (the clamp below would hide inf).
+  if (!kernel.isfinite().all().item<bool>()) {
+    throw Error(
+        "the M-step produced a kernel with NaN or infinite values (the prior "
+        "diverged during the run); nothing was returned");
+  }
+  if (!x.isfinite().all().item<bool>()) {
+    throw Error(
+        "sampling produced NaN or infinite values (the prior's output or the "
+        "guidance diverged during the run); nothing was returned");
   }
   // schedule.to_image of the clamped particles, cropped to the frame.
   at::Tensor particles = ((x.clamp(-1.0, 1.0) + 1.0) / 2.0)

@@ -12,8 +12,10 @@
 // result (float32, CPU: within 1e-4; the CI compares them).
 //
 // Errors: every failure throws a fastem::Error (a std::runtime_error) whose
-// what() names the cause; the subclasses say which kind (a failure inside the
-// compiled step, out of memory say, is a plain fastem::Error). A Deblurrer holds no
+// what() names the cause in one line; the subclasses say which kind (a failure
+// inside the compiled step, out of memory say, a run that produced NaN or
+// infinite values, or a call on a moved-from Deblurrer is a plain
+// fastem::Error). A Deblurrer holds no
 // global state: several may run side by side, each from one thread at a time.
 // Link against libfastem (it also registers the fused ops the program calls).
 #pragma once
@@ -37,8 +39,8 @@ class Error : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Not a package, a damaged one, or one made by another torch version (the
-// message names both versions).
+// Not a package, a damaged one, or one made by another torch release (the
+// major.minor.patch differs; the message names both full versions).
 class PackageError : public Error {
  public:
   using Error::Error;
@@ -103,7 +105,8 @@ class Deblurrer {
 
   // The blind deblur of the last observation with the random stream of
   // `seed`. `progress` is called after each step; `cancel`, when set (by any
-  // thread), stops the run before the next step with Cancelled.
+  // thread) before run() returns, stops the run with Cancelled before the
+  // next step (or after the last: no result).
   Result run(
       uint64_t seed = 0,
       const Progress& progress = {},
@@ -111,6 +114,17 @@ class Deblurrer {
 
  private:
   struct State;
+  State& state() const; // throws Error when moved from
+  void load(const std::string& path, const std::string& device);
+  static void observe(
+      State& s,
+      const at::Tensor& image,
+      std::optional<double> sigma);
+  static Result sample(
+      State& s,
+      uint64_t seed,
+      const Progress& progress,
+      const std::atomic<bool>* cancel);
   std::unique_ptr<State> state_;
 };
 

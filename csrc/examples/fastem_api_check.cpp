@@ -2,9 +2,12 @@
 // make: two Deblurrers running at once in two threads give the result of one
 // alone (no shared state); progress counts every step; a cancel flag set
 // before run() stops it before the first step; wrong observations and run()
-// without one throw InputError.
+// without one throw InputError; a moved-from Deblurrer throws fastem::Error.
+// With FAILING, a package whose step program refuses its inputs (made by
+// tests/test_aot_cpp.py: its metadata's grid size edited), run() must throw a
+// fastem::Error of one line (AOTInductor's own errors are multi-line).
 //
-//   fastem_api_check PACKAGE        exit status 0 when every check passes
+//   fastem_api_check PACKAGE [FAILING]   exit status 0 when every check passes
 #include "../api/fastem.h"
 
 #include <ATen/ATen.h>
@@ -12,8 +15,10 @@
 
 #include <atomic>
 #include <cstdio>
+#include <exception>
 #include <string>
 #include <thread>
+#include <utility>
 
 namespace {
 
@@ -39,8 +44,8 @@ bool throws(Call&& call) {
 } // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::fprintf(stderr, "usage: fastem_api_check PACKAGE\n");
+  if (argc != 2 && argc != 3) {
+    std::fprintf(stderr, "usage: fastem_api_check PACKAGE [FAILING]\n");
     return 2;
   }
   const std::string package = argv[1];
@@ -56,12 +61,28 @@ int main(int argc, char** argv) {
     const fastem::Result grey_alone = second.run(2);
     fastem::Result together, grey_together;
     int64_t reported = 0;
+    std::exception_ptr failed_one, failed_two; // a thread's error, rethrown here
     std::thread one([&] {
-      together = first.run(1, [&](int64_t done, int64_t) { reported = done; });
+      try {
+        together = first.run(1, [&](int64_t done, int64_t) { reported = done; });
+      } catch (...) {
+        failed_one = std::current_exception();
+      }
     });
-    std::thread two([&] { grey_together = second.run(2); });
+    std::thread two([&] {
+      try {
+        grey_together = second.run(2);
+      } catch (...) {
+        failed_two = std::current_exception();
+      }
+    });
     one.join();
     two.join();
+    for (const std::exception_ptr& failed : {failed_one, failed_two}) {
+      if (failed) {
+        std::rethrow_exception(failed);
+      }
+    }
     check(
         at::equal(together.image, alone.image) &&
             at::equal(together.kernel, alone.kernel),
@@ -99,6 +120,29 @@ int main(int argc, char** argv) {
     check(
         throws<fastem::DeviceError>([&] { fastem::Deblurrer(package, "tpu"); }),
         "an unknown device is a DeviceError");
+    check(
+        throws<fastem::Error>([&] {
+          fastem::Deblurrer fresh(package);
+          fastem::Deblurrer taken(std::move(fresh));
+          fresh.set_observation(photo);
+        }),
+        "a moved-from Deblurrer throws fastem::Error");
+    if (argc == 3) {
+      fastem::Deblurrer failing(argv[2]);
+      failing.set_observation(photo, 5.0 / 255);
+      bool one_line = false;
+      check(
+          throws<fastem::Error>([&] {
+            try {
+              failing.run();
+            } catch (const fastem::Error& err) {
+              one_line = std::string(err.what()).find('\n') == std::string::npos;
+              std::printf("  (%s)\n", err.what());
+              throw;
+            }
+          }) && one_line,
+          "a failing step program throws a one-line fastem::Error");
+    }
   } catch (const std::exception& err) {
     std::fprintf(stderr, "fastem_api_check: error: %s\n", err.what());
     return 2;

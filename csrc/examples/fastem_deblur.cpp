@@ -15,6 +15,7 @@
 
 #include <ATen/ATen.h>
 #include <png.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cmath>
@@ -68,8 +69,57 @@ bool ends_with(const std::string& text, const std::string& suffix) {
       text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
+constexpr png_uint_32 kMaxSide = 8192; // fastem_ext.aot.MAX_SIDE: no package is larger
+
+uint32_t tiff_word(const unsigned char* at, bool big_endian, int bytes) {
+  uint32_t value = 0;
+  for (int i = 0; i < bytes; ++i) {
+    value |= static_cast<uint32_t>(at[big_endian ? i : bytes - 1 - i])
+        << (8 * (bytes - 1 - i));
+  }
+  return value;
+}
+
+// The EXIF orientation (tag 0x0112 of IFD0) of a PNG's eXIf chunk; 1, upright,
+// when absent or unreadable (as Python's io._orientation).
+int exif_orientation(png_structp png, png_infop info) {
+#ifdef PNG_eXIf_SUPPORTED
+  png_uint_32 size = 0;
+  png_bytep exif = nullptr;
+  if (png_get_eXIf_1(png, info, &size, &exif) == 0 || exif == nullptr ||
+      size < 8) {
+    return 1;
+  }
+  const bool big = exif[0] == 'M' && exif[1] == 'M';
+  if (!big && !(exif[0] == 'I' && exif[1] == 'I')) {
+    return 1;
+  }
+  const uint32_t ifd = tiff_word(exif + 4, big, 4);
+  if (ifd > size - 2) {
+    return 1;
+  }
+  const uint32_t entries = tiff_word(exif + ifd, big, 2);
+  for (uint32_t e = 0; e < entries; ++e) {
+    const uint64_t at = ifd + 2 + 12ull * e;
+    if (at + 12 > size) {
+      break;
+    }
+    if (tiff_word(exif + at, big, 2) == 0x0112) {
+      const uint32_t value = tiff_word(exif + at + 8, big, 2); // SHORT
+      return value >= 1 && value <= 8 ? static_cast<int>(value) : 1;
+    }
+  }
+#else
+  (void)png;
+  (void)info;
+#endif
+  return 1;
+}
+
 // As Python's fastem_ext.io.load_image: 8-bit / 255, 16-bit / 65535, alpha
-// dropped, palettes and low bit depths expanded.
+// dropped, palettes and low bit depths expanded (1-bit grey: one channel).
+// A photo whose EXIF orientation is not upright is refused (Python rotates
+// it; this reader does not).
 Image read_png(const std::string& path) {
   File file(path, "rb");
   unsigned char signature[8];
@@ -79,22 +129,29 @@ Image read_png(const std::string& path) {
   }
   png_structp png = png_create_read_struct(
       PNG_LIBPNG_VER_STRING, nullptr, png_failure, png_warning_ignored);
-  png_infop info = png_create_info_struct(png);
+  png_infop info = png == nullptr ? nullptr : png_create_info_struct(png);
   struct Guard {
     png_structp* png;
     png_infop* info;
     ~Guard() {
-      png_destroy_read_struct(png, info, nullptr);
+      png_destroy_read_struct(png, info, nullptr); // accepts null structs
     }
   } guard{&png, &info};
+  if (png == nullptr || info == nullptr) {
+    throw std::runtime_error("PNG: cannot allocate libpng's structures");
+  }
   png_init_io(png, file.handle);
   png_set_sig_bytes(png, 8);
   png_read_info(png, info);
-  png_set_expand(png); // palette -> RGB, grey < 8 bits -> 8, tRNS -> alpha
-  png_set_swap(png); // 16-bit samples in host (little-endian) order
-  png_read_update_info(png, info);
   const png_uint_32 width = png_get_image_width(png, info);
   const png_uint_32 height = png_get_image_height(png, info);
+  if (width == 0 || height == 0 || width > kMaxSide || height > kMaxSide) {
+    throw std::runtime_error(
+        path + " is " + std::to_string(width) + "x" + std::to_string(height) +
+        " pixels; at most " + std::to_string(kMaxSide) + " on a side");
+  }
+  png_set_expand(png); // palette -> RGB, grey < 8 bits -> 8, tRNS -> alpha
+  png_read_update_info(png, info);
   const int bits = png_get_bit_depth(png, info);
   const int stored = png_get_channels(png, info);
   const size_t row_bytes = png_get_rowbytes(png, info);
@@ -104,6 +161,14 @@ Image read_png(const std::string& path) {
     rows[r] = data.data() + r * row_bytes;
   }
   png_read_image(png, rows.data());
+  png_read_end(png, info); // an eXIf chunk may follow the pixels
+  const int orientation = exif_orientation(png, info);
+  if (orientation != 1) {
+    throw std::runtime_error(
+        path + " has EXIF orientation " + std::to_string(orientation) +
+        " (not upright), which fastem_deblur does not apply: rotate the "
+        "pixels upright and drop the tag first");
+  }
   const int colours = stored >= 3 ? 3 : 1; // alpha dropped
   at::Tensor pixels = at::empty({colours, height, width}, at::kFloat);
   float* out = pixels.data_ptr<float>();
@@ -112,9 +177,9 @@ Image read_png(const std::string& path) {
       for (int k = 0; k < colours; ++k) {
         const size_t sample = (static_cast<size_t>(c) * stored + k);
         float value = 0.0f;
-        if (bits == 16) {
-          uint16_t word = 0;
-          std::memcpy(&word, rows[r] + 2 * sample, 2);
+        if (bits == 16) { // PNG's samples are big-endian on any host
+          const png_bytep at = rows[r] + 2 * sample;
+          const unsigned word = (static_cast<unsigned>(at[0]) << 8) | at[1];
           value = static_cast<float>(word) / 65535.0f;
         } else {
           value = static_cast<float>(rows[r][sample]) / 255.0f;
@@ -154,14 +219,17 @@ std::vector<unsigned char> encode_png(const at::Tensor& image, int bits) {
   std::vector<unsigned char> file;
   png_structp png = png_create_write_struct(
       PNG_LIBPNG_VER_STRING, nullptr, png_failure, png_warning_ignored);
-  png_infop info = png_create_info_struct(png);
+  png_infop info = png == nullptr ? nullptr : png_create_info_struct(png);
   struct Guard {
     png_structp* png;
     png_infop* info;
     ~Guard() {
-      png_destroy_write_struct(png, info);
+      png_destroy_write_struct(png, info); // accepts null structs
     }
   } guard{&png, &info};
+  if (png == nullptr || info == nullptr) {
+    throw std::runtime_error("PNG: cannot allocate libpng's structures");
+  }
   png_set_write_fn(
       png,
       &file,
@@ -247,6 +315,61 @@ void commit(const std::vector<std::pair<std::string, std::vector<unsigned char>>
   }
 }
 
+// AOTInductor's runtime prints a failing program's error, several lines, to
+// stderr itself before run() throws it as one fastem::Error. While alive, this
+// holds what is written to stderr (fd 2) in a temporary file; release(true)
+// replays it (run() succeeded: its warnings are kept), the destructor drops it
+// (the error line printed after names the cause). terminal(): the real stderr.
+class HeldStderr {
+ public:
+  HeldStderr() {
+    std::fflush(stderr);
+    saved_ = dup(2);
+    held_ = std::tmpfile();
+    if (saved_ < 0 || held_ == nullptr || dup2(fileno(held_), 2) < 0) {
+      restore(); // cannot hold: write straight through
+    }
+  }
+  ~HeldStderr() {
+    release(false);
+  }
+  HeldStderr(const HeldStderr&) = delete;
+  HeldStderr& operator=(const HeldStderr&) = delete;
+  int terminal() const {
+    return saved_ >= 0 ? saved_ : 2;
+  }
+  void release(bool replay) {
+    if (held_ == nullptr) {
+      return;
+    }
+    std::fflush(stderr);
+    const bool redirected = restore();
+    if (replay && redirected) {
+      std::rewind(held_);
+      char buffer[4096];
+      size_t got = 0;
+      while ((got = std::fread(buffer, 1, sizeof buffer, held_)) > 0) {
+        std::fwrite(buffer, 1, got, stderr);
+      }
+      std::fflush(stderr);
+    }
+    std::fclose(held_);
+    held_ = nullptr;
+  }
+
+ private:
+  bool restore() {
+    const bool redirected = saved_ >= 0 && dup2(saved_, 2) >= 0;
+    if (saved_ >= 0) {
+      close(saved_);
+      saved_ = -1;
+    }
+    return redirected;
+  }
+  int saved_ = -1;
+  std::FILE* held_ = nullptr;
+};
+
 double number(const std::string& flag, const std::string& text) {
   try {
     size_t used = 0;
@@ -312,18 +435,23 @@ int main(int argc, char** argv) {
     fastem::Deblurrer deblurrer(positional[0], device);
     deblurrer.set_observation(photo.pixels, sigma);
     std::signal(SIGINT, on_interrupt);
+    if (!quiet) { // from here Ctrl-C cancels the run (tests/test_aot_cpp.py waits for it)
+      std::fprintf(stderr, "running %lld steps (Ctrl-C cancels)\n",
+                   static_cast<long long>(deblurrer.steps()));
+      std::fflush(stderr);
+    }
+    HeldStderr held;
+    const int terminal = held.terminal();
     const fastem::Result result = deblurrer.run(
         seed,
-        [quiet](int64_t done, int64_t total) {
+        [quiet, terminal](int64_t done, int64_t total) {
           if (!quiet) {
-            std::fprintf(stderr, "\rstep %lld/%lld", static_cast<long long>(done),
-                         static_cast<long long>(total));
-            if (done == total) {
-              std::fputc('\n', stderr);
-            }
+            dprintf(terminal, "\rstep %lld/%lld%s", static_cast<long long>(done),
+                    static_cast<long long>(total), done == total ? "\n" : "");
           }
         },
         &cancel_requested);
+    held.release(/*replay=*/true);
     std::vector<std::pair<std::string, std::vector<unsigned char>>> files;
     files.emplace_back(output, encode(output, result.image, photo.bits));
     if (!kernel_out.empty()) {
