@@ -42,6 +42,7 @@ WORKING_SIZE = 256  # run()'s default working_size: larger photos take the crops
 MAX_ROUNDS = 100  # Diffusion EM's full runs (10 by default)
 MAX_GUIDANCE_SCALE = 100.0  # far beyond any useful value; larger ones overflow the update
 ENGINES = ("auto", "fast", "reference")
+DEFAULT_MAX_BATCH = 8  # network inputs per call on the crops path, unless more are needed
 NONBLIND = {"fastem-pigdm": "pigdm", "fastem-dps": "dps", "diffem-pigdm": "pigdm",
             "pigdm": "pigdm", "dps": "dps"}  # the tiles' method after the crops' kernel
 DEFAULT_TILE_STEPS = {"pigdm": "25", "dps": "1000"}  # the kernel is known: fewer steps (README)
@@ -70,7 +71,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         guidance_scale: float = 1.0, engine: str = "auto", precision: str = "bf16",
         compile: bool = False, mstep: HQSConfig | None = None,
         callback: StepCallback | None = None, working_size: int = WORKING_SIZE, crops: int = 3,
-        max_batch: int = 8, tile_steps: str | int | None = None, fast: bool = False,
+        max_batch: int | None = None, tile_steps: str | int | None = None, fast: bool = False,
         full_diffusion: bool = False) -> Result:
     """Blind (or non-blind) deblurring of one photo.
 
@@ -96,7 +97,8 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     path (``photo``): the blind method runs on its ``crops`` most informative windows as one
     batch sharing the kernel, then the full frame is restored with that kernel by non-blind
     ΠGDM/DPS over overlapping tiles (``tile_steps``: default 25 for ΠGDM, 1000 for DPS; at
-    most ``max_batch`` network inputs, tiles × particles, per call), or, with ``fast=True``
+    most ``max_batch`` network inputs, tiles × particles, per call; default 8, or crops ×
+    particles where that is more, since the crops share one call), or, with ``fast=True``
     (this path at any size), by a TV deconvolution (``deconv``: no diffusion; one image).
     Non-blind methods skip the crops. ``full_diffusion=True`` keeps the whole-image run. On the
     crops path ``callback`` sees each batch's ``x̂0`` on its computation grids (crops or tiles
@@ -141,7 +143,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
 
     working_size = check_int("working_size", working_size, low=32)
     crops = check_int("crops", crops, low=1, high=MAX_CROPS)
-    max_batch = check_int("max_batch", max_batch, low=1, high=MAX_PARTICLES)
+    max_batch = resolve_max_batch(max_batch, method, crops, particles)
     tile_schedule = Schedule(DEFAULT_TILE_STEPS[NONBLIND[method]] if tile_steps is None
                              else tile_steps, r2=r2)
     for name, flag in (("fast", fast), ("full_diffusion", full_diffusion)):
@@ -317,6 +319,14 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
         if device.type == "cuda" else None})
     return Result(restored[0], final_kernel, restored, restored.mean(0), info)
+
+
+def resolve_max_batch(max_batch: int | None, method: str, crops: int, particles: int) -> int:
+    """``max_batch`` checked, or by default (``None``) at least ``DEFAULT_MAX_BATCH`` and room
+    for one call of the crops stage (crops × particles) or of one tile's particles."""
+    if max_batch is None:
+        return max(DEFAULT_MAX_BATCH, crops * particles if method in BLIND else particles)
+    return check_int("max_batch", max_batch, low=1, high=MAX_PARTICLES)
 
 
 def _check_crops_path(method: str, kernel_size: int, working_size: int, crops: int,

@@ -27,6 +27,7 @@ from .api import (
     MAX_PARTICLES,
     _check_crops_path,
     resolve_device,
+    resolve_max_batch,
     run,
 )
 from .batch_plan import BatchItem, expand_inputs, plan_items
@@ -76,7 +77,7 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
               prior: object = "natural", particles: int = 1, steps: str | int | None = None,
               kernel_size: int = 33, seed: int = 0, device: str | None = None,
               boundary: str = "valid", regularizer: str = "pnp", working_size: int = 256,
-              crops: int = 3, max_batch: int = 8, tile_steps: str | int | None = None,
+              crops: int = 3, max_batch: int | None = None, tile_steps: str | int | None = None,
               fast: bool = False, full_diffusion: bool = False,
               progress: bool = True) -> BatchResult:
     """Deblur every image of ``inputs`` (files, folders, glob patterns) into ``out_dir``.
@@ -106,12 +107,13 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
         "sigma": None if sigma is None else check_sigma("sigma", sigma),
         "working_size": check_int("working_size", working_size, low=32),
         "crops": check_int("crops", crops, low=1, high=MAX_CROPS),
-        "max_batch": check_int("max_batch", max_batch, low=1, high=MAX_PARTICLES),
         "tile_steps": None if tile_steps is None else str(tile_steps),
         "fast": fast,
         "full_diffusion": full_diffusion,
         "version": fastem_version(),
     }
+    settings["max_batch"] = resolve_max_batch(max_batch, method, settings["crops"],
+                                              settings["particles"])
     # errors that every image would raise are errors of the job, not of each image
     Schedule(settings["steps"])
     if tile_steps is not None:

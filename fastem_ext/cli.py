@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .aot import EXPORT_METHODS
-from .api import METHODS, run
+from .api import BLIND, METHODS, run
 from .boundary import BOUNDARIES
 from .checks import LEAST_SIGMA, MAX_SIGMA, check_int
 from .hardware import default_threads
@@ -38,10 +38,11 @@ DESCRIPTION = ("Blind deblurring with a diffusion prior (Fast Diffusion EM): est
                "camera-shake kernel of a blurry photo and restore it.")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=METHODS, default="fastem-pigdm",
-                        help="fastem-pigdm (default), fastem-dps, diffem-pigdm (blind), or the "
-                        "non-blind pigdm / dps, which need --kernel")
+def _common(parser: argparse.ArgumentParser, methods: tuple[str, ...] = METHODS) -> None:
+    parser.add_argument("--method", choices=methods, default="fastem-pigdm",
+                        help="fastem-pigdm (default), fastem-dps, diffem-pigdm (blind)"
+                        + (", or the non-blind pigdm / dps, which need --kernel"
+                           if "pigdm" in methods else ""))
     parser.add_argument("--prior", default="natural",
                         help="natural (bundled), gaussian, ffhq, imagenet, a guided-diffusion "
                         ".pt file or natural-prior .safetensors weights")
@@ -70,8 +71,9 @@ def _large_photos(parser: argparse.ArgumentParser) -> None:
                        help="side of one crop or tile's grid, in pixels (default 256)")
     large.add_argument("--crops", type=int, default=3,
                        help="crops the kernel is estimated on (default 3)")
-    large.add_argument("--max-batch", type=int, default=8,
-                       help="tiles × particles per network call: bounds the memory (default 8)")
+    large.add_argument("--max-batch", type=int, default=None,
+                       help="network inputs per call (crops × particles, tiles × particles): "
+                       "bounds the memory (default 8, or crops × particles if more)")
     large.add_argument("--tile-steps", default=None,
                        help="diffusion steps of the non-blind tile pass (default 25 for "
                        "ΠGDM, 1000 for DPS)")
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--boundary", choices=BOUNDARIES, default="valid",
                        help="valid (default) or circular")
     _large_photos(batch)
-    _common(batch)
+    _common(batch, BLIND)
     demo = commands.add_parser("demo", help="blur a sample, restore it, write a comparison PNG")
     demo.add_argument("image", nargs="?", default=None,
                       help="a sharp image to use instead of the built-in sample")

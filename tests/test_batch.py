@@ -202,6 +202,12 @@ def test_job_errors_raise_before_any_work(tmp_path, monkeypatch, inputs, options
     assert not (tmp_path / "out").exists() or _files(tmp_path / "out") == set()
 
 
+def test_the_command_offers_only_blind_methods(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["batch", str(tmp_path), "-o", str(tmp_path / "out"), "--method", "pigdm"])
+    assert exit_info.value.code == 2 and "invalid choice: 'pigdm'" in capsys.readouterr().err
+
+
 def test_output_folder_errors(tmp_path, capsys):
     photo, = _photos(tmp_path / "in", 1)
     (tmp_path / "file").write_text("")

@@ -107,6 +107,21 @@ def test_small_images_ignore_the_crops_path_settings():
     assert result.info["path"] == "whole image" and result.particles.shape[0] == 3
 
 
+def test_the_default_batch_holds_the_crops_of_many_particles():
+    """max_batch=None (the default): 8 inputs per call, or crops × particles where more."""
+    batches = []
+
+    def eps(x, t):
+        batches.append(x.shape[0])
+        return PRIOR(x, t)
+
+    result = run(_photo((3, 70, 100)), 0.02, prior=eps, steps="2", kernel_size=5,
+                 regularizer="l2", progress=False, working_size=48, particles=4,
+                 tile_steps="2")  # 3 crops × 4 particles = 12 > 8
+    assert result.particles.shape == (4, 3, 70, 100)
+    assert max(batches) == 12 and result.info["stages"]["tiles"]["max_batch"] == 12
+
+
 def test_every_network_call_holds_at_most_max_batch_inputs():
     batches = []
 
@@ -151,7 +166,8 @@ def test_fast_mode_deconvolves_the_frame_with_the_kernel():
     ({"max_batch": 1, "particles": 2, "method": "pigdm", "kernel": torch.ones(5, 5)},
      r"max_batch \(--max-batch\) must hold the particles of one network call \(2\)"),
     ({"working_size": 32, "kernel_size": 7}, "working_size 32 is too small for kernel_size 7"),
-    ({"crops": 4, "particles": 3}, r"crops × particles of one network call \(12\)"),
+    ({"crops": 4, "particles": 3, "max_batch": 8},
+     r"crops × particles of one network call \(12\), got 8"),
     ({"tile_steps": "x"}, "steps"),
 ])
 def test_bad_combinations_give_one_clear_value_error(kwargs, match):
