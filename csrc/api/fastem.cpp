@@ -154,7 +154,8 @@ at::Generator seeded_generator(const c10::Device& device, uint64_t seed) {
 } // namespace
 
 double estimate_noise(const at::Tensor& image, double floor) {
-  // As fastem_ext.noise.estimate_noise (the CI's comparison covers it).
+  // As fastem_ext.noise.estimate_noise: tests/test_aot_cpp.py compares the two
+  // on the same random draws (grey and colour, odd and even sizes).
   const int64_t height = image.size(-2) / 2 * 2;
   const int64_t width = image.size(-1) / 2 * 2;
   const at::Tensor x =
