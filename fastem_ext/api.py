@@ -146,18 +146,11 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     max_batch = resolve_max_batch(max_batch, method, crops, particles)
     tile_schedule = Schedule(DEFAULT_TILE_STEPS[NONBLIND[method]] if tile_steps is None
                              else tile_steps, r2=r2)
-    for name, flag in (("fast", fast), ("full_diffusion", full_diffusion)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be True or False, got {flag!r}")
-    if fast and full_diffusion:
-        raise ValueError("fast=True restores the frame by deconvolution, full_diffusion=True by "
-                         "one diffusion run over it: choose one")
-    if fast and boundary != "valid":
-        raise ValueError("fast=True works on real photos: it needs boundary='valid'")
+    check_path_flags(fast, full_diffusion, boundary)
     large = max(image.shape[-2:]) > working_size
     on_crops = boundary == "valid" and not full_diffusion and (large or fast)
     if on_crops:
-        _check_crops_path(method, kernel_size, working_size, crops, particles, max_batch, fast)
+        check_crops_path(method, kernel_size, working_size, crops, particles, max_batch, fast)
 
     net_prior = load_prior(prior, device)
     if on_crops:
@@ -321,6 +314,18 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
     return Result(restored[0], final_kernel, restored, restored.mean(0), info)
 
 
+def check_path_flags(fast: object, full_diffusion: object, boundary: str) -> None:
+    """``fast`` and ``full_diffusion``: booleans, not both; ``fast`` needs the valid boundary."""
+    for name, flag in (("fast", fast), ("full_diffusion", full_diffusion)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    if fast and full_diffusion:
+        raise ValueError("fast=True restores the frame by deconvolution, full_diffusion=True by "
+                         "one diffusion run over it: choose one")
+    if fast and boundary != "valid":
+        raise ValueError("fast=True works on real photos: it needs boundary='valid'")
+
+
 def resolve_max_batch(max_batch: int | None, method: str, crops: int, particles: int) -> int:
     """``max_batch`` checked, or by default (``None``) at least ``DEFAULT_MAX_BATCH`` and room
     for one call of the crops stage (crops × particles) or of one tile's particles."""
@@ -329,8 +334,8 @@ def resolve_max_batch(max_batch: int | None, method: str, crops: int, particles:
     return check_int("max_batch", max_batch, low=1, high=MAX_PARTICLES)
 
 
-def _check_crops_path(method: str, kernel_size: int, working_size: int, crops: int,
-                      particles: int, max_batch: int, fast: bool) -> None:
+def check_crops_path(method: str, kernel_size: int, working_size: int, crops: int,
+                     particles: int, max_batch: int, fast: bool) -> None:
     """What the crops path needs beyond each argument's own range."""
     if working_size < 4 * kernel_size:  # room for a crop's blur footprint
         raise ValueError(f"working_size must be at least 4 × kernel_size = {4 * kernel_size} "

@@ -25,7 +25,8 @@ from .api import (
     DEFAULT_STEPS,
     MAX_CROPS,
     MAX_PARTICLES,
-    _check_crops_path,
+    check_crops_path,
+    check_path_flags,
     resolve_device,
     resolve_max_batch,
     run,
@@ -118,17 +119,10 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
     Schedule(settings["steps"])
     if tile_steps is not None:
         Schedule(settings["tile_steps"])
-    for name, flag in (("fast", fast), ("full_diffusion", full_diffusion)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be True or False, got {flag!r}")
-    if fast and full_diffusion:
-        raise ValueError("fast=True restores the frame by deconvolution, full_diffusion=True by "
-                         "one diffusion run over it: choose one")
+    check_path_flags(fast, full_diffusion, settings["boundary"])
     if fast:  # every image takes the crops path
-        if settings["boundary"] != "valid":
-            raise ValueError("fast=True works on real photos: it needs boundary='valid'")
-        _check_crops_path(method, settings["kernel_size"], settings["working_size"],
-                          settings["crops"], settings["particles"], settings["max_batch"], fast)
+        check_crops_path(method, settings["kernel_size"], settings["working_size"],
+                         settings["crops"], settings["particles"], settings["max_batch"], fast)
     ranks = ranks_from_env()
     device = resolve_device(rank_device(device, ranks))
     with ProcessGroup(ranks, device) as group:

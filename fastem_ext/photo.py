@@ -97,16 +97,17 @@ def restore_tiles(image: Tensor, model: EpsModel, guidance: str, kernel: Tensor,
     per_call = max(1, max_batch // particles)
     batches = [range(first, min(first + per_call, len(plan)))
                for first in range(0, len(plan), per_call)]
-    canvas = (particles, image.shape[0], *TileBlend(plan, 1, 1, "meta", border).shape())
-    x = torch.randn(canvas, generator=generator, device=device)
+    blend = TileBlend(plan, particles, image.shape[0], device, border)
+    x = torch.randn(blend.sum.shape, generator=generator, device=device)
     index = torch.full((), len(tables) - 1, dtype=torch.int64, device=device)
     for i in reversed(range(len(tables))):
-        noise = torch.randn(canvas, generator=generator, device=device)
-        blend = TileBlend(plan, particles, image.shape[0], device, border)
+        noise = torch.randn(x.shape, generator=generator, device=device)
         for batch in batches:
+            # rebuilt at each step (a few FFTs beside the network): caching every batch's
+            # observation would make memory grow with the photo
             obs = batched_observation(plan.windows(image, batch), frame, sigma, particles)
             before_batch(obs)
-            grids = [blend.box(tile) for tile in batch]
+            grids = [blend.boxes[tile] for tile in batch]
             x_prev, _, x0 = step_with_noise(
                 model, plan_step(obs, tables, config), index, _grids(x, grids), kernel,
                 _grids(noise, grids))

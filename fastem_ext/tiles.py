@@ -103,7 +103,7 @@ class TilePlan:
 
 class TileBlend:
     """Accumulates restored tiles into one image (float32, on ``device``), weighted by
-    ``TilePlan.weight``.
+    ``TilePlan.weight``; reusable (``result`` starts the next blend).
 
     Without a ``border`` the tiles are the windows ``[n, C, window_h, window_w]`` and the image is
     the photo ``[n, C, H, W]``. With ``border = (top, left, grid_h, grid_w)`` (where a
@@ -111,15 +111,27 @@ class TileBlend:
     image is the *canvas*: the photo extended by the grids' borders, ``[n, C, H + grid_h −
     window_h, W + grid_w − window_w]``, the photo at ``(top, left)``, so tile ``i``'s grid sits at
     its window's own ``(top_i, left_i)``; a tile's weight continues its window's edge values into
-    its border (zero beside an inner edge, where the neighbour's weight takes over)."""
+    its border (zero beside an inner edge, where the neighbour's weight takes over).
+
+    The boxes, the weights (on the device) and their sum are computed once: a blend repeated at
+    every sampling step costs the accumulation only, and no host synchronisation."""
 
     def __init__(self, plan: TilePlan, particles: int, channels: int,
                  device: torch.device | str = "cpu",
                  border: tuple[int, int, int, int] | None = None) -> None:
         self.plan, self.border = plan, border
         height, width = self.shape()
+        self.boxes = [self._box(box) for box in plan.boxes()]
+        weights = [self.weight(index) for index in range(len(plan))]
+        total = torch.zeros(height, width, dtype=torch.float64)
+        for (top, left, h, w), weight in zip(self.boxes, weights, strict=True):
+            total[top : top + h, left : left + w] += weight
+        if not bool((total > 0).all()):
+            raise ValueError("the tiles do not cover every pixel of the photo")
+        self._weights = [weight.float().to(device) for weight in weights]
+        self.total = total.float().to(device)
         self.sum = torch.zeros(particles, channels, height, width, device=device)
-        self.total = torch.zeros(height, width, dtype=torch.float64, device=device)
+        self.added: set[int] = set()
 
     def shape(self) -> tuple[int, int]:
         """The blended image's ``(height, width)``: the photo's, or the canvas's."""
@@ -129,15 +141,14 @@ class TileBlend:
         return (self.plan.height + grid_h - self.plan.window_h,
                 self.plan.width + grid_w - self.plan.window_w)
 
-    def box(self, index: int) -> tuple[int, int, int, int]:
-        """``(top, left, height, width)`` of tile ``index`` in the blended image."""
-        top, left, height, width = self.plan.boxes()[index]
+    def _box(self, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        top, left, height, width = box
         if self.border is None:
             return top, left, height, width
         return top, left, self.border[2], self.border[3]
 
     def weight(self, index: int) -> Tensor:
-        """Tile ``index``'s weight ``[height, width]`` over its box (float64)."""
+        """Tile ``index``'s weight ``[height, width]`` over its box (float64, on the CPU)."""
         weight = self.plan.weight(index)
         if self.border is None:
             return weight
@@ -146,14 +157,17 @@ class TileBlend:
         return F.pad(weight[None, None], pads, mode="replicate")[0, 0]
 
     def add(self, index: int, tile: Tensor) -> None:
-        top, left, h, w = self.box(index)
-        weight = self.weight(index).to(self.total.device)
-        self.sum[..., top : top + h, left : left + w] += weight.float() * tile.to(self.sum)
-        self.total[top : top + h, left : left + w] += weight
+        top, left, h, w = self.boxes[index]
+        self.sum[..., top : top + h, left : left + w] += self._weights[index] * tile.to(self.sum)
+        self.added.add(index)
 
     def result(self) -> Tensor:
-        """The blend ``[n, C, height, width]``. Raises ``ValueError`` if a pixel got no
-        weight."""
-        if not bool((self.total > 0).all()):
-            raise ValueError("the tiles do not cover every pixel of the photo")
-        return self.sum / self.total.float()
+        """The blend ``[n, C, height, width]``; the accumulation starts over. Raises
+        ``ValueError`` unless every tile was added."""
+        if len(self.added) != len(self.boxes):
+            raise ValueError(f"the blend misses tiles ({len(self.added)} of {len(self.boxes)} "
+                             "added): they would not cover every pixel")
+        out = self.sum / self.total
+        self.sum = torch.zeros_like(self.sum)
+        self.added = set()
+        return out

@@ -107,14 +107,20 @@ def test_small_images_ignore_the_crops_path_settings():
     assert result.info["path"] == "whole image" and result.particles.shape[0] == 3
 
 
-def test_the_default_batch_holds_the_crops_of_many_particles():
-    """max_batch=None (the default): 8 inputs per call, or crops × particles where more."""
-    batches = []
+def _counting_prior(batches: list[int]):
+    """``PRIOR``, recording each call's batch size in ``batches``."""
 
     def eps(x, t):
         batches.append(x.shape[0])
         return PRIOR(x, t)
 
+    return eps
+
+
+def test_the_default_batch_holds_the_crops_of_many_particles():
+    """max_batch=None (the default): 8 inputs per call, or crops × particles where more."""
+    batches = []
+    eps = _counting_prior(batches)
     result = run(_photo((3, 70, 100)), 0.02, prior=eps, steps="2", kernel_size=5,
                  regularizer="l2", progress=False, working_size=48, particles=4,
                  tile_steps="2")  # 3 crops × 4 particles = 12 > 8
@@ -124,11 +130,7 @@ def test_the_default_batch_holds_the_crops_of_many_particles():
 
 def test_every_network_call_holds_at_most_max_batch_inputs():
     batches = []
-
-    def eps(x, t):
-        batches.append(x.shape[0])
-        return PRIOR(x, t)
-
+    eps = _counting_prior(batches)
     result = run(_photo((3, 90, 130)), 0.02, prior=eps, steps="2", kernel_size=5,
                  regularizer="l2", progress=False, working_size=48, particles=2, crops=2,
                  max_batch=5, tile_steps="2")

@@ -34,34 +34,46 @@ std::string entry(
   return found->second;
 }
 
-int64_t integer(
+// The manifest entry `key` parsed whole by `parse` (std::stoll, std::stod),
+// else a PackageError saying it is not `what`.
+template <typename Parse>
+auto parsed(
     const std::map<std::string, std::string>& manifest,
-    const std::string& key) {
+    const std::string& key,
+    Parse parse,
+    const char* what) {
   const std::string text = entry(manifest, key);
   try {
     size_t used = 0;
-    const int64_t value = std::stoll(text, &used);
+    const auto value = parse(text, &used);
     if (used == text.size()) {
       return value;
     }
   } catch (const std::logic_error&) {
   }
-  throw PackageError("bad package: '" + key + "' is not an integer: " + text);
+  throw PackageError("bad package: '" + key + "' is not " + what + ": " + text);
+}
+
+int64_t integer(
+    const std::map<std::string, std::string>& manifest,
+    const std::string& key) {
+  return parsed(
+      manifest,
+      key,
+      [](const std::string& text, size_t* used) {
+        return static_cast<int64_t>(std::stoll(text, used));
+      },
+      "an integer");
 }
 
 double real(
     const std::map<std::string, std::string>& manifest,
     const std::string& key) {
-  const std::string text = entry(manifest, key);
-  try {
-    size_t used = 0;
-    const double value = std::stod(text, &used);
-    if (used == text.size()) {
-      return value;
-    }
-  } catch (const std::logic_error&) {
-  }
-  throw PackageError("bad package: '" + key + "' is not a number: " + text);
+  return parsed(
+      manifest,
+      key,
+      [](const std::string& text, size_t* used) { return std::stod(text, used); },
+      "a number");
 }
 
 // A space-separated list of exactly `count` numbers (Python's repr: exact).
