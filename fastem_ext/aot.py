@@ -71,11 +71,11 @@ from .checks import (
     check_positive,
     check_sigma,
 )
-from .io import load_image
+from .io import current_umask, load_image
 from .mstep import REGULARIZERS
 from .noise import MIN_SIGMA, estimate_noise
 from .observation import Observation
-from .physics import gaussian_kernel
+from .physics import initial_kernel
 from .priors import load_prior
 from .schedule import R2_RULES, Schedule, to_image
 from .step import StepConfig, plan_step, step_with_noise
@@ -151,9 +151,7 @@ def export(path: str | os.PathLike, height: int, width: int, *, prior: str = "na
             inductor_configs={"aot_inductor.metadata": _metadata(manifest)})
         manifest["export_seconds"] = round(time.perf_counter() - started, 1)
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's folder is private: give open()'s mode
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's folder is private
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -227,7 +225,7 @@ def _trace_step(model, settings: ExportSettings, frame: Frame,
     if mask is None:
         mask = torch.ones(1, frame.grid_h, frame.grid_w, device=device)
     example = (torch.randn(shape, generator=generator, device=device),
-               _initial_kernel(settings.kernel_size).to(device),
+               initial_kernel(settings.kernel_size).to(device),
                torch.tensor(len(schedule) - 1, device=device),
                torch.randn(shape, generator=generator, device=device), y, mask,
                torch.tensor(10 / 255, device=device))
@@ -248,12 +246,6 @@ def _take_as_index(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return graph
 
 
-def _initial_kernel(size: int) -> Tensor:
-    """``run()``'s initial kernel: a Gaussian of standard deviation ``K/16``, sum 1."""
-    kernel = gaussian_kernel(size, size / 16)
-    return kernel / kernel.sum()
-
-
 def _manifest(settings: ExportSettings, frame: Frame, schedule: Schedule,
               graph: torch.fx.GraphModule) -> dict[str, Any]:
     fused = sorted({str(node.target).split(".")[1] for node in graph.graph.nodes
@@ -272,7 +264,7 @@ def _manifest(settings: ExportSettings, frame: Frame, schedule: Schedule,
         "masked": int(frame.masked), "sigma_min": LEAST_SIGMA, "sigma_max": MAX_SIGMA,
         "sigma_floor": MIN_SIGMA, "sigma_estimator": "haar-mad (noise.estimate_noise)",
         "fastem_ops": " ".join(fused),
-        "initial_kernel": _initial_kernel(settings.kernel_size).flatten().tolist(),
+        "initial_kernel": initial_kernel(settings.kernel_size).flatten().tolist(),
     }
 
 

@@ -27,7 +27,7 @@ from .mstep import REGULARIZERS, HQSConfig, bundled_denoiser
 from .noise import estimate_noise
 from .observation import Observation
 from .photo import crop_window, estimate_on_crops, restore_tiles, tile_plan
-from .physics import blur_spectrum, gaussian_kernel, psf2otf
+from .physics import blur_spectrum, initial_kernel, psf2otf
 from .priors import Prior, load_prior
 from .progress import StepProgress
 from .samplers import Runner, SamplerOutput, StepCallback, diffusion_em, fast_em, nonblind, sample
@@ -171,7 +171,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     grid, mask = frame.pad(colour.to(device))
     obs = Observation(grid, sigma, mask)
     if kernel is None:
-        kernel = gaussian_kernel(kernel_size, kernel_size / 16)
+        kernel = initial_kernel(kernel_size)
     kernel = (kernel / kernel.sum()).to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -266,7 +266,7 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
     try:
         if blind:
             clock = time.perf_counter()
-            initial = gaussian_kernel(kernel_size, kernel_size / 16) if kernel is None else kernel
+            initial = initial_kernel(kernel_size) if kernel is None else kernel
             kernel, boxes = estimate_on_crops(
                 colour, sample, method, (initial / initial.sum()).to(device), schedule,
                 count=crops, working_size=working_size, multiple=multiple, sigma=sigma,
@@ -445,7 +445,7 @@ def mstep_config(regularizer: str, size: int, device: torch.device,
 def _probe_denoiser(denoiser, size: int, device: torch.device) -> None:
     """Call a user's kernel denoiser once on a Gaussian kernel: wrong shapes and non-finite
     values are reported here, by name, not as NaN images after the run."""
-    kernel = gaussian_kernel(size, size / 16, device=device)
+    kernel = initial_kernel(size, device=device)
     try:
         with torch.no_grad():
             out = denoiser(kernel, torch.tensor(0.01, device=device))

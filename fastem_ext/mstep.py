@@ -117,7 +117,7 @@ from torch import Tensor
 
 from .checks import check_image, check_kernel, check_kernel_size, check_sigma
 from .models.kernel_denoiser import bundled_size, load_kernel_denoiser
-from .physics import gaussian_kernel, kernel_grid
+from .physics import initial_kernel, kernel_grid
 from .schedule import at
 
 REGULARIZERS = ("pnp", "l1", "l2", "none")
@@ -364,7 +364,7 @@ def estimate_kernel(sharp: Tensor, blurry: Tensor, sigma: float, *, kernel_size:
                        regularizer=regularizer, denoiser=denoiser,
                        coupling_floor=0.0).validate(size)
     if init is None:
-        init = gaussian_kernel(size, size / 16, device=blurry.device, dtype=blurry.dtype)
+        init = initial_kernel(size, device=blurry.device, dtype=blurry.dtype)
     else:
         init = check_kernel("init", init, blur=True)
         if init.shape[-1] != size:

@@ -110,6 +110,13 @@ def gaussian_kernel(size: int, std: float, *, device: torch.device | str | None 
     return kernel / kernel.sum()
 
 
+def initial_kernel(size: int, *, device: torch.device | str | None = None,
+                   dtype: torch.dtype = torch.float32) -> Tensor:
+    """The blind methods' starting kernel ``[size, size]``: a Gaussian of standard deviation
+    ``size/16``, sum 1."""
+    return gaussian_kernel(size, size / 16, device=device, dtype=dtype)
+
+
 def dirac_kernel(size: int, *, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> Tensor:
     """The identity blur ``[size, size]``: a single 1 at the centre."""
