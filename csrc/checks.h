@@ -235,4 +235,76 @@ inline void check_projection_inputs(
       z.sizes());
 }
 
+// A float32/bfloat16/float16 tensor of the given shape (group_norm_silu's
+// per-channel and per-group inputs).
+inline void check_shaped(
+    const at::Tensor& t,
+    const char* name,
+    at::ScalarType dtype,
+    at::IntArrayRef shape,
+    const at::Device& device) {
+  check_input(t, name, dtype, device);
+  FASTEM_CHECK(
+      t.sizes() == shape, name, " must be ", shape, ", got ", t.sizes());
+}
+
+// group_norm_silu: x [N, C, H, W] contiguous float32/bfloat16/float16; weight,
+// bias [C] float32; scale, shift [N, C] of x's dtype, both or neither.
+struct GroupShape {
+  int64_t n, channels, plane, groups;
+  int64_t per_group() const {
+    return channels / groups * plane;
+  }
+};
+
+inline GroupShape check_group_norm_inputs(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    const c10::optional<at::Tensor>& scale,
+    const c10::optional<at::Tensor>& shift,
+    int64_t groups) {
+  const auto device = x.device();
+  FASTEM_CHECK(
+      x.dim() == 4 && x.size(0) >= 1,
+      "x must be [N, C, H, W] with N >= 1, got ",
+      x.sizes());
+  const auto dtype = x.scalar_type();
+  FASTEM_CHECK(
+      dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+      "x must be float32, bfloat16 or float16, got ",
+      dtype);
+  check_input(x, "x", dtype, device);
+  const int64_t n = x.size(0), channels = x.size(1);
+  FASTEM_CHECK(
+      groups >= 1 && channels % groups == 0,
+      "the channels (",
+      channels,
+      ") must be a multiple of groups (",
+      groups,
+      ")");
+  check_shaped(weight, "weight", at::kFloat, {channels}, device);
+  check_shaped(bias, "bias", at::kFloat, {channels}, device);
+  FASTEM_CHECK(
+      scale.has_value() == shift.has_value(),
+      "scale and shift must be given together");
+  if (scale.has_value()) {
+    check_shaped(*scale, "scale", dtype, {n, channels}, device);
+    check_shaped(*shift, "shift", dtype, {n, channels}, device);
+  }
+  return {n, channels, x.size(2) * x.size(3), groups};
+}
+
+// The backward's extra inputs: grad like x, mean and rstd [N, groups] float32.
+inline void check_group_norm_backward(
+    const at::Tensor& grad,
+    const at::Tensor& x,
+    const at::Tensor& mean,
+    const at::Tensor& rstd,
+    const GroupShape& s) {
+  check_shaped(grad, "grad", x.scalar_type(), x.sizes(), x.device());
+  check_shaped(mean, "mean", at::kFloat, {s.n, s.groups}, x.device());
+  check_shaped(rstd, "rstd", at::kFloat, {s.n, s.groups}, x.device());
+}
+
 } // namespace fastem

@@ -41,6 +41,12 @@ TORCH_LIBRARY(fastem, m) {
   m.def(
       "ddpm_update(Tensor x_t, Tensor eps, Tensor coefs, Tensor step, Tensor noise, "
       "Tensor? grad, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "group_norm_silu(Tensor x, Tensor weight, Tensor bias, Tensor? scale, "
+      "Tensor? shift, int groups, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "group_norm_silu_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, "
+      "Tensor weight, Tensor bias, Tensor? scale, Tensor? shift, int groups) -> Tensor");
 }
 
 } // namespace fastem

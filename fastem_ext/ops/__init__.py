@@ -1,4 +1,5 @@
-"""Fused ops of one diffusion step, outside the network (issue 7).
+"""Fused ops of one diffusion step: outside the network (issue 7), and the network's
+GroupNorm + scale-shift + SiLU (issue 14).
 
 One op per file, each with its pure-torch reference (the specification, the CPU fallback and the
 test oracle), a Triton kernel, the C++ op ``torch.ops.fastem.<name>`` (csrc/: CPU always, CUDA
@@ -10,6 +11,7 @@ Importing this package compiles and loads nothing: the C++ library is loaded on 
 
 from ._backend import table_index
 from .ddpm_update import ddpm_coefficients, ddpm_update, predict_x0
+from .group_norm_silu import group_norm_silu
 from .kernel_project import kernel_project
 from .pigdm_filter import pigdm_filter
 from .spectral_sums import spectral_sums
@@ -18,6 +20,7 @@ from .wiener_z import wiener_z
 __all__ = [
     "ddpm_coefficients",
     "ddpm_update",
+    "group_norm_silu",
     "kernel_project",
     "pigdm_filter",
     "predict_x0",

@@ -1,0 +1,155 @@
+"""group_norm_silu (the UNet's GroupNorm + scale-shift + SiLU) and its input-VJP against the
+reference."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ops_helpers import assert_float64_rule, generator, randn, registered_op
+
+from fastem_ext import ops
+from fastem_ext.models.unet_blocks import GroupNorm32
+from fastem_ext.ops.group_norm_silu import _GroupNormSiLU
+
+GROUPS = 32
+# (C, H, W): one channel per group, 3 and 2 per group (groups of 189 elements: under one Triton
+# block; of 1296: over one), odd and non-square grids.
+SHAPES = [(32, 8, 8), (96, 9, 7), (64, 24, 27), (160, 5, 11)]
+REDUCED = [torch.bfloat16, torch.float16]
+
+
+def _reference(x, weight, bias, scale, shift):
+    """GroupNorm32 then the ResBlock's scale-shift and SiLU, written out (float64 stays float64:
+    the oracle)."""
+    stats = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = F.group_norm(x.to(stats), GROUPS, weight.to(stats), bias.to(stats), 1e-5).to(x.dtype)
+    if scale is not None:
+        h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+    return F.silu(h)
+
+
+def _vjp_reference(x, weight, bias, scale, shift, v):
+    x = x.detach().requires_grad_(True)
+    return torch.autograd.grad(_reference(x, weight, bias, scale, shift), x, v)[0]
+
+
+def _inputs(n, shape, affine, device, dtype=torch.float32):
+    """x with a per-group offset (the statistics matter), γ, β near 1 and 0, scale and shift."""
+    g = generator(n, *shape, affine, str(dtype))
+    c = shape[0]
+    x = randn((n, *shape), g, device) + randn((n, GROUPS, 1, 1, 1), g, device).repeat_interleave(
+        c // GROUPS, 1).reshape(n, c, 1, 1)
+    weight = 1 + 0.3 * randn((c,), g, device)
+    bias = 0.3 * randn((c,), g, device)
+    scale = shift = None
+    if affine:
+        scale, shift = 0.5 * randn((n, c), g, device), 0.5 * randn((n, c), g, device)
+        scale, shift = scale.to(dtype), shift.to(dtype)
+    return x.to(dtype), weight, bias, scale, shift, randn((n, *shape), g, device).to(dtype)
+
+
+def _skip_interpreted_reduced(device, dtype):
+    if dtype != torch.float32 and os.environ["FASTEM_BACKEND"] == "triton" and device.type == "cpu":
+        pytest.skip("Triton's interpreter does not compute bfloat16/float16 correctly (STYLE.md)")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("affine", [True, False], ids=["scale-shift", "plain"])
+def test_forward_and_input_vjp(op_backend, shape, n, affine):
+    x, weight, bias, scale, shift, v = _inputs(n, shape, affine, op_backend)
+    xg = x.clone().requires_grad_(True)
+    out = ops.group_norm_silu(xg, weight, bias, scale, shift)
+    assert_float64_rule(out, _reference, (x, weight, bias, scale, shift))
+    (grad,) = torch.autograd.grad(out, xg, v)
+    assert_float64_rule(grad, _vjp_reference, (x, weight, bias, scale, shift, v))
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:3])
+@pytest.mark.parametrize("dtype", REDUCED, ids=["bf16", "fp16"])
+def test_reduced_precision(fused_backend, shape, dtype):
+    """bfloat16/float16 x: the kernels round once, the modules after every op; both against
+    float64 (the rule's float32 reference is then the modules run in that dtype)."""
+    _skip_interpreted_reduced(fused_backend, dtype)
+    x, weight, bias, scale, shift, v = _inputs(2, shape, True, fused_backend, dtype)
+    xg = x.clone().requires_grad_(True)
+    out = ops.group_norm_silu(xg, weight, bias, scale, shift)
+    assert_float64_rule(out, _reference, (x, weight, bias, scale, shift))
+    (grad,) = torch.autograd.grad(out, xg, v)
+    assert grad.dtype == dtype
+    assert_float64_rule(grad, _vjp_reference, (x, weight, bias, scale, shift, v))
+
+
+def test_reference_is_the_modules(monkeypatch):
+    """The reference backend computes exactly what GroupNorm32 and the ResBlock compute."""
+    monkeypatch.setenv("FASTEM_BACKEND", "reference")
+    for dtype in (torch.float32, torch.bfloat16):
+        x, weight, bias, scale, shift, _ = _inputs(2, (64, 6, 5), True, torch.device("cpu"),
+                                                   dtype)
+        norm = GroupNorm32(64)
+        with torch.no_grad():
+            norm.weight.copy_(weight)
+            norm.bias.copy_(bias)
+        modules = F.silu(norm(x) * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
+        assert torch.equal(ops.group_norm_silu(x, weight, bias, scale, shift), modules)
+        assert torch.equal(ops.group_norm_silu(x, weight, bias), F.silu(norm(x)))
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["scale-shift", "plain"])
+def test_gradcheck_float64(affine):
+    """float64 runs the reference: the fused path's backward formula (x only, the autograd
+    Function), and torch's autograd of the reference for every input."""
+    x, weight, bias, scale, shift, _ = (
+        t if t is None else t.double() for t in _inputs(2, (64, 3, 5), affine, torch.device("cpu")))
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: ops.group_norm_silu(z, weight, bias, scale, shift),
+                                    (x,))
+    params = [t.requires_grad_(True) for t in (weight, bias, scale, shift) if t is not None]
+    assert torch.autograd.gradcheck(
+        lambda z, *p: ops.group_norm_silu(z, *p, *([None, None] if not affine else [])),
+        (x, *params))
+
+
+def test_parameter_gradients_run_the_reference(fused_backend):
+    """A gradient of γ, β, scale or shift is the reference's; the fused autograd refuses one."""
+    x, weight, bias, scale, shift, v = _inputs(2, (64, 5, 6), True, fused_backend)
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias, scale, shift)]
+    grads = torch.autograd.grad(ops.group_norm_silu(*leaves), leaves, v)
+    expected = torch.autograd.grad(_reference(*leaves), leaves, v)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    out = _GroupNormSiLU.apply(leaves[0], leaves[1], bias, scale, shift, GROUPS, 1e-5,
+                               os.environ["FASTEM_BACKEND"])
+    with pytest.raises(RuntimeError, match="differentiates x only"):
+        torch.autograd.grad(out, leaves[:2], v)
+
+
+def test_rejects_bad_inputs(fused_backend):
+    x, weight, bias, scale, shift, _ = _inputs(2, (64, 5, 6), True, fused_backend)
+    with pytest.raises(ValueError, match="multiple of groups"):
+        ops.group_norm_silu(x[:, :48], weight[:48], bias[:48], groups=GROUPS)
+    with pytest.raises(ValueError, match="together"):
+        ops.group_norm_silu(x, weight, bias, scale, None)
+    with pytest.raises(ValueError, match="weight"):
+        ops.group_norm_silu(x, weight[:32], bias)
+    with pytest.raises(ValueError, match="scale"):
+        ops.group_norm_silu(x, weight, bias, scale[:1], shift)
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        ops.group_norm_silu(x[0], weight, bias)
+    with pytest.raises((ValueError, RuntimeError), match="scale must be"):
+        ops.group_norm_silu(x, weight, bias, scale.double(), shift)
+
+
+def test_opcheck(fused_backend):
+    backend = os.environ["FASTEM_BACKEND"]
+    forward = registered_op("group_norm_silu", backend)
+    backward = registered_op("group_norm_silu_backward", backend)
+    for affine in (True, False):
+        x, weight, bias, scale, shift, v = _inputs(2, (64, 5, 3), affine, fused_backend)
+        torch.library.opcheck(forward, (x, weight, bias, scale, shift, GROUPS, 1e-5))
+        _, mean, rstd = forward(x, weight, bias, scale, shift, GROUPS, 1e-5)
+        torch.library.opcheck(backward, (v, x, mean, rstd, weight, bias, scale, shift, GROUPS))
+
