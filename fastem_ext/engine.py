@@ -14,6 +14,9 @@ the backward of its input-VJP), compiled before the capture. Compiled code is ca
 itself: in one process by the model's code and input shapes (a second ``run()`` with a freshly
 loaded prior of the same shape compiles nothing), and across processes by Inductor's on-disk
 caches where enabled. A compilation failure falls back to the eager network with one warning.
+With ``EngineConfig.fused_norms`` the UNets' GroupNorm + scale-shift + SiLU run as the fused op
+``ops.group_norm_silu`` (forward and input-VJP) instead of torch's separate kernels; the
+reference engine never fuses them.
 """
 
 from __future__ import annotations
@@ -40,12 +43,14 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 class EngineConfig:
     """precision: the network's autocast dtype (``bf16``, ``fp16`` or ``fp32`` = none);
     graphs: capture the step as a CUDA graph when on CUDA; compile: run the network as
-    Inductor-compiled code (module docstring); warmup: eager steps run (and undone) before
+    Inductor-compiled code (module docstring); fused_norms: the UNets' norms as
+    ``ops.group_norm_silu`` (module docstring); warmup: eager steps run (and undone) before
     capture so that lazy initialisation happens outside the graph."""
 
     precision: str = "bf16"
     graphs: bool = True
     compile: bool = False
+    fused_norms: bool = False
     warmup: int = 2
 
     def validate(self) -> EngineConfig:
@@ -53,28 +58,37 @@ class EngineConfig:
             raise ValueError(
                 f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}"
             )
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be True or False, got {self.compile!r}")
+        for name in ("compile", "fused_norms"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         return self
 
 
-def cast_weights(eps_model: EpsModel, precision: str) -> EpsModel:
+def cast_weights(eps_model: EpsModel, precision: str, fused_norms: bool = False) -> EpsModel:
     """For a module holding ``UNet``s and a reduced ``precision``: a copy whose UNets' torso
     convolutions hold weights of that dtype (``UNet.convert_torso``). Under autocast those
     convolutions run in that dtype anyway, on activations already in it, so the outputs are
     bit-identical; autocast just finds the weights cast instead of copying them on every call.
-    Anything else is returned as it is (autocast casts it per call, as before)."""
+    With ``fused_norms``, the copy's UNets run their norms as ``ops.group_norm_silu``
+    (``UNet.fuse_norms``). Anything else is returned as it is (autocast casts it per call, as
+    before); the caller's model is never changed."""
+    from . import ops
     from .models.unet import UNet
 
     dtype = PRECISIONS[precision]
-    if dtype is None or not isinstance(eps_model, nn.Module):
+    if (dtype is None and not fused_norms) or not isinstance(eps_model, nn.Module):
         return eps_model
     if not any(isinstance(module, UNet) for module in eps_model.modules()):
         return eps_model
-    cast = copy.deepcopy(eps_model)
+    # Nothing is cast in float32: the copy shares the weights and costs no memory for them.
+    shared = () if dtype is not None else (*eps_model.parameters(), *eps_model.buffers())
+    cast = copy.deepcopy(eps_model, {id(t): t for t in shared})
     for module in cast.modules():
         if isinstance(module, UNet):
-            module.convert_torso(dtype)
+            if dtype is not None:
+                module.convert_torso(dtype)
+            if fused_norms:
+                module.fuse_norms(ops.group_norm_silu)
     return cast
 
 
@@ -116,7 +130,7 @@ class GraphedLoop:
                  config: StepConfig, generator: torch.Generator, x_init: Tensor,
                  kernel: Tensor | None, engine: EngineConfig) -> None:
         self.device = x_init.device
-        network = cast_weights(eps_model, engine.precision)
+        network = cast_weights(eps_model, engine.precision, engine.fused_norms)
         self.eager_model = autocast_model(network, self.device, engine.precision)
         self.model = self.eager_model
         if engine.compile:

@@ -11,6 +11,7 @@ from fastem_ext.engine import EngineConfig, GraphedLoop, autocast_model, cast_we
 from fastem_ext.models import GaussianPrior
 from fastem_ext.models.natural_prior import load_natural_prior
 from fastem_ext.observation import Observation
+from fastem_ext.ops import _backend
 from fastem_ext.schedule import Schedule
 from fastem_ext.step import StepConfig
 
@@ -98,3 +99,23 @@ def test_run_checks_the_compile_switch():
         EngineConfig(compile=1).validate()
     info = run(image, 0.02, engine="fast", precision="fp32", **common).info
     assert info["compiled"] is False and info["seconds_compile"] is None
+
+
+@pytest.mark.skipif(_backend.unavailable("cpp", torch.device("cpu")) is not None,
+                    reason="no C++ extension")
+def test_fused_norms_agree_and_leave_the_prior_alone(monkeypatch):
+    """EngineConfig(fused_norms=True): the run agrees with the plain fast engine to rounding (fp32,
+    the C++ CPU op), on a copy that shares the float32 weights; the caller's prior, which the
+    reference engine runs, keeps its own norms."""
+    monkeypatch.setenv("FASTEM_BACKEND", "cpp")
+    prior = load_natural_prior()
+    plain = _loop(prior, EngineConfig(precision="fp32")).run()
+    loop = _loop(prior, EngineConfig(precision="fp32", fused_norms=True))
+    fused = loop.run()
+    torch.testing.assert_close(fused.particles, plain.particles, rtol=0, atol=1e-4)
+    assert not torch.equal(fused.particles, plain.particles)  # the fused op did run
+    assert prior.unet.fused is None
+    assert loop.eager_model.unet.fused is not None
+    assert loop.eager_model.unet.out[0].weight is prior.unet.out[0].weight
+    with pytest.raises(ValueError, match="fused_norms"):
+        EngineConfig(fused_norms=1).validate()

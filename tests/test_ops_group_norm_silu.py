@@ -1,5 +1,5 @@
 """group_norm_silu (the UNet's GroupNorm + scale-shift + SiLU) and its input-VJP against the
-reference."""
+reference; the UNet with the fused norms against the plain one."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from ops_helpers import assert_float64_rule, generator, randn, registered_op
+from ops_helpers import NO_EXT, assert_float64_rule, generator, randn, registered_op
 
 from fastem_ext import ops
-from fastem_ext.models.unet_blocks import GroupNorm32
+from fastem_ext.models.unet import UNet
+from fastem_ext.models.unet_blocks import GroupNorm32, ResBlock
 from fastem_ext.ops.group_norm_silu import _GroupNormSiLU
 
 GROUPS = 32
@@ -152,4 +153,50 @@ def test_opcheck(fused_backend):
         torch.library.opcheck(forward, (x, weight, bias, scale, shift, GROUPS, 1e-5))
         _, mean, rstd = forward(x, weight, bias, scale, shift, GROUPS, 1e-5)
         torch.library.opcheck(backward, (v, x, mean, rstd, weight, bias, scale, shift, GROUPS))
+
+
+TINY = {"image_size": 32, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
+        "attention_resolutions": "16", "num_head_channels": 16, "learn_sigma": True}
+
+
+@pytest.mark.skipif(NO_EXT, reason="FASTEM_NO_EXT is set: no C++ extension")
+@pytest.mark.parametrize("scale_shift, updown", [(True, True), (False, False)])
+def test_unet_with_fused_norms_matches_the_plain_unet(monkeypatch, scale_shift, updown):
+    """fp32 on the C++ CPU op: the output and the input-VJP of a random UNet agree with the
+    plain modules' to rounding, and switching back restores the plain path exactly."""
+    monkeypatch.setenv("FASTEM_BACKEND", "cpp")
+    model = UNet.from_config(**TINY, use_scale_shift_norm=scale_shift, resblock_updown=updown)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    model.requires_grad_(False)
+    x = torch.randn(2, 3, 32, 32, generator=g, requires_grad=True)
+    t, v = torch.tensor([10, 700]), torch.randn(2, 6, 32, 32, generator=g)
+
+    def forward_and_vjp():
+        out = model(x, t)
+        return out, torch.autograd.grad(out, x, v)[0]
+
+    plain = forward_and_vjp()
+    model.fuse_norms(ops.group_norm_silu)
+    calls = []
+    monkeypatch.setattr(torch.ops.fastem, "group_norm_silu_backward",
+                        _counting(torch.ops.fastem.group_norm_silu_backward, calls))
+    fused = forward_and_vjp()
+    blocks = sum(isinstance(m, ResBlock) for m in model.modules())
+    assert len(calls) == 2 * blocks + 1  # two norms per ResBlock and the output head's
+    for got, want in zip(fused, plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert not torch.equal(got, want)  # the fused kernels did run
+    model.fuse_norms(None)
+    assert all(torch.equal(a, b) for a, b in zip(forward_and_vjp(), plain, strict=True))
+
+
+def _counting(op, calls):
+    def counted(*args):
+        calls.append(1)
+        return op(*args)
+
+    return counted
 

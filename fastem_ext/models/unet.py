@@ -18,11 +18,13 @@ from torch import Tensor, nn
 from .unet_blocks import (
     AttentionBlock,
     Downsample,
+    FusedNormSiLU,
     GroupNorm32,
     ResBlock,
     TimestepEmbedding,
     TimestepSequential,
     Upsample,
+    norm_silu,
     zero_module,
 )
 
@@ -229,6 +231,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(
             GroupNorm32(ch), nn.SiLU(), zero_module(nn.Conv2d(input_ch, out_channels, 3, padding=1))
         )
+        self.fused: FusedNormSiLU | None = None  # fuse_norms
         if use_fp16:
             self.convert_torso(torch.float16)
 
@@ -272,6 +275,14 @@ class UNet(nn.Module):
                 if isinstance(m, (nn.Conv1d, nn.Conv2d)):
                     m.to(dtype)
 
+    def fuse_norms(self, fused: FusedNormSiLU | None) -> None:
+        """Run every norm + (scale-shift) + SiLU of the ResBlocks and the output head by
+        ``fused`` (``ops.group_norm_silu``: the fast engine's), or by the modules (``None``)."""
+        self.fused = fused
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                m.fused = fused
+
     @property
     def size_multiple(self) -> int:
         """H and W must be multiples of this: ``2 ** (levels - 1)``."""
@@ -310,7 +321,8 @@ class UNet(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out(h.to(self.out[-1].weight.dtype)).to(x.dtype)
+        h = norm_silu(self.out[0], h.to(self.out[-1].weight.dtype), self.fused)
+        return self.out[2](h).to(x.dtype)
 
 
 def _mismatch_report(model: nn.Module, sd: Mapping[str, Any], limit: int = 5) -> str | None:

@@ -17,6 +17,11 @@ from torch import Tensor, nn
 
 MAX_PERIOD = 10000.0
 
+# ``fused(x, weight, bias, scale, shift, groups, eps) = SiLU(GN(x)·(1+scale) + shift)``, the
+# signature of ``ops.group_norm_silu``: the engine installs it (``UNet.fuse_norms``); the models
+# never import ops (they sit below them).
+FusedNormSiLU = Callable[..., Tensor]
+
 
 def _frequencies(half: int, device: torch.device | None = None) -> Tensor:
     """``exp(-ln(10000) * i / half)`` for ``i < half``, in float32 exactly as guided-diffusion."""
@@ -75,6 +80,18 @@ class GroupNorm32(nn.GroupNorm):
             x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps
         )
         return y.to(x.dtype)
+
+
+def norm_silu(norm: nn.GroupNorm, x: Tensor, fused: FusedNormSiLU | None = None,
+              scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+    """``SiLU(norm(x)·(1+scale) + shift)`` (scale, shift ``[B, C, 1, 1]`` or ``None``): by the
+    modules' own operations, or by ``fused`` where one is installed."""
+    if fused is not None:
+        return fused(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps)
+    h = norm(x)
+    if scale is not None:
+        h = h * (1 + scale) + shift
+    return F.silu(h)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -136,6 +153,7 @@ class ResBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
+        self.fused: FusedNormSiLU | None = None  # UNet.fuse_norms
         self.in_layers = nn.Sequential(
             GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
@@ -164,21 +182,19 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """x: ``[B, C, H, W]``, emb: ``[B, E]`` -> ``[B, C', H', W']`` (H' = 2H, H/2 or H)."""
+        h = norm_silu(self.in_layers[0], x, self.fused)
         if self.updown:
             # Resample after norm+SiLU and before the conv, as guided-diffusion does.
-            h = self.in_layers[1](self.in_layers[0](x))
-            h = self.in_layers[2](self.h_upd(h))
+            h = self.h_upd(h)
             x = self.x_upd(x)
-        else:
-            h = self.in_layers(x)
+        h = self.in_layers[2](h)
         emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            for layer in self.out_layers[1:]:
-                h = layer(h)
+            h = norm_silu(self.out_layers[0], h, self.fused, scale, shift)
         else:
-            h = self.out_layers(h + emb_out)
+            h = norm_silu(self.out_layers[0], h + emb_out, self.fused)
+        h = self.out_layers[3](self.out_layers[2](h))
         return self.skip_connection(x) + h
 
 
