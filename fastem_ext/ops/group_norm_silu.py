@@ -1,4 +1,4 @@
-"""Fused op 6, the UNet's norm and activation (issue 14): ``y = SiLU(GN(x)·(1+scale) + shift)``.
+"""Fused op 5, the UNet's norm and activation (issue 14): ``y = SiLU(GN(x)·(1+scale) + shift)``.
 
 ``GN`` is GroupNorm with ``groups`` groups, statistics in float32 and the float32 affine ``γ, β``
 (``models.unet_blocks.GroupNorm32``); ``scale, shift`` ``[N, C]`` are the ResBlock's scale-shift
