@@ -9,8 +9,10 @@ CPU (the bundled prior at 256×256, n = 1, 100 steps; the README's CPU figure):
     python benchmarks/bench_engine.py --device cpu --model natural --particles 1 --no-dps \\
         --engines reference
 
-Engines: ``reference`` (eager fp32), ``fast`` (bf16, CUDA graph, fused ops) and ``compiled`` (the
-fast engine with the network Inductor-compiled, ``run(..., compile=True)``; its compile time is
+Engines: ``reference`` (eager fp32), ``fast`` (bf16, CUDA graph, fused ops), ``fused`` (the fast
+engine with the UNet's norms as ``ops.group_norm_silu``, ``EngineConfig(fused_norms=True)``) and
+``compiled`` (the fast engine with the network Inductor-compiled, ``run(..., compile=True)``; its
+compile time is
 reported cold, the process's first compilation, and warm, the timed run's, served from torch's
 caches). Prints a table and writes JSON with the device name. The reference engine at large n is
 timed over ``--reference-steps`` steps and extrapolated per step (marked in the table); the fast
@@ -40,6 +42,8 @@ from fastem_ext.observation import Observation
 from fastem_ext.physics import blur, gaussian_kernel
 from fastem_ext.samplers import fast_em, sample
 from fastem_ext.schedule import Schedule
+
+FAST_ENGINES = ("fast", "fused", "compiled")  # the fast engine's variants
 
 
 def build_model(name: str, device: torch.device) -> torch.nn.Module:
@@ -88,7 +92,8 @@ def run_case(model, obs: Observation, truth_size: int, *, engine: str, guidance:
     kernel = gaussian_kernel(truth_size, truth_size / 16, device=device)
     runner = sample if engine == "reference" else partial(
         graphed_sample, engine=EngineConfig(precision=precision, graphs=graphs,
-                                            compile=engine == "compiled"))
+                                            compile=engine == "compiled",
+                                            fused_norms=engine == "fused"))
     mstep = HQSConfig(regularizer="pnp", denoiser=bundled_denoiser(truth_size, device)
                       ).validate(truth_size)
 
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dps-steps", type=int, default=1000)
     parser.add_argument("--no-dps", action="store_true")
     parser.add_argument("--engines", nargs="+", default=["reference", "fast"],
-                        choices=["reference", "fast", "compiled"])
+                        choices=["reference", *FAST_ENGINES])
     parser.add_argument("--out", default=None, help="JSON results file")
     parser.add_argument("--profile", default=None,
                         help="write a torch.profiler table of 5 eager fast-engine steps at the "
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             if engine == "compiled":
                 row["compile_s_first"] = warm.compile_seconds
                 row["compile_s_again"] = out.compile_seconds
-        for engine in ("fast", "compiled"):
+        for engine in FAST_ENGINES:
             if "reference" in args.engines and engine in args.engines:
                 row[f"{engine}_speedup"] = (row["reference_s_per_image"]
                                             / row[f"{engine}_s_per_image"])
@@ -186,13 +191,13 @@ def _write(path: str | None, result: dict) -> None:
 
 
 def _agreement(model, obs, ksize, device, args) -> dict[str, float]:
-    """The fast engines' fp32 runs (``fast``, and ``compiled`` where benchmarked) against the
-    reference, same seed, 20 steps, n = 1, with cuDNN's TF32 and non-deterministic algorithms
+    """The fast engines' fp32 runs (``fast``, ``fused``, ``compiled``: those benchmarked) against
+    the reference, same seed, 20 steps, n = 1, with cuDNN's TF32 and non-deterministic algorithms
     off (a random-weight sampler amplifies their rounding): PSNR between the outputs and the
     kernels' MSE. With the natural prior, also each engine's full-schedule restoration in its
     default precision (bf16) against the sharp image, beside the reference's."""
     steps = min(args.steps, 20)
-    engines = [engine for engine in ("fast", "compiled") if engine in args.engines]
+    engines = [engine for engine in FAST_ENGINES if engine in args.engines]
     cudnn = torch.backends.cudnn
     saved = cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark
     cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark = False, True, False
@@ -218,7 +223,7 @@ def _agreement(model, obs, ksize, device, args) -> dict[str, float]:
 
 def _format(row: dict) -> str:
     parts = [f"{row['method']:13s} n={row['particles']:<3d} steps={row['steps']:<5d}"]
-    for engine in ("reference", "fast", "compiled"):
+    for engine in ("reference", *FAST_ENGINES):
         if f"{engine}_s_per_image" in row:
             mark = "*" if row[f"{engine}_extrapolated"] else ""
             parts.append(f"{engine} {row[f'{engine}_s_per_image']:8.2f} s{mark}")

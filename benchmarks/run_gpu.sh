@@ -23,11 +23,12 @@ timeout 150 python3 -m pytest -q -rfE --tb=short -m cuda -p no:cacheprovider $wo
 echo "tests: $((SECONDS - start)) s"
 timeout 60 python3 benchmarks/bench_ops.py --device cuda --out "$OUT" 2>&1 | tail -25
 echo "ops: $((SECONDS - start)) s"
-# Issue 14: reference vs fast vs compiled (network Inductor-compiled inside the captured step),
+# Issue 14: reference vs fast vs fused (the UNet's norms as ops.group_norm_silu) vs compiled
+# (network Inductor-compiled inside the captured step),
 # the bundled prior first (small, compiles fast), then the FFHQ-256 UNet with DPS. A new particle
 # count recompiles once (torch then marks the batch dimension dynamic); at most 8 files in $OUT.
 timeout 150 python3 benchmarks/bench_engine.py --device cuda --model natural --no-dps --particles 1 \
-    --engines reference fast compiled --reference-steps 10 --out "$OUT/bench_natural.json" 2>&1 \
+    --engines reference fast fused compiled --reference-steps 10 --out "$OUT/bench_natural.json" 2>&1 \
     | tee "$OUT/bench_natural.log"
 echo "natural: $((SECONDS - start)) s"
 left=$((${FASTEM_GPU_BUDGET_S:-540} - (SECONDS - start)))
@@ -35,7 +36,7 @@ if [ "$left" -lt 30 ]; then
     echo "engine (FFHQ): skipped, only $left s of the budget left"
 else
     timeout "$left" python3 benchmarks/bench_engine.py \
-        --device cuda --model ffhq --engines reference fast compiled --reference-steps 10 \
+        --device cuda --model ffhq --engines reference fast fused compiled --reference-steps 10 \
         --out "$OUT/bench_engine.json" 2>&1 | tee "$OUT/bench_engine.log"
 fi
 echo "engine: $((SECONDS - start)) s"
