@@ -22,7 +22,7 @@ namespace {
 
 // On x86-64 Linux with GCC or Clang the per-group functions are compiled
 // twice: as plain code (the baseline target: 4 floats wide, no FMA) and for
-// AVX2 + FMA, picked at run time by __builtin_cpu_supports (3 to 4x faster on
+// AVX2 + FMA, picked at run time by __builtin_cpu_supports (about 3x faster on
 // the EPYC of benchmarks/RESULTS.md). Everything that the AVX2 copies call is
 // forced inline, so that it is compiled for their target. Other compilers and
 // platforms build the plain code only.
@@ -77,15 +77,13 @@ Affine<T> affine(
 // (about 1 ulp). x is clamped to [−87, 88], where 2^n stays a normal float:
 // the sigmoid below then saturates at 1 and at ~6e-39 instead of 0. A NaN x
 // becomes 88 (the int conversion of a NaN would be undefined); a·σ(a) and its
-// derivative still come out NaN through a. Branch-free (min, max, and n
-// rounded by the 1.5·2^23 shifter), so that the loops vectorise without
-// computing both sides of a select.
+// derivative still come out NaN through a.
 FASTEM_INLINE float exp_approx(float x) {
   x = x < 88.0f ? x : 88.0f;
   x = x > -87.0f ? x : -87.0f;
-  constexpr float kShifter = 12582912.0f;
-  const float nf = (x * 1.44269504088896341f + kShifter) - kShifter;
-  const int32_t n = static_cast<int32_t>(nf);
+  const float t = x * 1.44269504088896341f;
+  const int32_t n = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));
+  const float nf = static_cast<float>(n);
   const float r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
