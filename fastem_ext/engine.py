@@ -95,7 +95,7 @@ def cast_weights(eps_model: EpsModel, precision: str, fused_norms: bool = False)
 
 def _check_fused_norms(device: torch.device) -> None:
     """ValueError where ``fused_norms`` would run ``ops.group_norm_silu`` on its pure-torch
-    reference: a hand-written backward, 3.7x slower than the plain modules' autograd (CPU,
+    reference: a hand-written backward, 3x slower than the plain modules' autograd (CPU,
     benchmarks/RESULTS.md), so it would slow the engine down and fuse nothing."""
     from .ops import _backend
 
