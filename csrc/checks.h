@@ -295,6 +295,15 @@ inline GroupShape check_group_norm_inputs(
   return {n, channels, x.size(2) * x.size(3), groups};
 }
 
+// Runs the lambda with scalar_t = float, at::Half or at::BFloat16: the dtypes
+// that check_group_norm_inputs admits (needs <ATen/Dispatch.h>).
+#define FASTEM_DISPATCH_GROUP_NORM_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(                                     \
+      TYPE,                                               \
+      NAME,                                               \
+      AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)           \
+          AT_DISPATCH_CASE_REDUCED_FLOATING_TYPES(__VA_ARGS__))
+
 // The backward's extra inputs: grad like x, mean and rstd [N, groups] float32.
 inline void check_group_norm_backward(
     const at::Tensor& grad,

@@ -15,8 +15,9 @@ itself: in one process by the model's code and input shapes (a second ``run()`` 
 loaded prior of the same shape compiles nothing), and across processes by Inductor's on-disk
 caches where enabled. A compilation failure falls back to the eager network with one warning.
 With ``EngineConfig.fused_norms`` the UNets' GroupNorm + scale-shift + SiLU run as the fused op
-``ops.group_norm_silu`` (forward and input-VJP) instead of torch's separate kernels; the
-reference engine never fuses them.
+``ops.group_norm_silu`` (forward and input-VJP) instead of torch's separate kernels (refused,
+ValueError, where only the op's pure-torch reference could run it); the reference engine never
+fuses them.
 """
 
 from __future__ import annotations
@@ -92,6 +93,18 @@ def cast_weights(eps_model: EpsModel, precision: str, fused_norms: bool = False)
     return cast
 
 
+def _check_fused_norms(device: torch.device) -> None:
+    """ValueError where ``fused_norms`` would run ``ops.group_norm_silu`` on its pure-torch
+    reference: a hand-written backward, 3x slower than the plain modules' autograd (CPU,
+    benchmarks/RESULTS.md), so it would slow the engine down and fuse nothing."""
+    from .ops import _backend
+
+    if _backend.select("group_norm_silu", device) == "reference":
+        why = _backend.unavailable("cpp", device) or "FASTEM_BACKEND=reference"
+        raise ValueError(f"fused_norms=True needs the C++ or Triton group_norm_silu on {device}; "
+                         f"only the pure-torch reference is available ({why}): leave it off")
+
+
 def autocast_model(eps_model: EpsModel, device: torch.device, precision: str) -> EpsModel:
     """Wrap ``eps_model`` to run under autocast; its output is cast back to float32."""
     dtype = PRECISIONS[precision]
@@ -130,6 +143,8 @@ class GraphedLoop:
                  config: StepConfig, generator: torch.Generator, x_init: Tensor,
                  kernel: Tensor | None, engine: EngineConfig) -> None:
         self.device = x_init.device
+        if engine.fused_norms:
+            _check_fused_norms(self.device)
         network = cast_weights(eps_model, engine.precision, engine.fused_norms)
         self.eager_model = autocast_model(network, self.device, engine.precision)
         self.model = self.eager_model

@@ -119,3 +119,12 @@ def test_fused_norms_agree_and_leave_the_prior_alone(monkeypatch):
     assert loop.eager_model.unet.out[0].weight is prior.unet.out[0].weight
     with pytest.raises(ValueError, match="fused_norms"):
         EngineConfig(fused_norms=1).validate()
+
+
+def test_fused_norms_refused_on_the_reference_backend(monkeypatch):
+    """Where group_norm_silu would run its pure-torch reference (no kernels: here forced), the
+    fused norms would only slow the engine down: fused_norms=True is refused, saying why."""
+    monkeypatch.setenv("FASTEM_BACKEND", "reference")
+    with pytest.raises(ValueError, match="fused_norms=True needs the C.. or Triton"):
+        _loop(TinyEps(), EngineConfig(precision="fp32", fused_norms=True))
+    _loop(TinyEps(), EngineConfig(precision="fp32"))  # the plain engine runs there

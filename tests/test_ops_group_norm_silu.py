@@ -9,11 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ops_helpers import NO_EXT, assert_float64_rule, generator, randn, registered_op
+from torch import Tensor
 
 from fastem_ext import ops
 from fastem_ext.models.unet import UNet
 from fastem_ext.models.unet_blocks import GroupNorm32, ResBlock
-from fastem_ext.ops.group_norm_silu import _GroupNormSiLU
+from fastem_ext.ops.group_norm_silu import (
+    _backward_reference,
+    _forward_reference,
+    _GroupNormSiLU,
+)
 
 GROUPS = 32
 # (C, H, W): one channel per group, 3 and 2 per group (groups of 189 elements: under one Triton
@@ -84,6 +89,45 @@ def test_reduced_precision(fused_backend, shape, dtype):
     assert_float64_rule(grad, _vjp_reference, (x, weight, bias, scale, shift, v))
 
 
+def _ulp(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """The spacing of ``dtype`` at each value of ``t`` (float32 ``[...]``), subnormals included."""
+    info = torch.finfo(dtype)
+    exponent = torch.frexp(t.float().abs())[1]  # |t| in [2^(e-1), 2^e)
+    spacing = torch.ldexp(torch.full(t.shape, info.eps, device=t.device), exponent - 1)
+    return torch.clamp(spacing, min=info.tiny * info.eps)
+
+
+# (backend, dtype) pairs computed correctly on a CPU: Triton's interpreter runs float16 (not
+# bfloat16: STYLE.md); the C++ kernels run both.
+ROUNDED_ONCE = [pytest.param(("cpp", "cpu"), torch.bfloat16, id="cpp-cpu-bf16"),
+                pytest.param(("cpp", "cpu"), torch.float16, id="cpp-cpu-fp16"),
+                pytest.param(("triton", "cpu"), torch.float16, id="triton-cpu-fp16"),
+                pytest.param(("cpp", "cuda"), torch.bfloat16, id="cpp-cuda-bf16",
+                             marks=pytest.mark.cuda),
+                pytest.param(("triton", "cuda"), torch.bfloat16, id="triton-cuda-bf16",
+                             marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("fused_backend, dtype", ROUNDED_ONCE, indirect=["fused_backend"])
+def test_reduced_precision_rounds_once(fused_backend, dtype):
+    """In bfloat16/float16 the kernels compute everything (1 + scale included) in float32 and
+    round once: the output and the input-VJP are within one ulp of the dtype of the float32
+    reference rounded to it, elementwise."""
+    x, weight, bias, scale, shift, v = _inputs(2, (96, 9, 7), True, fused_backend, dtype)
+    xg = x.clone().requires_grad_(True)
+    out = ops.group_norm_silu(xg, weight, bias, scale, shift)
+    (grad,) = torch.autograd.grad(out, xg, v)
+    # The module's reference in float32 on the same (already rounded) inputs, rounded once.
+    f32 = [t.float() for t in (x, scale, shift, v)]
+    y, mean, rstd = _forward_reference(f32[0], weight, bias, f32[1], f32[2], GROUPS, 1e-5)
+    want_grad = _backward_reference(f32[3], f32[0], mean, rstd, weight, bias, f32[1], f32[2],
+                                    GROUPS)
+    for got, want in ((out, y.to(dtype)), (grad, want_grad.to(dtype))):
+        assert got.dtype == dtype
+        err = (got.float() - want.float()).abs()
+        assert (err <= _ulp(want, dtype)).all(), (err / _ulp(want, dtype)).max()
+
+
 def test_reference_is_the_modules(monkeypatch):
     """The reference backend computes exactly what GroupNorm32 and the ResBlock compute."""
     monkeypatch.setenv("FASTEM_BACKEND", "reference")
@@ -142,6 +186,33 @@ def test_rejects_bad_inputs(fused_backend):
         ops.group_norm_silu(x[0], weight, bias)
     with pytest.raises((ValueError, RuntimeError), match="scale must be"):
         ops.group_norm_silu(x, weight, bias, scale.double(), shift)
+    for wrong in (scale.reshape(-1), scale.T.contiguous(), scale[..., None]):  # N·C elements
+        with pytest.raises(ValueError, match="scale must be"):
+            ops.group_norm_silu(x, weight, bias, wrong, shift)
+
+
+def test_nan_stays_in_its_group(fused_backend):
+    """A NaN in x makes its (sample, group) NaN and leaves the other groups finite (the C++
+    exp clamps a NaN rather than convert it to int)."""
+    x, weight, bias, scale, shift, v = _inputs(2, (64, 5, 6), True, fused_backend)
+    x[1, 2, 3, 4] = float("nan")  # group 1 of sample 1 (2 channels per group)
+    xg = x.clone().requires_grad_(True)
+    out = ops.group_norm_silu(xg, weight, bias, scale, shift)
+    (grad,) = torch.autograd.grad(out, xg, v)
+    for t in (out, grad):
+        nan = t.isnan().reshape(2, GROUPS, -1)
+        assert nan[1, 1].all() and nan.sum() == nan[1, 1].numel()
+
+
+def test_double_backward_is_refused(op_backend):
+    """The fused backward is not differentiable again: a second derivative raises instead of
+    coming out wrong."""
+    x, weight, bias, _, _, v = _inputs(2, (64, 5, 6), False, op_backend)
+    xg, vg = x.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(ops.group_norm_silu(xg, weight, bias), xg, vg,
+                                  create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
 
 
 def test_opcheck(fused_backend):

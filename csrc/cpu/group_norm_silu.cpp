@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -17,6 +19,23 @@
 
 namespace fastem {
 namespace {
+
+// On x86-64 Linux with GCC or Clang the per-group functions are compiled
+// twice: as plain code (the baseline target: 4 floats wide, no FMA) and for
+// AVX2 + FMA, picked at run time by __builtin_cpu_supports (about 3x faster on
+// the EPYC of benchmarks/RESULTS.md). Everything that the AVX2 copies call is
+// forced inline, so that it is compiled for their target. Other compilers and
+// platforms build the plain code only.
+#if defined(__x86_64__) && defined(__linux__) && \
+    (defined(__GNUC__) || defined(__clang__))
+#define FASTEM_GN_AVX2 1
+#define FASTEM_INLINE __attribute__((always_inline)) inline
+#define FASTEM_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define FASTEM_GN_AVX2 0
+#define FASTEM_INLINE inline
+#define FASTEM_LAMBDA_INLINE
+#endif
 
 // The affine map of channel c of sample n after normalisation:
 // a = x̂·gain + offset with gain = γ(1+s), offset = β(1+s) + t.
@@ -28,7 +47,7 @@ struct Affine {
   const T* __restrict__ shift; // [N, C] or nullptr
   int64_t channels;
 
-  void at(int64_t n, int64_t c, float& gain, float& offset) const {
+  FASTEM_INLINE void at(int64_t n, int64_t c, float& gain, float& offset) const {
     gain = weight[c];
     offset = bias[c];
     if (scale != nullptr) {
@@ -53,28 +72,17 @@ Affine<T> affine(
       weight.size(0)};
 }
 
-// The per-group functions are also compiled for x86-64-v3 (AVX2, FMA) and
-// picked at load time (GCC/Clang function multi-versioning): the baseline
-// x86-64 build vectorises their loops 4 floats wide only (3x slower here).
-// Everything their loops call is forced inline, since a function of the
-// baseline target is not inlined into a clone: hence plain comparisons and a
-// builtin cast below, no library calls.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FASTEM_CPU_CLONES \
-  __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FASTEM_CPU_CLONES
-#endif
-#define FASTEM_INLINE __attribute__((always_inline)) inline
-
 // e^x without a libm call, so that the loops vectorise: Cephes' expf,
 // 2^n·e^r with r = x − n·ln 2 in [−ln2/2, ln2/2] and a degree-6 polynomial
 // (about 1 ulp). x is clamped to [−87, 88], where 2^n stays a normal float:
-// the sigmoid below then saturates at 1 and at ~6e-39 instead of 0.
+// the sigmoid below then saturates at 1 and at ~6e-39 instead of 0. A NaN x
+// becomes 88 (the int conversion of a NaN would be undefined); a·σ(a) and its
+// derivative still come out NaN through a.
 FASTEM_INLINE float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  x = x < 88.0f ? x : 88.0f;
+  x = x > -87.0f ? x : -87.0f;
   const float t = x * 1.44269504088896341f;
-  const int n = static_cast<int>(t + (t >= 0.0f ? 0.5f : -0.5f));
+  const int32_t n = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));
   const float nf = static_cast<float>(n);
   const float r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -84,7 +92,10 @@ FASTEM_INLINE float exp_approx(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  return p * __builtin_bit_cast(float, (n + 127) << 23);
+  const int32_t bits = (n + 127) << 23; // 2^n, n in [−126, 127]
+  float pow2;
+  std::memcpy(&pow2, &bits, sizeof pow2);
+  return p * pow2;
 }
 
 FASTEM_INLINE float sigmoid(float a) {
@@ -126,7 +137,7 @@ FASTEM_INLINE std::pair<double, double> sums(int64_t count, const F& f) {
 // One (sample n, group) task: x, y [C/G, H·W] from channel `first` on.
 // Returns (mean, rstd).
 template <typename T>
-FASTEM_CPU_CLONES std::pair<float, float> forward_group(
+FASTEM_INLINE std::pair<float, float> forward_group(
     const T* __restrict__ x,
     T* __restrict__ y,
     const Affine<T>& affine,
@@ -140,14 +151,14 @@ FASTEM_CPU_CLONES std::pair<float, float> forward_group(
   // cancellation).
   const float m = static_cast<float>(
       sums(size,
-           [&](int64_t j) __attribute__((always_inline)) {
+           [&](int64_t j) FASTEM_LAMBDA_INLINE {
              return std::pair{static_cast<float>(x[j]), 0.0f};
            })
           .first /
       size);
   const double var =
       sums(size,
-           [&](int64_t j) __attribute__((always_inline)) {
+           [&](int64_t j) FASTEM_LAMBDA_INLINE {
              const float d = static_cast<float>(x[j]) - m;
              return std::pair{d * d, 0.0f};
            })
@@ -170,7 +181,7 @@ FASTEM_CPU_CLONES std::pair<float, float> forward_group(
 
 // The input-VJP of one task: grad, x, out [C/G, H·W]; g [C/G·H·W] scratch.
 template <typename T>
-FASTEM_CPU_CLONES void backward_group(
+FASTEM_INLINE void backward_group(
     const T* __restrict__ grad,
     const T* __restrict__ x,
     T* __restrict__ out,
@@ -196,7 +207,7 @@ FASTEM_CPU_CLONES void backward_group(
     }
   }
   const auto [sum_g, sum_gx] =
-      sums(size, [&](int64_t j) __attribute__((always_inline)) {
+      sums(size, [&](int64_t j) FASTEM_LAMBDA_INLINE {
         return std::pair{g[j], g[j] * ((static_cast<float>(x[j]) - m) * r)};
       });
   const float mean_g = static_cast<float>(sum_g / size);
@@ -205,6 +216,64 @@ FASTEM_CPU_CLONES void backward_group(
     const float xhat = (static_cast<float>(x[j]) - m) * r;
     out[j] = static_cast<T>(r * (g[j] - mean_g - xhat * mean_gx));
   }
+}
+
+#if FASTEM_GN_AVX2
+template <typename T>
+__attribute__((target("avx2,fma"))) std::pair<float, float> forward_group_avx2(
+    const T* __restrict__ x,
+    T* __restrict__ y,
+    const Affine<T>& affine,
+    int64_t n,
+    int64_t first,
+    int64_t channels,
+    int64_t plane,
+    float eps) {
+  return forward_group(x, y, affine, n, first, channels, plane, eps);
+}
+
+template <typename T>
+__attribute__((target("avx2,fma"))) void backward_group_avx2(
+    const T* __restrict__ grad,
+    const T* __restrict__ x,
+    T* __restrict__ out,
+    float* __restrict__ g,
+    const Affine<T>& affine,
+    int64_t n,
+    int64_t first,
+    int64_t channels,
+    int64_t plane,
+    float m,
+    float r) {
+  backward_group(grad, x, out, g, affine, n, first, channels, plane, m, r);
+}
+
+bool has_avx2() {
+  static const bool yes =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#endif
+
+// The per-group functions for this CPU.
+template <typename T>
+auto forward_group_fn() {
+#if FASTEM_GN_AVX2
+  if (has_avx2()) {
+    return &forward_group_avx2<T>;
+  }
+#endif
+  return &forward_group<T>;
+}
+
+template <typename T>
+auto backward_group_fn() {
+#if FASTEM_GN_AVX2
+  if (has_avx2()) {
+    return &backward_group_avx2<T>;
+  }
+#endif
+  return &backward_group<T>;
 }
 
 template <typename T>
@@ -217,9 +286,10 @@ void forward_groups(
     const GroupShape& s,
     float eps) {
   const int64_t size = s.per_group(), per_group = s.channels / s.groups;
+  const auto group = forward_group_fn<T>();
   at::parallel_for(0, s.n * s.groups, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
-      const auto [m, r] = forward_group(
+      const auto [m, r] = group(
           x + task * size,
           y + task * size,
           affine,
@@ -244,10 +314,11 @@ void backward_groups(
     T* out, // [N, C, H·W]
     const GroupShape& s) {
   const int64_t size = s.per_group(), per_group = s.channels / s.groups;
+  const auto group = backward_group_fn<T>();
   at::parallel_for(0, s.n * s.groups, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> g(size);
     for (int64_t task = lo; task < hi; ++task) {
-      backward_group(
+      group(
           grad + task * size,
           x + task * size,
           out + task * size,
@@ -277,8 +348,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
   auto y = at::empty_like(x);
   auto mean = at::empty({s.n, groups}, x.options().dtype(at::kFloat));
   auto rstd = at::empty_like(mean);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu", [&] {
+  FASTEM_DISPATCH_GROUP_NORM_TYPES(
+      x.scalar_type(), "group_norm_silu", [&] {
         forward_groups<scalar_t>(
             x.data_ptr<scalar_t>(),
             affine<scalar_t>(weight, bias, scale, shift),
@@ -306,8 +377,8 @@ at::Tensor group_norm_silu_backward_cpu(
       check_group_norm_inputs(x, weight, bias, scale, shift, groups);
   check_group_norm_backward(grad, x, mean, rstd, s);
   auto out = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_backward", [&] {
+  FASTEM_DISPATCH_GROUP_NORM_TYPES(
+      x.scalar_type(), "group_norm_silu_backward", [&] {
         backward_groups<scalar_t>(
             grad.data_ptr<scalar_t>(),
             x.data_ptr<scalar_t>(),

@@ -6,6 +6,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <tuple>
 
 #include "../checks.h"
@@ -68,7 +69,8 @@ __device__ __forceinline__ float sigmoid(float a) {
 }
 
 // Grid: (N·G,); group task of sample n = task / G is the contiguous block of
-// size = (C/G)·plane elements at task·size.
+// size = (C/G)·plane elements at task·size. The loops' j is 64-bit: a group
+// may hold up to 2^31 − 1 elements, and j + kGroupThreads would overflow an int.
 template <typename T>
 __global__ void __launch_bounds__(kGroupThreads) forward_kernel(
     const T* __restrict__ x, // [N, C, H·W]
@@ -84,13 +86,13 @@ __global__ void __launch_bounds__(kGroupThreads) forward_kernel(
   const int64_t task = blockIdx.x;
   const T* xg = x + task * size;
   float sum = 0.0f;
-  for (int j = threadIdx.x; j < size; j += kGroupThreads) {
+  for (int64_t j = threadIdx.x; j < size; j += kGroupThreads) {
     sum += static_cast<float>(xg[j]);
   }
   const float m = block_sum(sum, shared) / size;
   // The centred second pass: float sums of (x − μ)² do not cancel.
   float sum_sq = 0.0f;
-  for (int j = threadIdx.x; j < size; j += kGroupThreads) {
+  for (int64_t j = threadIdx.x; j < size; j += kGroupThreads) {
     const float d = static_cast<float>(xg[j]) - m;
     sum_sq += d * d;
   }
@@ -102,9 +104,9 @@ __global__ void __launch_bounds__(kGroupThreads) forward_kernel(
   const int n = static_cast<int>(task / groups);
   const int first = static_cast<int>(task % groups) * (size / plane);
   T* yg = y + task * size;
-  for (int j = threadIdx.x; j < size; j += kGroupThreads) {
+  for (int64_t j = threadIdx.x; j < size; j += kGroupThreads) {
     float gain, offset;
-    affine.at(n, first + j / plane, gain, offset);
+    affine.at(n, first + static_cast<int>(j) / plane, gain, offset);
     const float a = (static_cast<float>(xg[j]) - m) * r * gain + offset;
     yg[j] = static_cast<T>(a * sigmoid(a));
   }
@@ -118,7 +120,7 @@ __device__ __forceinline__ float input_grad(
     const Affine<T>& affine,
     int n,
     int c,
-    int j,
+    int64_t j,
     float m,
     float r,
     float& xhat) {
@@ -152,18 +154,18 @@ __global__ void __launch_bounds__(kGroupThreads) backward_kernel(
   const int n = static_cast<int>(task / groups);
   const int first = static_cast<int>(task % groups) * (size / plane);
   float sum_g = 0.0f, sum_gx = 0.0f;
-  for (int j = threadIdx.x; j < size; j += kGroupThreads) {
+  for (int64_t j = threadIdx.x; j < size; j += kGroupThreads) {
     float xhat;
-    const float g = input_grad(dy, xg, affine, n, first + j / plane, j, m, r, xhat);
+    const float g = input_grad(dy, xg, affine, n, first + static_cast<int>(j) / plane, j, m, r, xhat);
     sum_g += g;
     sum_gx += g * xhat;
   }
   const float mean_g = block_sum(sum_g, shared) / size;
   const float mean_gx = block_sum(sum_gx, shared) / size;
   T* og = out + task * size;
-  for (int j = threadIdx.x; j < size; j += kGroupThreads) {
+  for (int64_t j = threadIdx.x; j < size; j += kGroupThreads) {
     float xhat;
-    const float g = input_grad(dy, xg, affine, n, first + j / plane, j, m, r, xhat);
+    const float g = input_grad(dy, xg, affine, n, first + static_cast<int>(j) / plane, j, m, r, xhat);
     og[j] = static_cast<T>(r * (g - mean_g - xhat * mean_gx));
   }
 }
@@ -216,11 +218,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(
   auto mean = at::empty({s.n, groups}, x.options().dtype(at::kFloat));
   auto rstd = at::empty_like(mean);
   if (x.numel() == 0) {
+    // Empty groups: the statistics are 0/0, as the CPU kernel and torch give.
+    mean.fill_(std::numeric_limits<float>::quiet_NaN());
+    rstd.fill_(std::numeric_limits<float>::quiet_NaN());
     return {y, mean, rstd};
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu", [&] {
+  FASTEM_DISPATCH_GROUP_NORM_TYPES(
+      x.scalar_type(), "group_norm_silu", [&] {
         forward_kernel<scalar_t>
             <<<static_cast<unsigned int>(s.n * groups), kGroupThreads, 0, stream>>>(
                 x.data_ptr<scalar_t>(),
@@ -255,8 +260,8 @@ at::Tensor group_norm_silu_backward_cuda(
     return out;
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_backward", [&] {
+  FASTEM_DISPATCH_GROUP_NORM_TYPES(
+      x.scalar_type(), "group_norm_silu_backward", [&] {
         backward_kernel<scalar_t>
             <<<static_cast<unsigned int>(s.n * groups), kGroupThreads, 0, stream>>>(
                 grad.data_ptr<scalar_t>(),

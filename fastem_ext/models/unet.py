@@ -228,6 +228,8 @@ class UNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepSequential(*layers))
 
+        # out[1] (SiLU) never runs (norm_silu applies it): kept only so that out.2 lines up with
+        # the checkpoints.
         self.out = nn.Sequential(
             GroupNorm32(ch), nn.SiLU(), zero_module(nn.Conv2d(input_ch, out_channels, 3, padding=1))
         )

@@ -154,6 +154,8 @@ class ResBlock(nn.Module):
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.fused: FusedNormSiLU | None = None  # UNet.fuse_norms
+        # in_layers[1] and out_layers[1] (SiLU) never run (norm_silu applies the activation); they
+        # are kept only so that the checkpoints' indices (in_layers.2, out_layers.3) line up.
         self.in_layers = nn.Sequential(
             GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )

@@ -117,8 +117,9 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor | None, shift:
 
 
 def _per_channel(t: Tensor | None, x: Tensor) -> Tensor | None:
-    """``[N, C, 1, 1]`` (the ResBlock's broadcast form) or ``[N, C]`` as ``[N, C]``."""
-    if t is None or x.dim() != 4 or t.numel() != x.shape[0] * x.shape[1]:
+    """``[N, C, 1, 1]`` (the ResBlock's broadcast form) as ``[N, C]``; any other shape as it
+    is (``_check_shapes`` then rejects all but ``[N, C]``)."""
+    if t is None or x.dim() != 4 or tuple(t.shape) != (*x.shape[:2], 1, 1):
         return t
     return t.reshape(x.shape[:2])
 
@@ -160,10 +161,12 @@ if triton is not None:
             gain = rstd * tl.load(w_ptr + c, mask=mask, other=0.0)
             offset = tl.load(b_ptr + c, mask=mask, other=0.0)
             if AFFINE:
-                mult = 1.0 + tl.load(scale_ptr + n * channels + c, mask=mask, other=0.0)
+                # float32 before the add: 1 + scale in x's dtype would round once more.
+                mult = 1.0 + tl.load(scale_ptr + n * channels + c, mask=mask,
+                                     other=0.0).to(tl.float32)
                 gain *= mult
                 offset = offset * mult + tl.load(shift_ptr + n * channels + c, mask=mask,
-                                                 other=0.0)
+                                                 other=0.0).to(tl.float32)
             a = (x - mean) * gain + offset
             tl.store(y_ptr + base + j, (a * tl.sigmoid(a)).to(y_ptr.dtype.element_ty),
                      mask=mask)
@@ -212,8 +215,8 @@ if triton is not None:
         gain = tl.load(w_ptr + c, mask=mask, other=0.0)
         a = xhat * gain + tl.load(b_ptr + c, mask=mask, other=0.0)
         if AFFINE:
-            mult = 1.0 + tl.load(scale_ptr + row + c, mask=mask, other=0.0)
-            a = a * mult + tl.load(shift_ptr + row + c, mask=mask, other=0.0)
+            mult = 1.0 + tl.load(scale_ptr + row + c, mask=mask, other=0.0).to(tl.float32)
+            a = a * mult + tl.load(shift_ptr + row + c, mask=mask, other=0.0).to(tl.float32)
             gain *= mult
         sig = tl.sigmoid(a)
         g = dy * sig * (1.0 + a * (1.0 - sig)) * gain
@@ -275,6 +278,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         if any(ctx.needs_input_grad[1:5]):
             raise RuntimeError("the fused group_norm_silu differentiates x only; "
