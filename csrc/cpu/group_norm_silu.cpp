@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../group_norm_affine.h"
 
 namespace fastem {
 namespace {
@@ -37,40 +38,8 @@ namespace {
 #define FASTEM_LAMBDA_INLINE
 #endif
 
-// The affine map of channel c of sample n after normalisation:
-// a = x̂·gain + offset with gain = γ(1+s), offset = β(1+s) + t.
 template <typename T>
-struct Affine {
-  const float* __restrict__ weight; // [C]
-  const float* __restrict__ bias; // [C]
-  const T* __restrict__ scale; // [N, C] or nullptr
-  const T* __restrict__ shift; // [N, C] or nullptr
-  int64_t channels;
-
-  FASTEM_INLINE void at(int64_t n, int64_t c, float& gain, float& offset) const {
-    gain = weight[c];
-    offset = bias[c];
-    if (scale != nullptr) {
-      const float mult = 1.0f + static_cast<float>(scale[n * channels + c]);
-      gain *= mult;
-      offset = offset * mult + static_cast<float>(shift[n * channels + c]);
-    }
-  }
-};
-
-template <typename T>
-Affine<T> affine(
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const c10::optional<at::Tensor>& scale,
-    const c10::optional<at::Tensor>& shift) {
-  return {
-      weight.data_ptr<float>(),
-      bias.data_ptr<float>(),
-      scale.has_value() ? scale->data_ptr<T>() : nullptr,
-      shift.has_value() ? shift->data_ptr<T>() : nullptr,
-      weight.size(0)};
-}
+using Affine = GroupNormAffine<T, int64_t>;
 
 // e^x without a libm call, so that the loops vectorise: Cephes' expf,
 // 2^n·e^r with r = x − n·ln 2 in [−ln2/2, ln2/2] and a degree-6 polynomial
@@ -352,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
       x.scalar_type(), "group_norm_silu", [&] {
         forward_groups<scalar_t>(
             x.data_ptr<scalar_t>(),
-            affine<scalar_t>(weight, bias, scale, shift),
+            group_norm_affine<scalar_t, int64_t>(weight, bias, scale, shift),
             y.data_ptr<scalar_t>(),
             mean.data_ptr<float>(),
             rstd.data_ptr<float>(),
@@ -384,7 +353,7 @@ at::Tensor group_norm_silu_backward_cpu(
             x.data_ptr<scalar_t>(),
             mean.data_ptr<float>(),
             rstd.data_ptr<float>(),
-            affine<scalar_t>(weight, bias, scale, shift),
+            group_norm_affine<scalar_t, int64_t>(weight, bias, scale, shift),
             out.data_ptr<scalar_t>(),
             s);
       });

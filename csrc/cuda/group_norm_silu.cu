@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../group_norm_affine.h"
 #include "common.cuh"
 
 namespace fastem {
@@ -43,26 +44,8 @@ __device__ float block_sum(float v, float* shared) {
   return total;
 }
 
-// The affine map of channel c of sample n after normalisation:
-// a = x̂·gain + offset with gain = γ(1+s), offset = β(1+s) + t.
 template <typename T>
-struct Affine {
-  const float* __restrict__ weight; // [C]
-  const float* __restrict__ bias; // [C]
-  const T* __restrict__ scale; // [N, C] or nullptr
-  const T* __restrict__ shift; // [N, C] or nullptr
-  int channels;
-
-  __device__ void at(int n, int c, float& gain, float& offset) const {
-    gain = weight[c];
-    offset = bias[c];
-    if (scale != nullptr) {
-      const float mult = 1.0f + static_cast<float>(scale[n * channels + c]);
-      gain *= mult;
-      offset = offset * mult + static_cast<float>(shift[n * channels + c]);
-    }
-  }
-};
+using Affine = GroupNormAffine<T, int>;
 
 __device__ __forceinline__ float sigmoid(float a) {
   return 1.0f / (1.0f + expf(-a));
@@ -170,20 +153,6 @@ __global__ void __launch_bounds__(kGroupThreads) backward_kernel(
   }
 }
 
-template <typename T>
-Affine<T> affine(
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const c10::optional<at::Tensor>& scale,
-    const c10::optional<at::Tensor>& shift) {
-  return {
-      weight.data_ptr<float>(),
-      bias.data_ptr<float>(),
-      scale.has_value() ? scale->data_ptr<T>() : nullptr,
-      shift.has_value() ? shift->data_ptr<T>() : nullptr,
-      static_cast<int>(weight.size(0))};
-}
-
 // The launch's sizes, checked to fit the kernels' 32-bit indices.
 GroupShape prepare(
     const at::Tensor& x,
@@ -229,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(
         forward_kernel<scalar_t>
             <<<static_cast<unsigned int>(s.n * groups), kGroupThreads, 0, stream>>>(
                 x.data_ptr<scalar_t>(),
-                affine<scalar_t>(weight, bias, scale, shift),
+                group_norm_affine<scalar_t, int>(weight, bias, scale, shift),
                 y.data_ptr<scalar_t>(),
                 mean.data_ptr<float>(),
                 rstd.data_ptr<float>(),
@@ -268,7 +237,7 @@ at::Tensor group_norm_silu_backward_cuda(
                 x.data_ptr<scalar_t>(),
                 mean.data_ptr<float>(),
                 rstd.data_ptr<float>(),
-                affine<scalar_t>(weight, bias, scale, shift),
+                group_norm_affine<scalar_t, int>(weight, bias, scale, shift),
                 out.data_ptr<scalar_t>(),
                 static_cast<int>(groups),
                 static_cast<int>(s.plane),
