@@ -66,9 +66,21 @@ def shifted_psnr(image: torch.Tensor, sharp: torch.Tensor, reach: int = 8) -> fl
                for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1))
 
 
+def border_and_interior_mse(image: torch.Tensor, sharp: torch.Tensor,
+                            band: int = 16) -> tuple[float, float]:
+    """Mean squared error on the frame's ``band``-pixel border and on the rest: where a
+    restoration's errors sit (the valid boundary's edges or the interior)."""
+    error = (image - sharp).square().mean(dim=0)
+    border = torch.ones_like(error, dtype=torch.bool)
+    border[band:-band, band:-band] = False
+    return float(error[border].mean()), float(error[~border].mean())
+
+
 def scores(result, sharp, kernel, seconds: float) -> dict:
+    border, interior = border_and_interior_mse(result.image, sharp)
     return {"psnr": float(metrics.psnr(result.image, sharp)),
             "psnr_best_shift": shifted_psnr(result.image, sharp),
+            "mse_border16": border, "mse_interior": interior,
             "kernel_mse": float(metrics.kernel_mse(result.kernel, kernel)),
             "seconds": seconds, "path": result.info["path"],
             "stages": result.info.get("stages"), "kernel": result.kernel.tolist()}
@@ -107,6 +119,9 @@ def kodak_known(args, out: Path) -> None:
     kernel = motion_kernel(33, seed=EVAL_SEEDS.start + args.kernel_seed)
     sigma = 10 / 255
     y = blurred(sharp, kernel, sigma, 1)
+    border, interior = border_and_interior_mse(y.clamp(0, 1), sharp)
+    record(out, "kodak_known_blurry", {"psnr": float(metrics.psnr(y.clamp(0, 1), sharp)),
+                                       "mse_border16": border, "mse_interior": interior})
     for name, options in (("tiles", {}), ("whole", {"full_diffusion": True})):
         clock = time.perf_counter()
         res = run(y, sigma, method="pigdm", kernel=kernel, progress=False, **options)
