@@ -158,16 +158,9 @@ if triton is not None:
             mask = j < size
             c = first + j // plane
             x = tl.load(x_ptr + base + j, mask=mask, other=0.0).to(tl.float32)
-            gain = rstd * tl.load(w_ptr + c, mask=mask, other=0.0)
-            offset = tl.load(b_ptr + c, mask=mask, other=0.0)
-            if AFFINE:
-                # float32 before the add: 1 + scale in x's dtype would round once more.
-                mult = 1.0 + tl.load(scale_ptr + n * channels + c, mask=mask,
-                                     other=0.0).to(tl.float32)
-                gain *= mult
-                offset = offset * mult + tl.load(shift_ptr + n * channels + c, mask=mask,
-                                                 other=0.0).to(tl.float32)
-            a = (x - mean) * gain + offset
+            gain, offset = _affine(w_ptr, b_ptr, scale_ptr, shift_ptr, c, n * channels, mask,
+                                   AFFINE)
+            a = (x - mean) * rstd * gain + offset
             tl.store(y_ptr + base + j, (a * tl.sigmoid(a)).to(y_ptr.dtype.element_ty),
                      mask=mask)
 
@@ -206,18 +199,28 @@ if triton is not None:
             tl.store(out_ptr + base + j, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _affine(w_ptr, b_ptr, scale_ptr, shift_ptr, c, row, mask, AFFINE: tl.constexpr):
+        """``(gain, offset)`` of channels ``c`` of sample row ``row`` (= n·C): ``a = x̂·gain +
+        offset`` with ``gain = γ(1+s)``, ``offset = β(1+s) + t`` (csrc/group_norm_affine.h)."""
+        gain = tl.load(w_ptr + c, mask=mask, other=0.0)
+        offset = tl.load(b_ptr + c, mask=mask, other=0.0)
+        if AFFINE:
+            # float32 before the add: 1 + scale in x's dtype would round once more.
+            mult = 1.0 + tl.load(scale_ptr + row + c, mask=mask, other=0.0).to(tl.float32)
+            gain *= mult
+            offset = offset * mult + tl.load(shift_ptr + row + c, mask=mask,
+                                             other=0.0).to(tl.float32)
+        return gain, offset
+
+    @triton.jit
     def _input_grad(grad_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, j, mask, c, row,
                     mean, rstd, AFFINE: tl.constexpr):
         """(∂L/∂x̂, x̂) of one block of a group; 0 on masked lanes."""
         x = tl.load(x_ptr + base + j, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(grad_ptr + base + j, mask=mask, other=0.0).to(tl.float32)
         xhat = (x - mean) * rstd
-        gain = tl.load(w_ptr + c, mask=mask, other=0.0)
-        a = xhat * gain + tl.load(b_ptr + c, mask=mask, other=0.0)
-        if AFFINE:
-            mult = 1.0 + tl.load(scale_ptr + row + c, mask=mask, other=0.0).to(tl.float32)
-            a = a * mult + tl.load(shift_ptr + row + c, mask=mask, other=0.0).to(tl.float32)
-            gain *= mult
+        gain, offset = _affine(w_ptr, b_ptr, scale_ptr, shift_ptr, c, row, mask, AFFINE)
+        a = xhat * gain + offset
         sig = tl.sigmoid(a)
         g = dy * sig * (1.0 + a * (1.0 - sig)) * gain
         return tl.where(mask, g, 0.0), xhat
