@@ -40,7 +40,7 @@ from fastem_ext.motion import motion_kernel
 from fastem_ext.mstep import HQSConfig, bundled_denoiser
 from fastem_ext.observation import Observation
 from fastem_ext.physics import blur, gaussian_kernel
-from fastem_ext.samplers import fast_em, sample
+from fastem_ext.samplers import fast_em, nonblind, sample
 from fastem_ext.schedule import Schedule
 
 FAST_ENGINES = ("fast", "fused", "compiled")  # the fast engine's variants
@@ -87,8 +87,9 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
 
 def run_case(model, obs: Observation, truth_size: int, *, engine: str, guidance: str,
              particles: int, steps: int, device: torch.device, precision: str = "bf16",
-             graphs: bool = True):
-    """Seconds for ``steps`` steps of Fast EM and the output."""
+             graphs: bool = True, known: torch.Tensor | None = None):
+    """Seconds for ``steps`` steps of Fast EM (or, given the ``known`` kernel, of non-blind
+    guidance with it) and the output."""
     kernel = gaussian_kernel(truth_size, truth_size / 16, device=device)
     runner = sample if engine == "reference" else partial(
         graphed_sample, engine=EngineConfig(precision=precision, graphs=graphs,
@@ -98,9 +99,13 @@ def run_case(model, obs: Observation, truth_size: int, *, engine: str, guidance:
                       ).validate(truth_size)
 
     def go():
+        generator = torch.Generator(device).manual_seed(0)
+        if known is not None:
+            return nonblind(model, obs, known.to(device), schedule=Schedule(str(steps)),
+                            particles=particles, generator=generator, guidance=guidance,
+                            runner=runner)
         return fast_em(model, obs, kernel, schedule=Schedule(str(steps)), particles=particles,
-                       generator=torch.Generator(device).manual_seed(0), guidance=guidance,
-                       mstep=mstep, runner=runner)
+                       generator=generator, guidance=guidance, mstep=mstep, runner=runner)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                   "fp32_agreement": None, "command": " ".join(sys.argv)}
         _write(args.out, result)  # after every row: a run cut short keeps what it measured
     if "reference" in args.engines and len(args.engines) > 1:
-        agreement = _agreement(model, obs, ksize, device, args)
+        agreement = _agreement(model, obs, truth, device, args)
         print("agreement with the reference: " + ", ".join(
             f"{key} {value:.4g}" for key, value in agreement.items()))
         result["fp32_agreement"] = agreement
@@ -190,12 +195,15 @@ def _write(path: str | None, result: dict) -> None:
         Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
-def _agreement(model, obs, ksize, device, args) -> dict[str, float]:
+def _agreement(model, obs, truth, device, args) -> dict[str, float]:
     """The fast engines' fp32 runs (``fast``, ``fused``, ``compiled``: those benchmarked) against
     the reference, same seed, 20 steps, n = 1, with cuDNN's TF32 and non-deterministic algorithms
     off (a random-weight sampler amplifies their rounding): PSNR between the outputs and the
     kernels' MSE. With the natural prior, also each engine's full-schedule restoration in its
-    default precision (bf16) against the sharp image, beside the reference's."""
+    default precision (bf16) against the sharp image, beside the reference's: blind (chaotic: a
+    small difference can change the estimate) and with the true kernel (``nonblind_``: what
+    measures the precision's cost)."""
+    ksize = truth.shape[-1]
     steps = min(args.steps, 20)
     engines = [engine for engine in FAST_ENGINES if engine in args.engines]
     cudnn = torch.backends.cudnn
@@ -215,9 +223,12 @@ def _agreement(model, obs, ksize, device, args) -> dict[str, float]:
     if args.model == "natural":
         sharp = sample_image(args.size).to(device)
         for engine in ["reference", *engines]:
-            _, _, result = run_case(model, obs, ksize, engine=engine, guidance="pigdm",
-                                    particles=1, steps=args.steps, device=device)
-            out[f"{engine}_restored_psnr_db"] = float(psnr(result.particles[0], sharp))
+            for prefix, known in (("", None), ("nonblind_", truth)):
+                _, _, result = run_case(model, obs, ksize, engine=engine, guidance="pigdm",
+                                        particles=1, steps=args.steps, device=device,
+                                        known=known)
+                out[f"{prefix}{engine}_restored_psnr_db"] = float(psnr(result.particles[0],
+                                                                       sharp))
     return out
 
 
