@@ -97,6 +97,42 @@ def _ulp(t: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.clamp(spacing, min=info.tiny * info.eps)
 
 
+# Groups large enough for the CUDA kernel to split each over several blocks (two channels of
+# 200×183 = 73,200 values: 9 chunks of 8,134 on a 132-SM card, the last one shorter): the chunks'
+# partial statistics and gradient sums must combine to the whole group's.
+LARGE_GROUPS = [pytest.param(("cpp", "cpu"), torch.float32, id="cpp-cpu-fp32"),
+                pytest.param(("cpp", "cuda"), torch.float32, id="cpp-cuda-fp32",
+                             marks=pytest.mark.cuda),
+                pytest.param(("cpp", "cuda"), torch.bfloat16, id="cpp-cuda-bf16",
+                             marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("fused_backend, dtype", LARGE_GROUPS, indirect=["fused_backend"])
+def test_large_groups(fused_backend, dtype):
+    """float32 against float64; bfloat16 within one ulp of the float32 reference rounded once.
+    x ramps down the rows, so the chunks' means differ: a wrong combination of the chunks'
+    statistics or sums shows."""
+    x, weight, bias, scale, shift, v = _inputs(1, (64, 200, 183), True, fused_backend)
+    ramp = torch.linspace(-2.0, 4.0, 200, device=x.device)[:, None]
+    x = (x + ramp).to(dtype)
+    xg = x.clone().requires_grad_(True)
+    out = ops.group_norm_silu(xg, weight, bias, scale.to(dtype), shift.to(dtype))
+    (grad,) = torch.autograd.grad(out, xg, v.to(dtype))
+    f32 = [t.float() for t in (x, scale.to(dtype), shift.to(dtype), v.to(dtype))]
+    if dtype == torch.float32:
+        args = (x.double(), weight.double(), bias.double(), scale.double(), shift.double())
+        want, want_grad = _reference(*args), _vjp_reference(*args, v.double())
+        for got, ref in ((out, want), (grad, want_grad)):
+            assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+        return
+    y, mean, rstd = _forward_reference(f32[0], weight, bias, f32[1], f32[2], GROUPS, 1e-5)
+    want_grad = _backward_reference(f32[3], f32[0], mean, rstd, weight, bias, f32[1], f32[2],
+                                    GROUPS)
+    for got, ref in ((out, y.to(dtype)), (grad, want_grad.to(dtype))):
+        err = (got.float() - ref.float()).abs()
+        assert (err <= _ulp(ref, dtype)).all(), (err / _ulp(ref, dtype)).max()
+
+
 # (backend, dtype) pairs computed correctly on a CPU: Triton's interpreter runs float16 (not
 # bfloat16: STYLE.md); the C++ kernels run both.
 ROUNDED_ONCE = [pytest.param(("cpp", "cpu"), torch.bfloat16, id="cpp-cpu-bf16"),

@@ -1,11 +1,22 @@
 // The UNet's norm and activation on CUDA, y = SiLU(GN(x)·(1+scale) + shift),
-// and its input-VJP (fastem_ext/ops/group_norm_silu.py). One block per
-// (sample, group); everything in float32 from x, rounded once to x's dtype.
+// and its input-VJP (fastem_ext/ops/group_norm_silu.py). Everything in float32
+// from x, rounded once to x's dtype.
+//
+// Grid: (N·G, chunks). Block (task, k) handles chunk k of group task (sample
+// n = task / G), the contiguous block of size = (C/G)·plane elements at
+// task·size. With one chunk a block computes its group's statistics itself;
+// a large group at a small N·G (the FFHQ UNet's first level at n = 1: 32
+// groups of 262,144 values) would leave most of the device idle, so it is
+// split into chunks whose partial statistics a first kernel writes and every
+// block of the group combines. Loop indices are 64-bit: a group may hold up
+// to 2^31 − 1 elements, and j + kGroupThreads would overflow an int.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <tuple>
 
@@ -16,8 +27,9 @@
 namespace fastem {
 namespace {
 
-constexpr int kGroupThreads = 512; // threads per (sample, group) block
+constexpr int kGroupThreads = 512; // threads per (group, chunk) block
 constexpr int kWarps = kGroupThreads / 32;
+constexpr int64_t kMinChunk = 8 * kGroupThreads; // elements per chunk, at least
 
 // The sum of v over the block (every thread gets it). shared: [kWarps].
 __device__ float block_sum(float v, float* shared) {
@@ -51,45 +63,110 @@ __device__ __forceinline__ float sigmoid(float a) {
   return 1.0f / (1.0f + expf(-a));
 }
 
-// Grid: (N·G,); group task of sample n = task / G is the contiguous block of
-// size = (C/G)·plane elements at task·size. The loops' j is 64-bit: a group
-// may hold up to 2^31 − 1 elements, and j + kGroupThreads would overflow an int.
+// How a group is split: chunks of `length` elements (the last may be shorter).
+struct Split {
+  int chunks;
+  int length;
+  __device__ int64_t begin(int k) const {
+    return static_cast<int64_t>(k) * length;
+  }
+  __device__ int64_t end(int k, int size) const {
+    return min(static_cast<int64_t>(size), begin(k) + length);
+  }
+};
+
+// Mean and centred sum of squares of xg[begin, end) (the centred second pass:
+// float sums of (x − μ)² do not cancel).
+template <typename T>
+__device__ float2 chunk_moments(
+    const T* __restrict__ xg, int64_t begin, int64_t end, float* shared) {
+  float sum = 0.0f;
+  for (int64_t j = begin + threadIdx.x; j < end; j += kGroupThreads) {
+    sum += static_cast<float>(xg[j]);
+  }
+  const float m = block_sum(sum, shared) / static_cast<float>(end - begin);
+  float sum_sq = 0.0f;
+  for (int64_t j = begin + threadIdx.x; j < end; j += kGroupThreads) {
+    const float d = static_cast<float>(xg[j]) - m;
+    sum_sq += d * d;
+  }
+  return make_float2(m, block_sum(sum_sq, shared));
+}
+
+// Pass 1 of a split group: partial[task · chunks + k] = chunk k's moments.
+template <typename T>
+__global__ void __launch_bounds__(kGroupThreads) forward_partial_kernel(
+    const T* __restrict__ x, // [N, C, H·W]
+    float2* __restrict__ partial, // [N·G, chunks]
+    Split split,
+    int size) {
+  __shared__ float shared[kWarps];
+  const int64_t task = blockIdx.x;
+  const int k = blockIdx.y;
+  partial[task * split.chunks + k] = chunk_moments(
+      x + task * size, split.begin(k), split.end(k, size), shared);
+}
+
+// The group's (mean, rstd) from its chunks' moments, by Chan et al.'s pairwise
+// update in double (a few dozen chunks: the same in every thread).
+__device__ float2 combine_moments(
+    const float2* __restrict__ partial, Split split, int size, float eps) {
+  double count = 0.0, mean = 0.0, m2 = 0.0;
+  for (int k = 0; k < split.chunks; ++k) {
+    const float2 p = partial[k];
+    const double nb = static_cast<double>(split.end(k, size) - split.begin(k));
+    const double total = count + nb;
+    const double delta = static_cast<double>(p.x) - mean;
+    mean += delta * nb / total;
+    m2 += static_cast<double>(p.y) + delta * delta * count * nb / total;
+    count = total;
+  }
+  return make_float2(
+      static_cast<float>(mean),
+      rsqrtf(static_cast<float>(m2 / size) + eps));
+}
+
+// The statistics of group task and its chunk k's outputs. With one chunk the
+// block computes the statistics; else pass 1 has left them in `partial`.
 template <typename T>
 __global__ void __launch_bounds__(kGroupThreads) forward_kernel(
     const T* __restrict__ x, // [N, C, H·W]
+    const float2* __restrict__ partial, // [N·G, chunks] or nullptr
     const Affine<T> affine,
     T* __restrict__ y, // [N, C, H·W]
     float* __restrict__ mean, // [N, G]
     float* __restrict__ rstd, // [N, G]
+    Split split,
     int groups,
     int plane,
     int size,
     float eps) {
   __shared__ float shared[kWarps];
   const int64_t task = blockIdx.x;
+  const int k = blockIdx.y;
   const T* xg = x + task * size;
-  float sum = 0.0f;
-  for (int64_t j = threadIdx.x; j < size; j += kGroupThreads) {
-    sum += static_cast<float>(xg[j]);
+  float m, r;
+  if (split.chunks == 1) {
+    const float2 moments = chunk_moments(xg, 0, size, shared);
+    m = moments.x;
+    r = rsqrtf(moments.y / size + eps);
+  } else {
+    const float2 stats =
+        combine_moments(partial + task * split.chunks, split, size, eps);
+    m = stats.x;
+    r = stats.y;
   }
-  const float m = block_sum(sum, shared) / size;
-  // The centred second pass: float sums of (x − μ)² do not cancel.
-  float sum_sq = 0.0f;
-  for (int64_t j = threadIdx.x; j < size; j += kGroupThreads) {
-    const float d = static_cast<float>(xg[j]) - m;
-    sum_sq += d * d;
-  }
-  const float r = rsqrtf(block_sum(sum_sq, shared) / size + eps);
-  if (threadIdx.x == 0) {
+  if (k == 0 && threadIdx.x == 0) {
     mean[task] = m;
     rstd[task] = r;
   }
   const int n = static_cast<int>(task / groups);
   const int first = static_cast<int>(task % groups) * (size / plane);
   T* yg = y + task * size;
-  for (int64_t j = threadIdx.x; j < size; j += kGroupThreads) {
+  for (int64_t j = split.begin(k) + threadIdx.x; j < split.end(k, size);
+       j += kGroupThreads) {
     float gain, offset;
-    affine.at(n, first + static_cast<int>(j) / plane, gain, offset);
+    affine.at(n, first + static_cast<int>(j / plane), gain, offset);
     const float a = (static_cast<float>(xg[j]) - m) * r * gain + offset;
     yg[j] = static_cast<T>(a * sigmoid(a));
   }
@@ -116,41 +193,116 @@ __device__ __forceinline__ float input_grad(
   return static_cast<float>(dy[j]) * sig * (1.0f + a * (1.0f - sig)) * gain;
 }
 
-// Grid as forward_kernel. Pass 1 sums g = ∂L/∂x̂ and g·x̂ over the group,
-// pass 2 recomputes g and writes rstd·(g − mean(g) − x̂·mean(g·x̂)).
+// The sums of g = ∂L/∂x̂ and g·x̂ over chunk k of group task.
 template <typename T>
-__global__ void __launch_bounds__(kGroupThreads) backward_kernel(
-    const T* __restrict__ grad, // [N, C, H·W]
-    const T* __restrict__ x, // [N, C, H·W]
-    const float* __restrict__ mean, // [N, G]
-    const float* __restrict__ rstd, // [N, G]
-    const Affine<T> affine,
-    T* __restrict__ out, // [N, C, H·W]
+__device__ float2 chunk_grad_sums(
+    const T* __restrict__ grad,
+    const T* __restrict__ x,
+    const float* __restrict__ mean,
+    const float* __restrict__ rstd,
+    const Affine<T>& affine,
+    Split split,
+    int64_t task,
+    int k,
     int groups,
     int plane,
-    int size) {
-  __shared__ float shared[kWarps];
-  const int64_t task = blockIdx.x;
+    int size,
+    float* shared) {
   const T* xg = x + task * size;
   const T* dy = grad + task * size;
   const float m = mean[task], r = rstd[task];
   const int n = static_cast<int>(task / groups);
   const int first = static_cast<int>(task % groups) * (size / plane);
   float sum_g = 0.0f, sum_gx = 0.0f;
-  for (int64_t j = threadIdx.x; j < size; j += kGroupThreads) {
+  for (int64_t j = split.begin(k) + threadIdx.x; j < split.end(k, size);
+       j += kGroupThreads) {
     float xhat;
-    const float g = input_grad(dy, xg, affine, n, first + static_cast<int>(j) / plane, j, m, r, xhat);
+    const float g = input_grad(
+        dy, xg, affine, n, first + static_cast<int>(j / plane), j, m, r, xhat);
     sum_g += g;
     sum_gx += g * xhat;
   }
-  const float mean_g = block_sum(sum_g, shared) / size;
-  const float mean_gx = block_sum(sum_gx, shared) / size;
+  return make_float2(block_sum(sum_g, shared), block_sum(sum_gx, shared));
+}
+
+// Pass 1 of a split group's backward: partial[task · chunks + k] = chunk k's
+// (Σg, Σg·x̂).
+template <typename T>
+__global__ void __launch_bounds__(kGroupThreads) backward_partial_kernel(
+    const T* __restrict__ grad,
+    const T* __restrict__ x,
+    const float* __restrict__ mean,
+    const float* __restrict__ rstd,
+    const Affine<T> affine,
+    float2* __restrict__ partial, // [N·G, chunks]
+    Split split,
+    int groups,
+    int plane,
+    int size) {
+  __shared__ float shared[kWarps];
+  const int64_t task = blockIdx.x;
+  const int k = blockIdx.y;
+  partial[task * split.chunks + k] = chunk_grad_sums(
+      grad, x, mean, rstd, affine, split, task, k, groups, plane, size, shared);
+}
+
+// Chunk k of group task: rstd·(g − mean(g) − x̂·mean(g·x̂)), the means over
+// the whole group (from this block with one chunk, else from pass 1).
+template <typename T>
+__global__ void __launch_bounds__(kGroupThreads) backward_kernel(
+    const T* __restrict__ grad, // [N, C, H·W]
+    const T* __restrict__ x, // [N, C, H·W]
+    const float* __restrict__ mean, // [N, G]
+    const float* __restrict__ rstd, // [N, G]
+    const float2* __restrict__ partial, // [N·G, chunks] or nullptr
+    const Affine<T> affine,
+    T* __restrict__ out, // [N, C, H·W]
+    Split split,
+    int groups,
+    int plane,
+    int size) {
+  __shared__ float shared[kWarps];
+  const int64_t task = blockIdx.x;
+  const int k = blockIdx.y;
+  float2 sums = make_float2(0.0f, 0.0f);
+  if (split.chunks == 1) {
+    sums = chunk_grad_sums(
+        grad, x, mean, rstd, affine, split, task, 0, groups, plane, size, shared);
+  } else {
+    for (int i = 0; i < split.chunks; ++i) {
+      const float2 p = partial[task * split.chunks + i];
+      sums.x += p.x;
+      sums.y += p.y;
+    }
+  }
+  const float mean_g = sums.x / size, mean_gx = sums.y / size;
+  const T* xg = x + task * size;
+  const T* dy = grad + task * size;
+  const float m = mean[task], r = rstd[task];
+  const int n = static_cast<int>(task / groups);
+  const int first = static_cast<int>(task % groups) * (size / plane);
   T* og = out + task * size;
-  for (int64_t j = threadIdx.x; j < size; j += kGroupThreads) {
+  for (int64_t j = split.begin(k) + threadIdx.x; j < split.end(k, size);
+       j += kGroupThreads) {
     float xhat;
-    const float g = input_grad(dy, xg, affine, n, first + static_cast<int>(j) / plane, j, m, r, xhat);
+    const float g = input_grad(
+        dy, xg, affine, n, first + static_cast<int>(j / plane), j, m, r, xhat);
     og[j] = static_cast<T>(r * (g - mean_g - xhat * mean_gx));
   }
+}
+
+// Chunks per group: enough blocks for two per SM, none under kMinChunk
+// elements (and one chunk for small groups, which need no pass 1).
+Split split_groups(int64_t tasks, int64_t size) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(
+      &sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  const int64_t wanted = (2 * int64_t{sms} + tasks - 1) / tasks;
+  const int64_t most = std::max<int64_t>(1, size / kMinChunk);
+  const int64_t chunks = std::min({wanted, most, int64_t{65535}});
+  const int64_t length = (size + chunks - 1) / chunks;
+  // Recount: with ceil-length chunks the last one could otherwise be empty.
+  return {static_cast<int>((size + length - 1) / length), static_cast<int>(length)};
 }
 
 // The launch's sizes, checked to fit the kernels' 32-bit indices.
@@ -193,19 +345,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(
     return {y, mean, rstd};
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t tasks = s.n * groups;
+  const Split split = split_groups(tasks, s.per_group());
+  const dim3 grid(static_cast<unsigned int>(tasks), static_cast<unsigned int>(split.chunks));
+  at::Tensor partial;
+  if (split.chunks > 1) {
+    partial = at::empty({tasks, split.chunks, 2}, x.options().dtype(at::kFloat));
+  }
+  auto* partial_ptr =
+      split.chunks > 1 ? reinterpret_cast<float2*>(partial.data_ptr<float>()) : nullptr;
   FASTEM_DISPATCH_GROUP_NORM_TYPES(
       x.scalar_type(), "group_norm_silu", [&] {
-        forward_kernel<scalar_t>
-            <<<static_cast<unsigned int>(s.n * groups), kGroupThreads, 0, stream>>>(
-                x.data_ptr<scalar_t>(),
-                group_norm_affine<scalar_t, int>(weight, bias, scale, shift),
-                y.data_ptr<scalar_t>(),
-                mean.data_ptr<float>(),
-                rstd.data_ptr<float>(),
-                static_cast<int>(groups),
-                static_cast<int>(s.plane),
-                static_cast<int>(s.per_group()),
-                static_cast<float>(eps));
+        if (split.chunks > 1) {
+          forward_partial_kernel<scalar_t><<<grid, kGroupThreads, 0, stream>>>(
+              x.data_ptr<scalar_t>(), partial_ptr, split, static_cast<int>(s.per_group()));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        forward_kernel<scalar_t><<<grid, kGroupThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(),
+            partial_ptr,
+            group_norm_affine<scalar_t, int>(weight, bias, scale, shift),
+            y.data_ptr<scalar_t>(),
+            mean.data_ptr<float>(),
+            rstd.data_ptr<float>(),
+            split,
+            static_cast<int>(groups),
+            static_cast<int>(s.plane),
+            static_cast<int>(s.per_group()),
+            static_cast<float>(eps));
       });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y, mean, rstd};
@@ -229,19 +396,44 @@ at::Tensor group_norm_silu_backward_cuda(
     return out;
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t tasks = s.n * groups;
+  const Split split = split_groups(tasks, s.per_group());
+  const dim3 grid(static_cast<unsigned int>(tasks), static_cast<unsigned int>(split.chunks));
+  at::Tensor partial;
+  if (split.chunks > 1) {
+    partial = at::empty({tasks, split.chunks, 2}, x.options().dtype(at::kFloat));
+  }
+  auto* partial_ptr =
+      split.chunks > 1 ? reinterpret_cast<float2*>(partial.data_ptr<float>()) : nullptr;
   FASTEM_DISPATCH_GROUP_NORM_TYPES(
       x.scalar_type(), "group_norm_silu_backward", [&] {
-        backward_kernel<scalar_t>
-            <<<static_cast<unsigned int>(s.n * groups), kGroupThreads, 0, stream>>>(
-                grad.data_ptr<scalar_t>(),
-                x.data_ptr<scalar_t>(),
-                mean.data_ptr<float>(),
-                rstd.data_ptr<float>(),
-                group_norm_affine<scalar_t, int>(weight, bias, scale, shift),
-                out.data_ptr<scalar_t>(),
-                static_cast<int>(groups),
-                static_cast<int>(s.plane),
-                static_cast<int>(s.per_group()));
+        const auto affine = group_norm_affine<scalar_t, int>(weight, bias, scale, shift);
+        if (split.chunks > 1) {
+          backward_partial_kernel<scalar_t><<<grid, kGroupThreads, 0, stream>>>(
+              grad.data_ptr<scalar_t>(),
+              x.data_ptr<scalar_t>(),
+              mean.data_ptr<float>(),
+              rstd.data_ptr<float>(),
+              affine,
+              partial_ptr,
+              split,
+              static_cast<int>(groups),
+              static_cast<int>(s.plane),
+              static_cast<int>(s.per_group()));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        backward_kernel<scalar_t><<<grid, kGroupThreads, 0, stream>>>(
+            grad.data_ptr<scalar_t>(),
+            x.data_ptr<scalar_t>(),
+            mean.data_ptr<float>(),
+            rstd.data_ptr<float>(),
+            partial_ptr,
+            affine,
+            out.data_ptr<scalar_t>(),
+            split,
+            static_cast<int>(groups),
+            static_cast<int>(s.plane),
+            static_cast<int>(s.per_group()));
       });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
