@@ -6,8 +6,10 @@
 
 ``natural/train``: the JPEG files as they are, every other image re-encoded as JPEG quality 95
 without chroma subsampling (the same stem, so the validation-leak guard still sees names).
-``natural/val``: the 256×256 centre crops of the first ``--val-count`` validation images, as PNG
-(lossless; training's validation reads exactly these crops, so the figures do not change).
+``natural/val``: the 288×288 centre crops of the first ``--val-count`` (all 24) validation images,
+as PNG (lossless). They hold training's 256×256 validation crops exactly (the same centre: both
+margins are even) and the 256 + K − 1 windows of ``evaluate.py``'s valid-boundary test set at
+K = 33 (``python/eval_gpu.sh``), so the figures do not change.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ def pack(out: Path, val_count: int, val_crop: int, data_dir: Path = DATA) -> int
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=REPO / ".pack" / "data")
-    p.add_argument("--val-count", type=int, default=8)
-    p.add_argument("--val-crop", type=int, default=256)
+    p.add_argument("--val-count", type=int, default=24)
+    p.add_argument("--val-crop", type=int, default=288)
     args = p.parse_args(argv)
     size = pack(args.out, args.val_count, args.val_crop)
     print(f"wrote {args.out}: {size / 2**20:.1f} MiB")
