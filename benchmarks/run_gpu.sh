@@ -23,13 +23,18 @@ timeout 150 python3 -m pytest -q -rfE --tb=short -m cuda -p no:cacheprovider $wo
 echo "tests: $((SECONDS - start)) s"
 timeout 60 python3 benchmarks/bench_ops.py --device cuda --out "$OUT" 2>&1 | tail -25
 echo "ops: $((SECONDS - start)) s"
+# The fused norm alone (FFHQ-size layers, bf16, n = 1 and 4): modules vs the op's backends.
+timeout 90 python3 -m pytest -q -p no:xdist -p no:cacheprovider -m cuda \
+    benchmarks/test_bench_group_norm.py --benchmark-max-time=0.2 \
+    --benchmark-columns=median,iqr,rounds --benchmark-json="$OUT/bench_group_norm.json" 2>&1 \
+    | tail -25
+echo "group norm: $((SECONDS - start)) s"
 # Issue 14: reference vs fast vs fused (the UNet's norms as ops.group_norm_silu) vs compiled
 # (network Inductor-compiled inside the captured step),
 # the bundled prior first (small, compiles fast), then the FFHQ-256 UNet with DPS. A new particle
 # count recompiles once (torch then marks the batch dimension dynamic); at most 8 files in $OUT.
 timeout 150 python3 benchmarks/bench_engine.py --device cuda --model natural --no-dps --particles 1 \
-    --engines reference fast fused compiled --reference-steps 10 --out "$OUT/bench_natural.json" 2>&1 \
-    | tee "$OUT/bench_natural.log"
+    --engines reference fast fused compiled --reference-steps 10 --out "$OUT/bench_natural.json" 2>&1
 echo "natural: $((SECONDS - start)) s"
 left=$((${FASTEM_GPU_BUDGET_S:-540} - (SECONDS - start)))
 if [ "$left" -lt 30 ]; then
@@ -37,6 +42,6 @@ if [ "$left" -lt 30 ]; then
 else
     timeout "$left" python3 benchmarks/bench_engine.py \
         --device cuda --model ffhq --engines reference fast fused compiled --reference-steps 10 \
-        --out "$OUT/bench_engine.json" 2>&1 | tee "$OUT/bench_engine.log"
+        --out "$OUT/bench_engine.json" 2>&1
 fi
 echo "engine: $((SECONDS - start)) s"
