@@ -98,9 +98,10 @@ def _ulp(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 # Groups large enough for the CUDA kernel to split each over several blocks (two channels of
-# 200×183 = 73,200 values: 9 chunks of 8,134 on a 132-SM card, the last one shorter): the chunks'
-# partial statistics and gradient sums must combine to the whole group's.
+# 201×183 = 73,566 values: 4 chunks of 18,392 on a card of 16 or more SMs, the last one
+# shorter): the chunks' partial statistics and gradient sums must combine to the whole group's.
 LARGE_GROUPS = [pytest.param(("cpp", "cpu"), torch.float32, id="cpp-cpu-fp32"),
+                pytest.param(("cpp", "cpu"), torch.bfloat16, id="cpp-cpu-bf16"),
                 pytest.param(("cpp", "cuda"), torch.float32, id="cpp-cuda-fp32",
                              marks=pytest.mark.cuda),
                 pytest.param(("cpp", "cuda"), torch.bfloat16, id="cpp-cuda-bf16",
@@ -109,11 +110,12 @@ LARGE_GROUPS = [pytest.param(("cpp", "cpu"), torch.float32, id="cpp-cpu-fp32"),
 
 @pytest.mark.parametrize("fused_backend, dtype", LARGE_GROUPS, indirect=["fused_backend"])
 def test_large_groups(fused_backend, dtype):
-    """float32 against float64; bfloat16 within one ulp of the float32 reference rounded once.
+    """float32 against float64; bfloat16 within one ulp of the float32 reference rounded once
+    (plus a floor for the VJP's cancellations).
     x ramps down the rows, so the chunks' means differ: a wrong combination of the chunks'
     statistics or sums shows."""
-    x, weight, bias, scale, shift, v = _inputs(1, (64, 200, 183), True, fused_backend)
-    ramp = torch.linspace(-2.0, 4.0, 200, device=x.device)[:, None]
+    x, weight, bias, scale, shift, v = _inputs(1, (64, 201, 183), True, fused_backend)
+    ramp = torch.linspace(-2.0, 4.0, 201, device=x.device)[:, None]
     x = (x + ramp).to(dtype)
     xg = x.clone().requires_grad_(True)
     out = ops.group_norm_silu(xg, weight, bias, scale.to(dtype), shift.to(dtype))
@@ -129,8 +131,11 @@ def test_large_groups(fused_backend, dtype):
     want_grad = _backward_reference(f32[3], f32[0], mean, rstd, weight, bias, f32[1], f32[2],
                                     GROUPS)
     for got, ref in ((out, y.to(dtype)), (grad, want_grad.to(dtype))):
+        # Rounded once, except where the VJP's float32 terms cancel to values whose bf16 ulp is
+        # under float32's rounding of g ≈ 1 (an absolute floor; a wrong combination is far off).
         err = (got.float() - ref.float()).abs()
-        assert (err <= _ulp(ref, dtype)).all(), (err / _ulp(ref, dtype)).max()
+        bound = _ulp(ref, dtype) + 2e-6 * ref.float().abs().max()
+        assert (err <= bound).all(), (err / bound).max()
 
 
 # (backend, dtype) pairs computed correctly on a CPU: Triton's interpreter runs float16 (not

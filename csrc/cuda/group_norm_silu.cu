@@ -17,6 +17,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <limits>
 #include <tuple>
 
@@ -29,7 +31,7 @@ namespace {
 
 constexpr int kGroupThreads = 512; // threads per (group, chunk) block
 constexpr int kWarps = kGroupThreads / 32;
-constexpr int64_t kMinChunk = 8 * kGroupThreads; // elements per chunk, at least
+constexpr int64_t kMinChunk = 32 * kGroupThreads; // elements per chunk, at least
 
 // The sum of v over the block (every thread gets it). shared: [kWarps].
 __device__ float block_sum(float v, float* shared) {
@@ -166,7 +168,7 @@ __global__ void __launch_bounds__(kGroupThreads) forward_kernel(
   for (int64_t j = split.begin(k) + threadIdx.x; j < split.end(k, size);
        j += kGroupThreads) {
     float gain, offset;
-    affine.at(n, first + static_cast<int>(j / plane), gain, offset);
+    affine.at(n, first + static_cast<int>(j) / plane, gain, offset);
     const float a = (static_cast<float>(xg[j]) - m) * r * gain + offset;
     yg[j] = static_cast<T>(a * sigmoid(a));
   }
@@ -218,7 +220,7 @@ __device__ float2 chunk_grad_sums(
        j += kGroupThreads) {
     float xhat;
     const float g = input_grad(
-        dy, xg, affine, n, first + static_cast<int>(j / plane), j, m, r, xhat);
+        dy, xg, affine, n, first + static_cast<int>(j) / plane, j, m, r, xhat);
     sum_g += g;
     sum_gx += g * xhat;
   }
@@ -286,18 +288,30 @@ __global__ void __launch_bounds__(kGroupThreads) backward_kernel(
        j += kGroupThreads) {
     float xhat;
     const float g = input_grad(
-        dy, xg, affine, n, first + static_cast<int>(j / plane), j, m, r, xhat);
+        dy, xg, affine, n, first + static_cast<int>(j) / plane, j, m, r, xhat);
     og[j] = static_cast<T>(r * (g - mean_g - xhat * mean_gx));
   }
+}
+
+// The current device's multiprocessor count, asked once per device.
+int64_t multiprocessors() {
+  static std::array<std::atomic<int>, 64> known{};
+  const int device = c10::cuda::current_device();
+  int count = device < 64 ? known[device].load(std::memory_order_relaxed) : 0;
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    if (device < 64) {
+      known[device].store(count, std::memory_order_relaxed);
+    }
+  }
+  return count;
 }
 
 // Chunks per group: enough blocks for two per SM, none under kMinChunk
 // elements (and one chunk for small groups, which need no pass 1).
 Split split_groups(int64_t tasks, int64_t size) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(
-      &sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int64_t wanted = (2 * int64_t{sms} + tasks - 1) / tasks;
+  const int64_t sms = multiprocessors();
+  const int64_t wanted = (2 * sms + tasks - 1) / tasks;
   const int64_t most = std::max<int64_t>(1, size / kMinChunk);
   const int64_t chunks = std::min({wanted, most, int64_t{65535}});
   const int64_t length = (size + chunks - 1) / chunks;
