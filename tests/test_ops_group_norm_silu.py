@@ -97,6 +97,15 @@ def _ulp(t: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.clamp(spacing, min=info.tiny * info.eps)
 
 
+def _rounded_reference(x, weight, bias, scale, shift, v):
+    """The op's output and input-VJP by the module's reference in float32 on the same (already
+    rounded) inputs, rounded once to x's dtype."""
+    xf, sf, tf, vf = (t.float() for t in (x, scale, shift, v))
+    y, mean, rstd = _forward_reference(xf, weight, bias, sf, tf, GROUPS, 1e-5)
+    grad = _backward_reference(vf, xf, mean, rstd, weight, bias, sf, tf, GROUPS)
+    return y.to(x.dtype), grad.to(x.dtype)
+
+
 # Groups large enough for the CUDA kernel to split each over several blocks (two channels of
 # 201×183 = 73,566 values: 4 chunks of 18,392 on a card of 16 or more SMs, the last one
 # shorter): the chunks' partial statistics and gradient sums must combine to the whole group's.
@@ -120,17 +129,14 @@ def test_large_groups(fused_backend, dtype):
     xg = x.clone().requires_grad_(True)
     out = ops.group_norm_silu(xg, weight, bias, scale.to(dtype), shift.to(dtype))
     (grad,) = torch.autograd.grad(out, xg, v.to(dtype))
-    f32 = [t.float() for t in (x, scale.to(dtype), shift.to(dtype), v.to(dtype))]
     if dtype == torch.float32:
         args = (x.double(), weight.double(), bias.double(), scale.double(), shift.double())
         want, want_grad = _reference(*args), _vjp_reference(*args, v.double())
         for got, ref in ((out, want), (grad, want_grad)):
             assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
         return
-    y, mean, rstd = _forward_reference(f32[0], weight, bias, f32[1], f32[2], GROUPS, 1e-5)
-    want_grad = _backward_reference(f32[3], f32[0], mean, rstd, weight, bias, f32[1], f32[2],
-                                    GROUPS)
-    for got, ref in ((out, y.to(dtype)), (grad, want_grad.to(dtype))):
+    rounded = _rounded_reference(x, weight, bias, scale.to(dtype), shift.to(dtype), v.to(dtype))
+    for got, ref in zip((out, grad), rounded, strict=True):
         # Rounded once, except where the VJP's float32 terms cancel to values whose bf16 ulp is
         # under float32's rounding of g ≈ 1 (an absolute floor; a wrong combination is far off).
         err = (got.float() - ref.float()).abs()
@@ -158,12 +164,8 @@ def test_reduced_precision_rounds_once(fused_backend, dtype):
     xg = x.clone().requires_grad_(True)
     out = ops.group_norm_silu(xg, weight, bias, scale, shift)
     (grad,) = torch.autograd.grad(out, xg, v)
-    # The module's reference in float32 on the same (already rounded) inputs, rounded once.
-    f32 = [t.float() for t in (x, scale, shift, v)]
-    y, mean, rstd = _forward_reference(f32[0], weight, bias, f32[1], f32[2], GROUPS, 1e-5)
-    want_grad = _backward_reference(f32[3], f32[0], mean, rstd, weight, bias, f32[1], f32[2],
-                                    GROUPS)
-    for got, want in ((out, y.to(dtype)), (grad, want_grad.to(dtype))):
+    rounded = _rounded_reference(x, weight, bias, scale, shift, v)
+    for got, want in zip((out, grad), rounded, strict=True):
         assert got.dtype == dtype
         err = (got.float() - want.float()).abs()
         assert (err <= _ulp(want, dtype)).all(), (err / _ulp(want, dtype)).max()

@@ -319,6 +319,27 @@ Split split_groups(int64_t tasks, int64_t size) {
   return {static_cast<int>((size + length - 1) / length), static_cast<int>(length)};
 }
 
+// The grid of a launch, (N·G, chunks), and the chunks' partial results when a
+// group is split.
+struct Launch {
+  Split split;
+  dim3 grid;
+  at::Tensor partial; // [N·G, chunks, 2] float32, or undefined with one chunk
+
+  Launch(const at::Tensor& x, const GroupShape& s) {
+    const int64_t tasks = s.n * s.groups;
+    split = split_groups(tasks, s.per_group());
+    grid = dim3(static_cast<unsigned int>(tasks), static_cast<unsigned int>(split.chunks));
+    if (split.chunks > 1) {
+      partial = at::empty({tasks, split.chunks, 2}, x.options().dtype(at::kFloat));
+    }
+  }
+
+  float2* partial_ptr() const {
+    return partial.defined() ? reinterpret_cast<float2*>(partial.data_ptr<float>()) : nullptr;
+  }
+};
+
 // The launch's sizes, checked to fit the kernels' 32-bit indices.
 GroupShape prepare(
     const at::Tensor& x,
@@ -359,15 +380,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(
     return {y, mean, rstd};
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t tasks = s.n * groups;
-  const Split split = split_groups(tasks, s.per_group());
-  const dim3 grid(static_cast<unsigned int>(tasks), static_cast<unsigned int>(split.chunks));
-  at::Tensor partial;
-  if (split.chunks > 1) {
-    partial = at::empty({tasks, split.chunks, 2}, x.options().dtype(at::kFloat));
-  }
-  auto* partial_ptr =
-      split.chunks > 1 ? reinterpret_cast<float2*>(partial.data_ptr<float>()) : nullptr;
+  const Launch launch(x, s);
+  const Split split = launch.split;
+  const dim3 grid = launch.grid;
+  float2* const partial_ptr = launch.partial_ptr();
   FASTEM_DISPATCH_GROUP_NORM_TYPES(
       x.scalar_type(), "group_norm_silu", [&] {
         if (split.chunks > 1) {
@@ -410,15 +426,10 @@ at::Tensor group_norm_silu_backward_cuda(
     return out;
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t tasks = s.n * groups;
-  const Split split = split_groups(tasks, s.per_group());
-  const dim3 grid(static_cast<unsigned int>(tasks), static_cast<unsigned int>(split.chunks));
-  at::Tensor partial;
-  if (split.chunks > 1) {
-    partial = at::empty({tasks, split.chunks, 2}, x.options().dtype(at::kFloat));
-  }
-  auto* partial_ptr =
-      split.chunks > 1 ? reinterpret_cast<float2*>(partial.data_ptr<float>()) : nullptr;
+  const Launch launch(x, s);
+  const Split split = launch.split;
+  const dim3 grid = launch.grid;
+  float2* const partial_ptr = launch.partial_ptr();
   FASTEM_DISPATCH_GROUP_NORM_TYPES(
       x.scalar_type(), "group_norm_silu_backward", [&] {
         const auto affine = group_norm_affine<scalar_t, int>(weight, bias, scale, shift);
