@@ -174,53 +174,56 @@ __global__ void __launch_bounds__(kGroupThreads) forward_kernel(
   }
 }
 
-// (∂L/∂x̂, x̂) at element j of one group.
+// One group's view for the input-VJP: its x, upstream gradient, statistics
+// and affine map.
 template <typename T>
-__device__ __forceinline__ float input_grad(
-    const T* __restrict__ dy,
-    const T* __restrict__ xg,
-    const Affine<T>& affine,
-    int n,
-    int c,
-    int64_t j,
-    float m,
-    float r,
-    float& xhat) {
-  float gain, offset;
-  affine.at(n, c, gain, offset);
-  xhat = (static_cast<float>(xg[j]) - m) * r;
-  const float a = xhat * gain + offset;
-  const float sig = sigmoid(a);
-  // SiLU'(a) = σ(a)(1 + a(1 − σ(a)))
-  return static_cast<float>(dy[j]) * sig * (1.0f + a * (1.0f - sig)) * gain;
-}
+struct GroupGrad {
+  const T* __restrict__ xg;
+  const T* __restrict__ dy;
+  Affine<T> affine;
+  float m, r;
+  int n, first, plane;
 
-// The sums of g = ∂L/∂x̂ and g·x̂ over chunk k of group task.
+  __device__ GroupGrad(
+      const T* grad,
+      const T* x,
+      const float* mean,
+      const float* rstd,
+      const Affine<T>& affine_,
+      int64_t task,
+      int groups,
+      int plane_,
+      int size)
+      : xg(x + task * size),
+        dy(grad + task * size),
+        affine(affine_),
+        m(mean[task]),
+        r(rstd[task]),
+        n(static_cast<int>(task / groups)),
+        first(static_cast<int>(task % groups) * (size / plane_)),
+        plane(plane_) {}
+
+  // ∂L/∂x̂ at element j of the group, and x̂ there.
+  __device__ __forceinline__ float at(int64_t j, float& xhat) const {
+    float gain, offset;
+    affine.at(n, first + static_cast<int>(j) / plane, gain, offset);
+    xhat = (static_cast<float>(xg[j]) - m) * r;
+    const float a = xhat * gain + offset;
+    const float sig = sigmoid(a);
+    // SiLU'(a) = σ(a)(1 + a(1 − σ(a)))
+    return static_cast<float>(dy[j]) * sig * (1.0f + a * (1.0f - sig)) * gain;
+  }
+};
+
+// The sums of g = ∂L/∂x̂ and g·x̂ over chunk k of a group.
 template <typename T>
 __device__ float2 chunk_grad_sums(
-    const T* __restrict__ grad,
-    const T* __restrict__ x,
-    const float* __restrict__ mean,
-    const float* __restrict__ rstd,
-    const Affine<T>& affine,
-    Split split,
-    int64_t task,
-    int k,
-    int groups,
-    int plane,
-    int size,
-    float* shared) {
-  const T* xg = x + task * size;
-  const T* dy = grad + task * size;
-  const float m = mean[task], r = rstd[task];
-  const int n = static_cast<int>(task / groups);
-  const int first = static_cast<int>(task % groups) * (size / plane);
+    const GroupGrad<T>& group, Split split, int k, int size, float* shared) {
   float sum_g = 0.0f, sum_gx = 0.0f;
   for (int64_t j = split.begin(k) + threadIdx.x; j < split.end(k, size);
        j += kGroupThreads) {
     float xhat;
-    const float g = input_grad(
-        dy, xg, affine, n, first + static_cast<int>(j) / plane, j, m, r, xhat);
+    const float g = group.at(j, xhat);
     sum_g += g;
     sum_gx += g * xhat;
   }
@@ -244,8 +247,8 @@ __global__ void __launch_bounds__(kGroupThreads) backward_partial_kernel(
   __shared__ float shared[kWarps];
   const int64_t task = blockIdx.x;
   const int k = blockIdx.y;
-  partial[task * split.chunks + k] = chunk_grad_sums(
-      grad, x, mean, rstd, affine, split, task, k, groups, plane, size, shared);
+  const GroupGrad<T> group(grad, x, mean, rstd, affine, task, groups, plane, size);
+  partial[task * split.chunks + k] = chunk_grad_sums(group, split, k, size, shared);
 }
 
 // Chunk k of group task: rstd·(g − mean(g) − x̂·mean(g·x̂)), the means over
@@ -266,10 +269,10 @@ __global__ void __launch_bounds__(kGroupThreads) backward_kernel(
   __shared__ float shared[kWarps];
   const int64_t task = blockIdx.x;
   const int k = blockIdx.y;
+  const GroupGrad<T> group(grad, x, mean, rstd, affine, task, groups, plane, size);
   float2 sums = make_float2(0.0f, 0.0f);
   if (split.chunks == 1) {
-    sums = chunk_grad_sums(
-        grad, x, mean, rstd, affine, split, task, 0, groups, plane, size, shared);
+    sums = chunk_grad_sums(group, split, 0, size, shared);
   } else {
     for (int i = 0; i < split.chunks; ++i) {
       const float2 p = partial[task * split.chunks + i];
@@ -278,18 +281,12 @@ __global__ void __launch_bounds__(kGroupThreads) backward_kernel(
     }
   }
   const float mean_g = sums.x / size, mean_gx = sums.y / size;
-  const T* xg = x + task * size;
-  const T* dy = grad + task * size;
-  const float m = mean[task], r = rstd[task];
-  const int n = static_cast<int>(task / groups);
-  const int first = static_cast<int>(task % groups) * (size / plane);
   T* og = out + task * size;
   for (int64_t j = split.begin(k) + threadIdx.x; j < split.end(k, size);
        j += kGroupThreads) {
     float xhat;
-    const float g = input_grad(
-        dy, xg, affine, n, first + static_cast<int>(j) / plane, j, m, r, xhat);
-    og[j] = static_cast<T>(r * (g - mean_g - xhat * mean_gx));
+    const float g = group.at(j, xhat);
+    og[j] = static_cast<T>(group.r * (g - mean_g - xhat * mean_gx));
   }
 }
 
