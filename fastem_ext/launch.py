@@ -5,15 +5,32 @@ leaves without the interpreter's teardown, where a late Ctrl-C would print one t
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 
 def main() -> int:
     """Run the command line and end the process (``os._exit``: every output has been committed
-    and closed by then; only stdout and stderr need flushing). For the console script only."""
+    and closed by then; only stdout and stderr need flushing). For the console script only.
+
+    Ctrl-C during the imports is remembered as well as raised: an imported module that catches
+    everything (a bare ``except:`` around an optional import) could swallow the
+    KeyboardInterrupt, and the run would go on as if no Ctrl-C had come."""
+    interrupted = False
+
+    def on_interrupt(signum, frame) -> None:
+        nonlocal interrupted
+        interrupted = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         from .cli import main as command_line
     except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
         print("fastem: interrupted during start-up: no output was written", file=sys.stderr)
         return 130
     code = command_line()

@@ -274,3 +274,32 @@ def test_large_photo_options_and_16bit_crops_path(tmp_path, capsys):
     assert main([*args[:4], "--fast", "--full-diffusion", *FAST]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastem: error: ") and "choose one" in err and err.count("\n") == 1
+
+
+def test_ctrl_c_swallowed_by_an_import_still_ends_the_start_up():
+    """A module imported at start-up that catches everything (a bare ``except:``) swallows the
+    KeyboardInterrupt of a Ctrl-C; the console script must still stop with 130, not run on."""
+    script = """
+import importlib.abc, importlib.machinery, os, signal, sys, types
+
+class Swallowing(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        if name == "fastem_ext.cli":
+            return importlib.machinery.ModuleSpec(name, self)
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except:  # noqa: E722 (what a careless third-party import does)
+            pass
+        module.main = lambda: 0
+
+sys.meta_path.insert(0, Swallowing())
+from fastem_ext.launch import main
+sys.exit(main())
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert "interrupted during start-up" in result.stderr and "Traceback" not in result.stderr
