@@ -23,13 +23,21 @@ def main() -> int:
         interrupted = True
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    # Only where Ctrl-C would interrupt anyway (not in a job started with SIGINT ignored).
+    guard = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if guard:
+        signal.signal(signal.SIGINT, on_interrupt)
     try:
-        from .cli import main as command_line
+        try:
+            from .cli import main as command_line
+        finally:
+            if guard:  # runs a signal still pending, so inside the outer try
+                signal.signal(signal.SIGINT, signal.default_int_handler)
     except KeyboardInterrupt:
         interrupted = True
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    except BaseException:
+        if not interrupted:  # an import broken by its swallowed interrupt ends as one
+            raise
     if interrupted:
         print("fastem: interrupted during start-up: no output was written", file=sys.stderr)
         return 130

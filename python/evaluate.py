@@ -1,6 +1,6 @@
 """The paper's evaluation protocol: a seeded synthetic test set, several methods, one table.
 
-    python python/evaluate.py --out results/eval                      # everything (GPU: ~1 h)
+    python python/evaluate.py --out results/eval                      # everything (GPU: > 1 h)
     python python/evaluate.py --images 24 --sigmas 10 --methods fastem-pigdm oracle \\
         --out results/eval-val                                          # the README's figures
     python python/evaluate.py --split tune --images 8 --sigmas 10 --methods fastem-pigdm \\

@@ -276,9 +276,13 @@ def test_large_photo_options_and_16bit_crops_path(tmp_path, capsys):
     assert err.startswith("fastem: error: ") and "choose one" in err and err.count("\n") == 1
 
 
-def test_ctrl_c_swallowed_by_an_import_still_ends_the_start_up():
+@pytest.mark.parametrize("ignored", [False, True], ids=["sigint", "sigint-ignored"])
+def test_ctrl_c_swallowed_by_an_import_still_ends_the_start_up(ignored):
     """A module imported at start-up that catches everything (a bare ``except:``) swallows the
-    KeyboardInterrupt of a Ctrl-C; the console script must still stop with 130, not run on."""
+    KeyboardInterrupt of a Ctrl-C; the console script must still stop with 130, not run on. A
+    process started with SIGINT ignored (a background job of a script) ignores it, as before."""
+    import signal
+
     script = """
 import importlib.abc, importlib.machinery, os, signal, sys, types
 
@@ -299,7 +303,14 @@ sys.meta_path.insert(0, Swallowing())
 from fastem_ext.launch import main
 sys.exit(main())
 """
+    def ignore() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 130, result.stderr
-    assert "interrupted during start-up" in result.stderr and "Traceback" not in result.stderr
+                            timeout=120, preexec_fn=ignore if ignored else None)
+    assert "Traceback" not in result.stderr
+    if ignored:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode == 130, result.stderr
+        assert "interrupted during start-up" in result.stderr
