@@ -76,6 +76,13 @@ def border_and_interior_mse(image: torch.Tensor, sharp: torch.Tensor,
     return float(error[border].mean()), float(error[~border].mean())
 
 
+def blurry_scores(y: torch.Tensor, sharp: torch.Tensor) -> dict:
+    """The blurry input's PSNR and border/interior MSE: the baseline of ``scores``."""
+    border, interior = border_and_interior_mse(y.clamp(0, 1), sharp)
+    return {"psnr": float(metrics.psnr(y.clamp(0, 1), sharp)), "mse_border16": border,
+            "mse_interior": interior}
+
+
 def scores(result, sharp, kernel, seconds: float) -> dict:
     border, interior = border_and_interior_mse(result.image, sharp)
     return {"psnr": float(metrics.psnr(result.image, sharp)),
@@ -91,8 +98,7 @@ def kodak(args, out: Path) -> None:
     kernel = motion_kernel(33, seed=EVAL_SEEDS.start + args.kernel_seed)
     sigma = 10 / 255
     y = blurred(sharp, kernel, sigma, 1)
-    record(out, "kodak_blurry", {"psnr": float(metrics.psnr(y.clamp(0, 1), sharp)),
-                                 "size": list(sharp.shape)})
+    record(out, "kodak_blurry", {**blurry_scores(y, sharp), "size": list(sharp.shape)})
     clock = time.perf_counter()
     tiled = run(y, sigma, progress=False)
     record(out, "kodak_crops_tiles", scores(tiled, sharp, kernel, time.perf_counter() - clock))
@@ -119,9 +125,7 @@ def kodak_known(args, out: Path) -> None:
     kernel = motion_kernel(33, seed=EVAL_SEEDS.start + args.kernel_seed)
     sigma = 10 / 255
     y = blurred(sharp, kernel, sigma, 1)
-    border, interior = border_and_interior_mse(y.clamp(0, 1), sharp)
-    record(out, "kodak_known_blurry", {"psnr": float(metrics.psnr(y.clamp(0, 1), sharp)),
-                                       "mse_border16": border, "mse_interior": interior})
+    record(out, "kodak_known_blurry", blurry_scores(y, sharp))
     for name, options in (("tiles", {}), ("whole", {"full_diffusion": True})):
         clock = time.perf_counter()
         res = run(y, sigma, method="pigdm", kernel=kernel, progress=False, **options)

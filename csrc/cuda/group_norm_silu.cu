@@ -379,16 +379,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const Launch launch(x, s);
   const Split split = launch.split;
-  const dim3 grid = launch.grid;
   float2* const partial_ptr = launch.partial_ptr();
   FASTEM_DISPATCH_GROUP_NORM_TYPES(
       x.scalar_type(), "group_norm_silu", [&] {
         if (split.chunks > 1) {
-          forward_partial_kernel<scalar_t><<<grid, kGroupThreads, 0, stream>>>(
+          forward_partial_kernel<scalar_t><<<launch.grid, kGroupThreads, 0, stream>>>(
               x.data_ptr<scalar_t>(), partial_ptr, split, static_cast<int>(s.per_group()));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
-        forward_kernel<scalar_t><<<grid, kGroupThreads, 0, stream>>>(
+        forward_kernel<scalar_t><<<launch.grid, kGroupThreads, 0, stream>>>(
             x.data_ptr<scalar_t>(),
             partial_ptr,
             group_norm_affine<scalar_t, int>(weight, bias, scale, shift),
@@ -425,13 +424,12 @@ at::Tensor group_norm_silu_backward_cuda(
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const Launch launch(x, s);
   const Split split = launch.split;
-  const dim3 grid = launch.grid;
   float2* const partial_ptr = launch.partial_ptr();
   FASTEM_DISPATCH_GROUP_NORM_TYPES(
       x.scalar_type(), "group_norm_silu_backward", [&] {
         const auto affine = group_norm_affine<scalar_t, int>(weight, bias, scale, shift);
         if (split.chunks > 1) {
-          backward_partial_kernel<scalar_t><<<grid, kGroupThreads, 0, stream>>>(
+          backward_partial_kernel<scalar_t><<<launch.grid, kGroupThreads, 0, stream>>>(
               grad.data_ptr<scalar_t>(),
               x.data_ptr<scalar_t>(),
               mean.data_ptr<float>(),
@@ -444,7 +442,7 @@ at::Tensor group_norm_silu_backward_cuda(
               static_cast<int>(s.per_group()));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
-        backward_kernel<scalar_t><<<grid, kGroupThreads, 0, stream>>>(
+        backward_kernel<scalar_t><<<launch.grid, kGroupThreads, 0, stream>>>(
             grad.data_ptr<scalar_t>(),
             x.data_ptr<scalar_t>(),
             mean.data_ptr<float>(),
