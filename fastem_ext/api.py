@@ -20,7 +20,7 @@ from .checks import (
     check_sigma,
 )
 from .deconv import deconvolve_tv
-from .engine import EngineConfig, graphed_sample
+from .engine import EngineConfig, fused_norms_pay, graphed_sample
 from .hardware import describe_device
 from .io import load_image
 from .mstep import REGULARIZERS, HQSConfig, bundled_denoiser
@@ -84,9 +84,11 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     no wrap-around), ``circular`` for synthetic circularly blurred data. regularizer: the
     M-step's kernel prior (``pnp`` uses the bundled kernel denoiser). engine: ``fast`` (the
     step captured as a CUDA graph, network in ``precision``), ``reference`` (eager float32) or
-    ``auto`` (fast on CUDA, reference on CPU). compile: the fast engine runs the network as
-    Inductor-compiled code (``torch.compile``; compiled once per process, network and image
-    size, minutes on a CPU; a failure falls back to eager with a warning). mstep: the M-step's
+    ``auto`` (fast on CUDA, reference on CPU); on CUDA the fast engine runs the UNets'
+    GroupNorm + SiLU as the fused op unless compiled (``info["fused_norms"]``). compile: the
+    fast engine runs the network as Inductor-compiled code (``torch.compile``; compiled once
+    per process, network and image size, minutes on a CPU; a failure falls back to eager with
+    a warning). mstep: the M-step's
     settings in full (an ``HQSConfig``; its regulariser replaces ``regularizer``); default: the
     tuned ones.
     callback: called after every step as ``callback(i, x0, kernel)`` with the respaced step
@@ -134,8 +136,9 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     if compile and engine != "fast":
         raise ValueError("compile=True needs engine='fast' (or 'auto' on CUDA); the reference "
                          "engine runs the network eagerly")
-    runner = sample if engine == "reference" else partial(
-        graphed_sample, engine=EngineConfig(precision=precision, compile=compile).validate())
+    fused_norms = engine == "fast" and fused_norms_pay(device, compile)
+    runner = sample if engine == "reference" else partial(graphed_sample, engine=EngineConfig(
+        precision=precision, compile=compile, fused_norms=fused_norms).validate())
     schedule = Schedule(DEFAULT_STEPS[method] if steps is None else steps, r2=r2)
     mstep = mstep_config(regularizer, kernel_size, device, mstep)
     if callback is not None and not callable(callback):
@@ -165,7 +168,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
             callback=callback, runner=runner, working_size=working_size, crops=crops,
             max_batch=max_batch, fast=fast, info={
                 "r2": r2, "engine": engine, "precision": precision if engine == "fast" else "fp32",
-                "regularizer": mstep.kind})
+                "fused_norms": fused_norms, "regularizer": mstep.kind})
     frame = Frame.plan(*image.shape[-2:], kernel_size, net_prior.size_multiple, boundary)
     colour = image.expand(3, -1, -1) if image.shape[0] == 1 else image
     grid, mask = frame.pad(colour.to(device))
@@ -210,7 +213,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         "sigma": sigma, "sigma_estimated": estimated, "kernel_size": kernel_size,
         "boundary": boundary, "grid": [frame.grid_h, frame.grid_w], "regularizer": mstep.kind,
         "r2": r2, "seed": seed, "engine": engine,
-        "precision": precision if engine == "fast" else "fp32",
+        "precision": precision if engine == "fast" else "fp32", "fused_norms": fused_norms,
         "compiled": out.compile_seconds is not None, "device": describe_device(device),
         "source": loaded.source, "bits": loaded.bits,
         "reblur_rmse": reblur_rmse,

@@ -93,13 +93,28 @@ def cast_weights(eps_model: EpsModel, precision: str, fused_norms: bool = False)
     return cast
 
 
+def fused_norms_pay(device: torch.device, compile: bool) -> bool:
+    """Whether ``fused_norms`` is the faster choice for a run on ``device``: on CUDA with the
+    op's C++ or Triton kernel, and the network not compiled (Inductor fuses the norms its own
+    way). Measured on an H200 (benchmarks/RESULTS.md): 1.16x (natural prior) and 1.33x (FFHQ
+    UNet) faster than the plain modules at n = 1, 1.24x on the FFHQ UNet at n = 16 with 0.58x
+    its peak memory. On the CPU the C++ op is slower than torch's kernels: off there."""
+    return device.type == "cuda" and not compile and _fused_norms_backend(device) != "reference"
+
+
+def _fused_norms_backend(device: torch.device) -> str:
+    from .ops import _backend
+
+    return _backend.select("group_norm_silu", device)
+
+
 def _check_fused_norms(device: torch.device) -> None:
     """ValueError where ``fused_norms`` would run ``ops.group_norm_silu`` on its pure-torch
     reference: a hand-written backward, 3x slower than the plain modules' autograd (CPU,
     benchmarks/RESULTS.md), so it would slow the engine down and fuse nothing."""
     from .ops import _backend
 
-    if _backend.select("group_norm_silu", device) == "reference":
+    if _fused_norms_backend(device) == "reference":
         why = _backend.unavailable("cpp", device) or "FASTEM_BACKEND=reference"
         raise ValueError(f"fused_norms=True needs the C++ or Triton group_norm_silu on {device}; "
                          f"only the pure-torch reference is available ({why}): leave it off")

@@ -6,8 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from fastem_ext import gaussian_kernel, run
-from fastem_ext.engine import EngineConfig, GraphedLoop, autocast_model, cast_weights
+from fastem_ext import api, gaussian_kernel, run
+from fastem_ext.engine import (
+    EngineConfig,
+    GraphedLoop,
+    autocast_model,
+    cast_weights,
+    fused_norms_pay,
+)
 from fastem_ext.models import GaussianPrior
 from fastem_ext.models.natural_prior import load_natural_prior
 from fastem_ext.observation import Observation
@@ -128,3 +134,35 @@ def test_fused_norms_refused_on_the_reference_backend(monkeypatch):
     with pytest.raises(ValueError, match="fused_norms=True needs the C.. or Triton"):
         _loop(TinyEps(), EngineConfig(precision="fp32", fused_norms=True))
     _loop(TinyEps(), EngineConfig(precision="fp32"))  # the plain engine runs there
+
+
+def test_run_fuses_the_norms_where_it_pays(monkeypatch):
+    """run()'s choice (engine.fused_norms_pay): fused norms on CUDA with a kernel for the op and
+    an uncompiled network; never on the CPU (the C++ op is slower than torch's kernels there),
+    never with compile=True, never on the op's pure-torch reference."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(_backend, "select", lambda op, device: "cuda")
+    assert fused_norms_pay(cuda, compile=False)
+    assert not fused_norms_pay(cuda, compile=True)
+    assert not fused_norms_pay(cpu, compile=False)
+    monkeypatch.setattr(_backend, "select", lambda op, device: "reference")
+    assert not fused_norms_pay(cuda, compile=False)
+    monkeypatch.undo()
+    image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(5))
+    info = run(image, 0.02, prior="gaussian", steps="2", kernel_size=5, progress=False,
+               engine="fast", precision="fp32").info
+    assert info["fused_norms"] is False
+
+
+@pytest.mark.cuda
+def test_run_on_cuda_fuses_the_norms_and_agrees_with_the_plain_engine(monkeypatch):
+    """On CUDA, run() picks the fused norms by itself; the restoration matches the plain fast
+    engine's (fp32, the same seed) to rounding."""
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(7))
+    common = dict(prior="natural", steps="5", kernel_size=9, progress=False, device="cuda",
+                  engine="fast", precision="fp32")
+    fused = run(image, 0.04, **common)
+    monkeypatch.setattr(api, "fused_norms_pay", lambda device, compile: False)
+    plain = run(image, 0.04, **common)
+    assert fused.info["fused_norms"] is True and plain.info["fused_norms"] is False
+    torch.testing.assert_close(fused.image, plain.image, rtol=0, atol=1e-3)
