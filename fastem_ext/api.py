@@ -88,9 +88,8 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     GroupNorm + SiLU as the fused op unless compiled (``info["fused_norms"]``). compile: the
     fast engine runs the network as Inductor-compiled code (``torch.compile``; compiled once
     per process, network and image size, minutes on a CPU; a failure falls back to eager with
-    a warning). mstep: the M-step's
-    settings in full (an ``HQSConfig``; its regulariser replaces ``regularizer``); default: the
-    tuned ones.
+    a warning). mstep: the M-step's settings in full (an ``HQSConfig``; its regulariser
+    replaces ``regularizer``); default: the tuned ones.
     callback: called after every step as ``callback(i, x0, kernel)`` with the respaced step
     ``i`` (counting down to 0), the current ``x̂0`` ``[n, C, H, W]`` in [0, 1] cropped to the
     photo's frame, and the current kernel (device tensors; reading them synchronises).
@@ -168,7 +167,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
             callback=callback, runner=runner, working_size=working_size, crops=crops,
             max_batch=max_batch, fast=fast, info={
                 "r2": r2, "engine": engine, "precision": precision if engine == "fast" else "fp32",
-                "fused_norms": fused_norms, "regularizer": mstep.kind})
+                "regularizer": mstep.kind})
     frame = Frame.plan(*image.shape[-2:], kernel_size, net_prior.size_multiple, boundary)
     colour = image.expand(3, -1, -1) if image.shape[0] == 1 else image
     grid, mask = frame.pad(colour.to(device))
@@ -213,7 +212,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         "sigma": sigma, "sigma_estimated": estimated, "kernel_size": kernel_size,
         "boundary": boundary, "grid": [frame.grid_h, frame.grid_w], "regularizer": mstep.kind,
         "r2": r2, "seed": seed, "engine": engine,
-        "precision": precision if engine == "fast" else "fp32", "fused_norms": fused_norms,
+        "precision": precision if engine == "fast" else "fp32", "fused_norms": out.fused_norms,
         "compiled": out.compile_seconds is not None, "device": describe_device(device),
         "source": loaded.source, "bits": loaded.bits,
         "reblur_rmse": reblur_rmse,

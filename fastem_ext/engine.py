@@ -74,31 +74,39 @@ def cast_weights(eps_model: EpsModel, precision: str, fused_norms: bool = False)
     (``UNet.fuse_norms``). Anything else is returned as it is (autocast casts it per call, as
     before); the caller's model is never changed."""
     from . import ops
-    from .models.unet import UNet
 
     dtype = PRECISIONS[precision]
-    if (dtype is None and not fused_norms) or not isinstance(eps_model, nn.Module):
-        return eps_model
-    if not any(isinstance(module, UNet) for module in eps_model.modules()):
+    if (dtype is None and not fused_norms) or not unets(eps_model):
         return eps_model
     # Nothing is cast in float32: the copy shares the weights and costs no memory for them.
     shared = () if dtype is not None else (*eps_model.parameters(), *eps_model.buffers())
     cast = copy.deepcopy(eps_model, {id(t): t for t in shared})
-    for module in cast.modules():
-        if isinstance(module, UNet):
-            if dtype is not None:
-                module.convert_torso(dtype)
-            if fused_norms:
-                module.fuse_norms(ops.group_norm_silu)
+    for module in unets(cast):
+        if dtype is not None:
+            module.convert_torso(dtype)
+        if fused_norms:
+            module.fuse_norms(ops.group_norm_silu)
     return cast
+
+
+def unets(eps_model: EpsModel) -> list[nn.Module]:
+    """The ``UNet``s inside ``eps_model`` (none for a plain callable)."""
+    from .models.unet import UNet
+
+    if not isinstance(eps_model, nn.Module):
+        return []
+    return [module for module in eps_model.modules() if isinstance(module, UNet)]
 
 
 def fused_norms_pay(device: torch.device, compile: bool) -> bool:
     """Whether ``fused_norms`` is the faster choice for a run on ``device``: on CUDA with the
     op's C++ or Triton kernel, and the network not compiled (Inductor fuses the norms its own
-    way). Measured on an H200 (benchmarks/RESULTS.md): 1.16x (natural prior) and 1.33x (FFHQ
-    UNet) faster than the plain modules at n = 1, 1.24x on the FFHQ UNet at n = 16 with 0.58x
-    its peak memory. On the CPU the C++ op is slower than torch's kernels: off there."""
+    way). Measured on an H200 (benchmarks/RESULTS.md): 1.33x faster than the plain modules on
+    the FFHQ UNet at n = 1, 1.24x at n = 16 with 0.58x the peak memory; 1.16x on the bundled
+    prior at n = 1 (timed before the kernel split large groups over several blocks; a group is
+    split from 32,768 values, and this prior's are at most 20,736 at a 256² photo's 288² grid:
+    one block each either way). On the CPU the C++ op is slower than torch's kernels: off
+    there."""
     return device.type == "cuda" and not compile and _fused_norms_backend(device) != "reference"
 
 
@@ -161,6 +169,7 @@ class GraphedLoop:
         if engine.fused_norms:
             _check_fused_norms(self.device)
         network = cast_weights(eps_model, engine.precision, engine.fused_norms)
+        self.fused_norms = engine.fused_norms and bool(unets(network))
         self.eager_model = autocast_model(network, self.device, engine.precision)
         self.model = self.eager_model
         if engine.compile:
@@ -201,7 +210,7 @@ class GraphedLoop:
                 callback(i, self.x0.clone(), self.kernel)
         particles = to_image(self.x.clamp(-1.0, 1.0))
         return SamplerOutput(particles, None if self.kernel is None else self.kernel.clone(),
-                             self.compile_seconds)
+                             self.compile_seconds, self.fused_norms)
 
     def _compile(self) -> None:
         """One step (undone) compiles the network's forward and VJP; on failure the eager

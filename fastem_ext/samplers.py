@@ -9,7 +9,7 @@ fast engine (``engine``), which replays the same step as a CUDA graph.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -26,11 +26,13 @@ StepCallback = Callable[[int, Tensor, Tensor | None], None]
 @dataclass
 class SamplerOutput:
     """particles: ``[n, C, H, W]`` in [0, 1]; kernel: ``[K, K]`` (sum 1) or ``None``;
-    compile_seconds: the fast engine's network compilation (its first step), or ``None``."""
+    compile_seconds: the fast engine's network compilation (its first step), or ``None``;
+    fused_norms: whether the fast engine ran the network's UNet norms as the fused op."""
 
     particles: Tensor
     kernel: Tensor | None
     compile_seconds: float | None = None
+    fused_norms: bool = False
 
 
 def sample(eps_model: EpsModel, obs: Observation | None, *, schedule: Schedule,
@@ -102,4 +104,4 @@ def diffusion_em(eps_model: EpsModel, obs: Observation, kernel_init: Tensor, *,
         spec_x = torch.fft.rfft2(out.particles)
         spectra = kernel_spectra(obs.target_spectrum(spec_x, kernel), spec_x)
         kernel = hqs(spectra, kernel, obs.sigma, mstep, image_hw)
-    return SamplerOutput(out.particles, kernel)
+    return replace(out, kernel=kernel)  # the last run's engine facts (compilation, norms)

@@ -120,6 +120,7 @@ def test_fused_norms_agree_and_leave_the_prior_alone(monkeypatch):
     fused = loop.run()
     torch.testing.assert_close(fused.particles, plain.particles, rtol=0, atol=1e-4)
     assert not torch.equal(fused.particles, plain.particles)  # the fused op did run
+    assert fused.fused_norms is True and plain.fused_norms is False
     assert prior.unet.fused is None
     assert loop.eager_model.unet.fused is not None
     assert loop.eager_model.unet.out[0].weight is prior.unet.out[0].weight
@@ -152,12 +153,20 @@ def test_run_fuses_the_norms_where_it_pays(monkeypatch):
     info = run(image, 0.02, prior="gaussian", steps="2", kernel_size=5, progress=False,
                engine="fast", precision="fp32").info
     assert info["fused_norms"] is False
+    # What ran, not what was asked: a network without UNets has no norms to fuse.
+    monkeypatch.setattr(_backend, "select", lambda op, device: "cpp")
+    assert _loop(TinyEps(), EngineConfig(precision="fp32", fused_norms=True)).run().fused_norms \
+        is False
 
 
 @pytest.mark.cuda
 def test_run_on_cuda_fuses_the_norms_and_agrees_with_the_plain_engine(monkeypatch):
     """On CUDA, run() picks the fused norms by itself; the restoration matches the plain fast
-    engine's (fp32, the same seed) to rounding."""
+    engine's (fp32 without TF32, the same seed) to rounding."""
+    if _backend.select("group_norm_silu", torch.device("cuda")) == "reference":
+        pytest.skip("no CUDA or Triton group_norm_silu in this build")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(7))
     common = dict(prior="natural", steps="5", kernel_size=9, progress=False, device="cuda",
                   engine="fast", precision="fp32")
