@@ -126,12 +126,13 @@ def run_timing() -> dict:
 
 def run_rows(history: list[dict]) -> str:
     """Markdown table of the training runs recorded in a weights file's header."""
-    lines = ["| # | date | hardware | prediction | start from | steps | batch × crop | lr "
-             "| minutes | val PSNR EMA at the end |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| # | date | hardware | prediction | start from | steps | batch × crop | low-t share "
+             "| lr | minutes | val PSNR EMA at the end |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for number, run in enumerate(history, 1):
         if "hardware" not in run:  # the first, interim run, recorded before runs had records
             lines.append(f"| {number} | 2026-11-26 | {run.get('note', '')} | {run['prediction']} "
-                         f"| scratch | {run['steps']} | 8 × 96² | 5e-4 "
+                         f"| scratch | {run['steps']} | 8 × 96² | 0 | 5e-4 "
                          f"| {run['seconds'] / 60:.0f} | 29.91 (4 crops) |")
             continue
         end = run.get("val_psnr_ema_end")
@@ -139,7 +140,7 @@ def run_rows(history: list[dict]) -> str:
             f"| {number} | {run['date']} | {run['hardware']}, {run['amp']} | {run['prediction']} "
             f"| {run['init']} | {run['steps']} ({run['start_step']}–"
             f"{run['start_step'] + run['steps']}) | {run['batch']} × {run['crop']}² "
-            f"| {run['lr']:g} | {run['seconds'] / 60:.1f} "
+            f"| {run.get('low_t_share', 0):g} | {run['lr']:g} | {run['seconds'] / 60:.1f} "
             f"| {'– (stopped early)' if end is None else f'{end:.2f}'} |")
     return "\n".join(lines)
 
@@ -194,7 +195,8 @@ Data: `../shared/data/natural/train` only (552 images since 2026-11-28: 432 BSDS
 CBSD68, McMaster, val20, Set14; the first run saw the 120 PNGs); `natural/val` (Kodak) is never
 trained on. Crops in one of the 8 flips / 90° rotations, half at the native scale, half
 down-scaled by s uniform in [0.5, 1] (`python/train_prior.py` says how). Loss: MSE of the
-network's prediction (v since run 2) at a uniform t; AdamW, warm-up then cosine decay to lr/10
+network's prediction (v since run 2) at a uniform t (but for the run's low-t share of each
+batch, at a log-uniform t); AdamW, warm-up then cosine decay to lr/10
 over the run, gradient-norm clip 1.0, EMA 0.999 (the EMA weights ship). Every run starts from
 the previous file (the history below lives in the file's header):
 

@@ -27,7 +27,8 @@ learn how sharp a photo really is), the others a window of ``crop/s`` pixels (s 
 example the compact pack that travels to a GPU machine (``python python/pack_training_data.py``).
 
 Loss: MSE of the network's v̂ against ``v = √ᾱ ε − √(1−ᾱ) x0`` at a uniform t on the linear
-1000-step schedule (see ``natural_prior`` for why v). AdamW, linear warm-up, then cosine decay to
+1000-step schedule (see ``natural_prior`` for why v), except a ``low_t_share`` of each batch at a
+log-uniform t (``draw_timesteps``). AdamW, linear warm-up, then cosine decay to
 lr/10 at ``schedule_steps`` (``auto``: as many steps as the ``--minutes`` budget allows, measured
 over the first steps, for a dedicated GPU; ``time``: over the wall budget itself, for a CPU
 shared with other work, whose step rate changes); gradient-norm clip; EMA of the weights (decay
@@ -73,16 +74,20 @@ from fastem_ext.models.natural_prior import (  # noqa: E402
 )
 from fastem_ext.schedule import Schedule  # noqa: E402
 
-HPARAMS = ("seed", "batch", "crop", "scale_min", "lr", "warmup", "schedule_steps", "ema", "clip")
+HPARAMS = ("seed", "batch", "crop", "scale_min", "low_t_share", "lr", "warmup", "schedule_steps",
+           "ema", "clip")
 SETTINGS = ("val_every", "val_count", "val_crop", "save_every", "log_every")
 PRESETS: dict[str, dict] = {
-    "smoke": {"seed": 0, "batch": 2, "crop": 32, "scale_min": 0.5, "lr": 1e-3, "warmup": 2,
+    "smoke": {"seed": 0, "batch": 2, "crop": 32, "scale_min": 0.5, "low_t_share": 0.5,
+              "lr": 1e-3, "warmup": 2,
               "schedule_steps": 6, "ema": 0.9, "clip": 1.0, "val_every": 3, "val_count": 1,
               "val_crop": 64, "save_every": 3, "log_every": 1},
-    "cpu": {"seed": 0, "batch": 8, "crop": 96, "scale_min": 0.5, "lr": 4e-4, "warmup": 200,
+    "cpu": {"seed": 0, "batch": 8, "crop": 96, "scale_min": 0.5, "low_t_share": 0.0,
+            "lr": 4e-4, "warmup": 200,
             "schedule_steps": "time", "ema": 0.999, "clip": 1.0, "val_every": 250,
             "val_count": 4, "val_crop": 256, "save_every": 500, "log_every": 25},
-    "gpu": {"seed": 0, "batch": 128, "crop": 128, "scale_min": 0.5, "lr": 4e-4, "warmup": 500,
+    "gpu": {"seed": 0, "batch": 128, "crop": 128, "scale_min": 0.5, "low_t_share": 0.0,
+            "lr": 4e-4, "warmup": 500,
             "schedule_steps": "auto", "ema": 0.999, "clip": 1.0, "val_every": 1000,
             "val_count": 8, "val_crop": 256, "save_every": 2000, "log_every": 100},
 }
@@ -217,7 +222,7 @@ class Trainer:
         h, model = self.h, self.model
         gen = step_generator(h["seed"], global_step, self.device)
         x0 = self.sampler.batch(h["batch"], gen)
-        t = torch.randint(1000, (h["batch"],), generator=gen, device=self.device)
+        t = draw_timesteps(h["batch"], h["low_t_share"], gen, self.device)
         eps = torch.randn(x0.shape, generator=gen, device=self.device)
         a = self.sqrt_ac[t][:, None, None, None]
         b = self.sqrt_one_minus_ac[t][:, None, None, None]
@@ -235,6 +240,21 @@ class Trainer:
         decay = min(h["ema"], (1 + step) / (10 + step))
         torch._foreach_lerp_(list(self.ema.parameters()), list(model.parameters()), 1 - decay)
         return loss.detach()
+
+
+def draw_timesteps(n: int, low_t_share: float, gen: torch.Generator,
+                   device: torch.device) -> torch.Tensor:
+    """``n`` training timesteps: uniform on [0, 1000), except the first ``round(low_t_share·n)``,
+    log-uniform (t = ⌊1000^u⌋ − 1 for u uniform in [0, 1): 2/3 of them below t = 100, i.e.
+    σ < 44/255, a tenth at t = 0), which spend more of the network's capacity on the low noise
+    where x̂0 is sharp enough to drive the kernel. With a share of 0 the draws are those of a
+    plain uniform run."""
+    t = torch.randint(1000, (n,), generator=gen, device=device)
+    low = round(low_t_share * n)
+    if low:
+        u = torch.rand(low, generator=gen, device=device)
+        t[:low] = (u * math.log(1000)).exp().floor().long() - 1
+    return t
 
 
 def validate(model: NaturalPrior, ema: NaturalPrior, crops: torch.Tensor,
@@ -263,6 +283,8 @@ def resolve(args: argparse.Namespace) -> tuple[dict, dict]:
             raise SystemExit("--schedule-steps must be a positive integer, 'auto' or 'time'")
     elif math.isinf(args.minutes):
         raise SystemExit(f"--schedule-steps {merged['schedule_steps']} needs a --minutes budget")
+    if not 0 <= merged["low_t_share"] <= 1:
+        raise SystemExit(f"--low-t-share must be in [0, 1], got {merged['low_t_share']}")
     return {k: merged[k] for k in HPARAMS}, {k: merged[k] for k in SETTINGS}
 
 
@@ -400,7 +422,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="wall budget of this run, data loading included")
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps")
     for name in HPARAMS + SETTINGS:
-        kind = float if name in ("scale_min", "lr", "ema", "clip") else (
+        kind = float if name in ("scale_min", "low_t_share", "lr", "ema", "clip") else (
             str if name == "schedule_steps" else int)
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     return p.parse_args(argv)

@@ -137,6 +137,24 @@ def test_timestep_of_sigma() -> None:
     assert prior_common.timestep_of_sigma(0.0) == 0
 
 
+def test_training_timesteps_uniform_or_tilted_to_low_noise() -> None:
+    """A share of 0 draws exactly a uniform run's t; with a share, that part of the batch is
+    log-uniform on [0, 999] (2/3 of it below t = 100), the rest stays uniform."""
+    dev = torch.device("cpu")
+    plain = torch.randint(1000, (4096,), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(train_prior.draw_timesteps(4096, 0.0, torch.Generator().manual_seed(1),
+                                                  dev), plain)
+    t = train_prior.draw_timesteps(4096, 0.5, torch.Generator().manual_seed(1), dev)
+    assert t.dtype == torch.int64 and int(t.min()) >= 0 and int(t.max()) <= 999
+    low, rest = t[:2048].float(), t[2048:].float()
+    assert abs(float((low < 100).float().mean()) - 2 / 3) < 0.03
+    assert abs(float((rest < 100).float().mean()) - 0.1) < 0.03
+    assert abs(float((low < 10).float().mean()) - 1 / 3) < 0.03  # log-uniform: equal per decade
+    with pytest.raises(SystemExit, match="low-t-share must be in"):
+        train_prior.resolve(train_prior.parse_args(["--out", "x", "--minutes", "1",
+                                                   "--low-t-share", "1.5"]))
+
+
 def test_smoke_training_writes_weights_with_their_history(smoke_run: Path) -> None:
     log = _log(smoke_run)
     assert [r["run_step"] for r in log] == [1, 2, 3, 4, 5, 6]
@@ -149,6 +167,7 @@ def test_smoke_training_writes_weights_with_their_history(smoke_run: Path) -> No
     (run,) = _history(weights)
     assert run["steps"] == 6 and run["start_step"] == 0 and run["init"] == "scratch"
     assert run["batch"] == 2 and run["images"] == 552 and run["prediction"] == "v"
+    assert run["low_t_share"] == 0.5  # the smoke preset's
     assert run["val"][-1][0] == 6 and run["val_psnr_ema_end"] == run["val"][-1][3]
 
 
@@ -159,7 +178,8 @@ def test_model_card_lists_every_run_and_the_curve(smoke_run: Path) -> None:
     model = load_natural_prior(path=weights)
     curve = prior_common.denoising_curve(model, prior_common.val_crops(1, 64), timesteps=(999,))
     text = evaluate_prior.card(weights, curve, 1, 64, [])
-    assert "Does not yet meet" in text and "| 1 | " in text and "| 6 (0–6) |" in text
+    assert "Does not yet meet" in text and "| 1 | " in text
+    assert "| 6 (0–6) | 2 × 32² | 0.5 |" in text
     assert "| 56 |" in text and "| 999 |" in text and "clamped" in text
     assert "train_prior_gpu.sh" in text and "v = √ᾱ ε − √(1−ᾱ) x0" in text
 
