@@ -2,7 +2,8 @@
 
     # one GPU run of at most 9 minutes wall, start-up included (FASTEM_DATA: a pack, see below)
     python python/train_prior.py --config gpu --device cuda --minutes 8.5 --out runs/natural_gpu
-    # the CPU path, in the background on any working day (one thread, under nice)
+    # the CPU path (one thread, under nice): for a prior from scratch only; from a GPU-trained
+    # file it costs x̂0 quality (the model card has the measurement)
     nice python python/train_prior.py --config cpu --threads 1 --minutes 240 --out runs/natural_cpu
     # then ship it: the weights, and their card (evaluated here)
     cp runs/natural_gpu/natural_s2c32.safetensors fastem_ext/weights/
