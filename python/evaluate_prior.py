@@ -209,13 +209,15 @@ Continue training (either writes `OUT/{weights.name}`; copy it here, then
 # one GPU run of at most 9 minutes, from a copy of the repository plus the data pack:
 python python/pack_training_data.py          # .pack/data, ~45 MiB; carry it as .pack
 bash python/train_prior_gpu.sh               # on the GPU machine; writes $OUT/natural_gpu/
+# or on the CPU, in the background (one thread, under nice):
+nice python python/train_prior.py --config cpu --threads 1 --minutes 240 --out runs/natural_cpu
 ```
 
-Not on the CPU any more: its preset (`--config cpu`, batch 8 of 96² crops) lowers a prior
-trained on the GPU. Measured on 2026-11-28 from the file of run 4 (AMD EPYC, one thread per
-run, 40 min, 4,300 steps at lr 1e-4): x̂0 at σ = 25/255 on these 24 crops 29.61 → 28.90 dB
-(28.93 with half of each batch at a log-uniform t, `--low-t-share 0.5`), on the first 4 crops
-30.18 → 29.34 dB within the first 1,000 steps.
+Both presets train on crops of 256², the size the prior works at in `run()`: on smaller crops
+it learns what does not carry over (measured on 2026-11-28 from the file of run 4, which was
+trained on 128², `python/results/prior-cpu-finetune/`: 500 CPU steps of 4 crops of 256² took x̂0
+at σ = 25/255 on these 24 crops from 29.61 to 30.45 dB; 40 minutes on 96² crops took it down to
+28.90 dB).
 
 ## Validation (x̂0 denoising, {n_val} Kodak {crop}×{crop} centre crops)
 
