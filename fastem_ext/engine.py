@@ -107,13 +107,14 @@ def fused_norms_pay(device: torch.device, compile: bool) -> bool:
     split from 32,768 values, and this prior's are at most 20,736 at a 256² photo's 288² grid:
     one block each either way). On the CPU the C++ op is slower than torch's kernels: off
     there."""
-    return device.type == "cuda" and not compile and _fused_norms_backend(device) != "reference"
+    return device.type == "cuda" and not compile and _fused_norms_run_kernels(device)
 
 
-def _fused_norms_backend(device: torch.device) -> str:
+def _fused_norms_run_kernels(device: torch.device) -> bool:
+    """Whether ``ops.group_norm_silu`` has a C++ or Triton kernel on ``device``."""
     from .ops import _backend
 
-    return _backend.select("group_norm_silu", device)
+    return _backend.select("group_norm_silu", device) != "reference"
 
 
 def _check_fused_norms(device: torch.device) -> None:
@@ -122,7 +123,7 @@ def _check_fused_norms(device: torch.device) -> None:
     benchmarks/RESULTS.md), so it would slow the engine down and fuse nothing."""
     from .ops import _backend
 
-    if _fused_norms_backend(device) == "reference":
+    if not _fused_norms_run_kernels(device):
         why = _backend.unavailable("cpp", device) or "FASTEM_BACKEND=reference"
         raise ValueError(f"fused_norms=True needs the C++ or Triton group_norm_silu on {device}; "
                          f"only the pure-torch reference is available ({why}): leave it off")

@@ -47,8 +47,7 @@ from fastem_ext.mstep import HQSConfig
 from fastem_ext.physics import blur, dirac_kernel
 
 METHODS = ("fastem-pigdm", "fastem-pigdm-4", "fastem-pigdm-16", "fastem2-pigdm", "fastem-dps",
-           "diffem-pigdm",
-           "oracle", "none")
+           "diffem-pigdm", "oracle", "none")
 BLIND = ("fastem-pigdm", "fastem-pigdm-4", "fastem-pigdm-16", "fastem2-pigdm", "fastem-dps",
          "diffem-pigdm")
 TRACE_EVERY = 10
