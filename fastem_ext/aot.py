@@ -62,6 +62,7 @@ from .api import (
     resolve_device,
 )
 from .boundary import BOUNDARIES, Frame
+from .centring import as_pixels, recentre
 from .checks import (
     LEAST_SIGMA,
     MAX_SIGMA,
@@ -358,11 +359,14 @@ class Package:
             step = torch.tensor(i, device=self.device)
             x, kernel = self._step(x, kernel, step, noise, y, mask, sigma_t)
         check_finite_result(x, kernel, m["guidance_scale"])  # as run(): no NaN or inf leaves
-        restored = frame.crop(to_image(x.clamp(-1.0, 1.0)))
+        # as run() for a blind method: the kernel's centre of mass onto its centre, images along
+        kernel, samples, moved = recentre(kernel, to_image(x.clamp(-1.0, 1.0)))
+        restored = frame.crop(samples)
         if image.shape[0] == 1:
             restored = restored.mean(dim=1, keepdim=True)
         restored, kernel = restored.float().cpu(), kernel.float().cpu()
         info = {"sigma": sigma, "sigma_estimated": estimated, "seed": seed,
+                "recentred": as_pixels(moved),
                 "seconds_sampling": time.perf_counter() - sampling,
                 "seconds_total": time.perf_counter() - started}
         return Result(restored[0], kernel, restored, restored.mean(0), info)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .boundary import BOUNDARIES, Frame
+from .centring import as_pixels, recentre
 from .checks import (
     check_choice,
     check_int,
@@ -198,13 +199,16 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         torch.cuda.synchronize(device)
     sample_seconds = time.perf_counter() - sample_start
     _check_finite(out, guidance_scale)
+    samples, final_kernel, moved = out.particles, out.kernel, None
+    if method in BLIND:  # the kernel's centre of mass onto its centre, the images along
+        final_kernel, samples, moved = recentre(out.kernel, samples)
 
-    reblur = frame.crop(blur_spectrum(out.particles.mean(0), psf2otf(out.kernel, grid.shape[-2:])))
+    reblur = frame.crop(blur_spectrum(samples.mean(0), psf2otf(final_kernel, grid.shape[-2:])))
     reblur_rmse = float((reblur - colour.to(device)).square().mean().sqrt())
-    restored = frame.crop(out.particles)
+    restored = frame.crop(samples)
     if image.shape[0] == 1:
         restored = restored.mean(dim=1, keepdim=True)
-    restored, final_kernel = restored.float().cpu(), out.kernel.float().cpu()
+    restored, final_kernel = restored.float().cpu(), final_kernel.float().cpu()
     mean = restored.mean(0)
     info = {
         "method": method, "prior": net_prior.name, "particles": particles,
@@ -215,7 +219,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         "precision": precision if engine == "fast" else "fp32", "fused_norms": out.fused_norms,
         "compiled": out.compile_seconds is not None, "device": describe_device(device),
         "source": loaded.source, "bits": loaded.bits,
-        "reblur_rmse": reblur_rmse,
+        "reblur_rmse": reblur_rmse, "recentred": None if moved is None else as_pixels(moved),
         "seconds_total": time.perf_counter() - started, "seconds_sampling": sample_seconds,
         "seconds_per_step": (sample_seconds - (out.compile_seconds or 0.0)) / total,
         "seconds_compile": out.compile_seconds,
@@ -265,6 +269,7 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
                        guidance_scale, step_callback, runner)
 
     stages: dict[str, Any] = {}
+    moved = None
     try:
         if blind:
             clock = time.perf_counter()
@@ -274,6 +279,7 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
                 count=crops, working_size=working_size, multiple=multiple, sigma=sigma,
                 particles=particles)
             _check_kernel_finite(kernel)
+            kernel, _, moved = recentre(kernel)  # the tiles then restore the frame in place
             stages["crops"] = {"boxes": [list(box) for box in boxes],
                                "window": list(crop_window(height, width, working_size,
                                                           kernel_size)),
@@ -308,8 +314,10 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
         "rounds": rounds if method == "diffem-pigdm" else 1, "sigma": sigma,
         "sigma_estimated": estimated, "kernel_size": kernel_size, "boundary": "valid",
         "seed": seed, "device": describe_device(device), "source": loaded.source,
-        "bits": loaded.bits, "reblur_rmse": reblur, "path": "crops + fast" if fast else
-        ("crops + tiles" if blind else "tiles"), "working_size": working_size,
+        "bits": loaded.bits, "reblur_rmse": reblur,
+        "recentred": None if moved is None else as_pixels(moved),
+        "path": "crops + fast" if fast else ("crops + tiles" if blind else "tiles"),
+        "working_size": working_size,
         "stages": stages, "seconds_total": time.perf_counter() - started,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
         if device.type == "cuda" else None})

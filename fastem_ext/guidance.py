@@ -25,7 +25,8 @@ def pigdm_vector(obs: Observation, spec_x0: Tensor, otf: Tensor, r2: Tensor,
 
     ``H`` circulant has the eigenvalues ``otf`` (``[H, W//2+1]``), so the inverse is the
     per-frequency filter ``conj(K) R / (r² |K|² + σ²)`` (``ops.pigdm_filter``). With a mask the
-    residual is taken on the observed pixels and then filtered as if ``H`` were circulant.
+    residual is weighted (``Observation.guidance_weight``: the outside weakly) and then filtered
+    as if ``H`` were circulant.
     spec_x0: ``rfft2(x̂0)`` ``[n, C, H, W//2+1]``; r2: ``x0 | x_t``'s variance in image units, a
     table ``[S]`` read at ``step`` (0-d int64).
     """
@@ -34,18 +35,23 @@ def pigdm_vector(obs: Observation, spec_x0: Tensor, otf: Tensor, r2: Tensor,
     if obs.mask is None:
         filtered = ops.pigdm_filter(spec_x0, otf, obs.spec_y, r2, step, obs.sigma)
     else:
-        residual = torch.fft.rfft2(obs.residual(spec_x0, otf))
+        residual = torch.fft.rfft2(obs.misfit(spec_x0, otf) * obs.guidance_weight())
         filtered = ops.pigdm_filter(residual, otf, None, r2, step, obs.sigma)
     return torch.fft.irfft2(filtered, s=obs.y.shape[-2:])
 
 
 def dps_vector(obs: Observation, spec_x0: Tensor, otf: Tensor) -> Tensor:
-    """DPS (Eq. 16): ``v = −∇_{x̂0^i} ‖y − H x̂0^i‖₂ = Hᵀ r^i / ‖r^i‖`` with one norm **per
-    particle** ``i`` (no norm shared across the batch), ``r = y − H x̂0`` on the observed pixels.
+    """DPS (Eq. 16): ``v = −∇_{x̂0^i} ‖y − H x̂0^i‖_w = Hᵀ (w·r^i) / ‖r^i‖_w`` with one norm **per
+    particle** ``i`` (no norm shared across the batch), ``r = y − H x̂0`` and ``‖r‖_w² = Σ w r²``
+    with the guidance's weights ``w`` (``Observation.guidance_weight``: 1 on the observed pixels,
+    the outside weakly; 1 everywhere without a mask).
 
     spec_x0: ``rfft2(x̂0)`` ``[n, C, H, W//2+1]``; otf: ``[H, W//2+1]``. Returns ``[n, C, H, W]``
     (zero for a particle that explains ``y`` exactly).
     """
-    residual = obs.residual(spec_x0, otf)
-    norms = residual.flatten(1).norm(dim=1).clamp_min(torch.finfo(residual.dtype).tiny)
-    return blur_spectrum(residual, otf.conj()) / norms[:, None, None, None]
+    misfit = obs.misfit(spec_x0, otf)
+    weight = obs.guidance_weight()
+    weighted = misfit if weight is None else misfit * weight
+    norms = (weighted * misfit).flatten(1).sum(dim=1).sqrt()
+    norms = norms.clamp_min(torch.finfo(misfit.dtype).tiny)
+    return blur_spectrum(weighted, otf.conj()) / norms[:, None, None, None]

@@ -50,12 +50,27 @@ def test_other_blind_methods(method):
     assert result.info["rounds"] == (2 if method == "diffem-pigdm" else 1)
 
 
+@pytest.mark.parametrize("method", ["fastem-pigdm", "fastem-dps", "diffem-pigdm"])
+def test_blind_estimates_are_recentred_below_a_pixel(method):
+    """The kernel's centre of mass on its centre pixel, the images moved with it
+    (``centring``); ``info["recentred"]`` says how far."""
+    from fastem_ext.centring import centroid_offset
+
+    result = run(_photo(), 0.02, method=method, rounds=2, **FAST)
+    assert float(centroid_offset(result.kernel).abs().max()) < 0.1  # spiky ℓ2 kernels: 0.08
+    moved = result.info["recentred"]
+    assert len(moved) == 2 and max(abs(v) for v in moved) < 1.5
+
+
 @pytest.mark.parametrize("method", ["pigdm", "dps"])
 def test_nonblind_methods_keep_the_given_kernel(method):
-    kernel = gaussian_kernel(7, 1.2)
+    kernel = torch.zeros(7, 7)
+    kernel[2:5, 3:6] = torch.rand(3, 3, generator=torch.Generator().manual_seed(1)) + 0.1
+    kernel = kernel / kernel.sum()  # its centre of mass off the centre: kept, not recentred
     args = {**FAST, "kernel_size": 7}
     result = run(_photo(), 0.02, method=method, kernel=kernel, **args)
     torch.testing.assert_close(result.kernel, kernel)
+    assert result.info["recentred"] is None
     with pytest.raises(ValueError, match="kernel="):
         run(_photo(), 0.02, method=method, **args)
 

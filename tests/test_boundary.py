@@ -44,3 +44,26 @@ def test_masked_observation_sees_no_wrap_around():
     wrapped = circular.residual(torch.fft.rfft2(scene[None, :, 7:-7, 7:-7]),
                                 psf2otf(kernel, photo.shape[-2:]))
     assert float(wrapped.abs().max()) > 0.05  # the circular model cannot explain the borders
+
+
+def test_the_guidance_observes_the_outside_weakly():
+    """The guidance weighs the misfit 1 inside the frame and ``OUTSIDE_WEIGHT`` outside it (the
+    scene beyond the frame is held to the replicated edge, not left to drift to black); the
+    observed residual stays zero outside; without a mask there is no weight."""
+    from fastem_ext.observation import OUTSIDE_WEIGHT
+    from fastem_ext.physics import psf2otf
+
+    frame = Frame.plan(20, 24, 9, 8, "valid")
+    grid, mask = frame.pad(torch.rand(3, 20, 24, generator=torch.Generator().manual_seed(1)))
+    x = torch.rand(2, *grid.shape, generator=torch.Generator().manual_seed(2))
+    spec, otf = torch.fft.rfft2(x), psf2otf(motion_kernel(9, seed=1), grid.shape[-2:])
+    obs = Observation(grid, 0.02, mask)
+    weight = obs.guidance_weight()
+    assert 0 < OUTSIDE_WEIGHT < 1
+    assert torch.equal(weight[mask.bool()], torch.ones(int(mask.sum())))
+    assert torch.equal(weight[~mask.bool()], torch.full((int((1 - mask).sum()),), OUTSIDE_WEIGHT))
+    inside = mask.bool().expand(2, 3, -1, -1)
+    misfit = obs.misfit(spec, otf)
+    torch.testing.assert_close(obs.residual(spec, otf)[inside], misfit[inside])
+    assert float(obs.residual(spec, otf)[~inside].abs().max()) == 0.0
+    assert Observation(grid, 0.02).guidance_weight() is None

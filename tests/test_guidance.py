@@ -5,7 +5,7 @@ import torch
 from dense import circular_convolve, operator_matrix
 
 from fastem_ext.guidance import dps_vector, pigdm_vector
-from fastem_ext.observation import Observation
+from fastem_ext.observation import OUTSIDE_WEIGHT, Observation
 from fastem_ext.physics import psf2otf
 
 HW, C = (6, 5), 3
@@ -25,8 +25,13 @@ def _setup(seed=0, n=2, size=3, masked=False):
     return Observation(y, 0.08, mask), kernel, x0, dense_h
 
 
-def _masked(obs: Observation, residual: torch.Tensor) -> torch.Tensor:
-    return residual if obs.mask is None else residual * obs.mask.expand(C, *HW).reshape(-1)
+def _weights(obs: Observation) -> torch.Tensor:
+    """The guidance's weights, flattened: 1 on the observed pixels, ``OUTSIDE_WEIGHT``
+    elsewhere."""
+    if obs.mask is None:
+        return torch.ones(C * HW[0] * HW[1], dtype=torch.float64)
+    mask = obs.mask.expand(C, *HW).reshape(-1)
+    return torch.where(mask > 0, 1.0, torch.tensor(OUTSIDE_WEIGHT, dtype=mask.dtype))
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -37,7 +42,7 @@ def test_pigdm_vector_equals_dense_formula(masked):
     v = pigdm_vector(obs, torch.fft.rfft2(x0), psf2otf(kernel, HW), r2, step)
     cov = 0.37 * h @ h.T + obs.sigma**2 * torch.eye(h.shape[0], dtype=torch.float64)
     for i in range(x0.shape[0]):
-        residual = _masked(obs, obs.y.reshape(-1) - h @ x0[i].reshape(-1))
+        residual = _weights(obs) * (obs.y.reshape(-1) - h @ x0[i].reshape(-1))
         expected = h.T @ torch.linalg.solve(cov, residual)
         torch.testing.assert_close(v[i].reshape(-1), expected, rtol=1e-10, atol=1e-12)
 
@@ -48,6 +53,6 @@ def test_dps_vector_is_the_gradient_of_each_particles_own_norm(masked):
     v = dps_vector(obs, torch.fft.rfft2(x0), psf2otf(kernel, HW))
     for i in range(3):
         xi = x0[i].detach().clone().requires_grad_(True)
-        norm = _masked(obs, obs.y.reshape(-1) - h @ xi.reshape(-1)).norm()
+        norm = (_weights(obs).sqrt() * (obs.y.reshape(-1) - h @ xi.reshape(-1))).norm()
         (expected,) = torch.autograd.grad(norm, xi)
         torch.testing.assert_close(v[i], -expected, rtol=1e-9, atol=1e-12)

@@ -12,7 +12,7 @@ import torch
 from dense import circular_convolve, operator_matrix
 
 from fastem_ext.mstep import HQSConfig
-from fastem_ext.observation import Observation
+from fastem_ext.observation import OUTSIDE_WEIGHT, Observation
 from fastem_ext.schedule import Schedule
 from fastem_ext.step import StepConfig, guided_step, plan_step
 
@@ -54,20 +54,22 @@ def _oracle(obs, kernel, x, guidance):
     schedule = Schedule("10")
     ac = schedule.alphas_cumprod[STEP]
     h = operator_matrix(lambda img: circular_convolve(img, kernel.double()), (C, *HW))
-    mask = torch.ones(C * HW[0] * HW[1], dtype=torch.float64)
-    if obs.mask is not None:
-        mask = obs.mask.double().expand(C, *HW).reshape(-1)
+    weight = torch.ones(C * HW[0] * HW[1], dtype=torch.float64)
+    if obs.mask is not None:  # the outside weakly observed (observation.OUTSIDE_WEIGHT)
+        observed = obs.mask.double().expand(C, *HW).reshape(-1) > 0
+        weight = torch.where(observed, 1.0, torch.tensor(OUTSIDE_WEIGHT, dtype=torch.float64))
     y_net = 2 * obs.y.double().reshape(-1) - 1
     x_t = x.double().requires_grad_(True)
     x0 = (x_t - (1 - ac).sqrt() * eps_model(x_t, None)) / ac.sqrt()
     x0 = x0 + (x0.clamp(-1, 1) - x0).detach()  # straight-through
-    residuals = [mask * (y_net - h @ x0[i].reshape(-1)) for i in range(N)]
-    if guidance == "dps":
-        (grad,) = torch.autograd.grad(-sum(r.norm() for r in residuals), x_t)
+    residuals = [y_net - h @ x0[i].reshape(-1) for i in range(N)]
+    if guidance == "dps":  # the weighted norm ‖r‖_w = ‖√w r‖
+        norms = sum((weight.sqrt() * r).norm() for r in residuals)
+        (grad,) = torch.autograd.grad(-norms, x_t)
         return ac.sqrt() * grad
     r2 = schedule.pigdm_r2[STEP]
     cov = r2 * h @ h.T + (2 * obs.sigma) ** 2 * torch.eye(h.shape[0], dtype=torch.float64)
-    v = torch.stack([h.T @ torch.linalg.solve(cov, r.detach()) for r in residuals])
+    v = torch.stack([h.T @ torch.linalg.solve(cov, weight * r.detach()) for r in residuals])
     (grad,) = torch.autograd.grad(x0, x_t, grad_outputs=v.reshape(x0.shape))
     return schedule.pigdm_weight[STEP] * grad
 

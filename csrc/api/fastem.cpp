@@ -163,6 +163,63 @@ at::Generator seeded_generator(const c10::Device& device, uint64_t seed) {
   return generator;
 }
 
+// fastem_ext.centring: the centre of mass of `kernel` [K, K] minus its centre
+// (K/2, K/2), as a float64 tensor [dy, dx].
+at::Tensor centroid_offset(const at::Tensor& kernel) {
+  const int64_t size = kernel.size(-1);
+  const at::Tensor index =
+      at::arange(size, kernel.options().dtype(at::kDouble)) - size / 2;
+  const at::Tensor total = kernel.sum();
+  return at::stack(
+             {(kernel.sum(1) * index).sum(), (kernel.sum(0) * index).sum()}) /
+      total;
+}
+
+// centring.shift: `images` [..., H, W] (float64) moved by `offset` [dy, dx] by
+// a Fourier phase ramp on the circular grid.
+at::Tensor shift(const at::Tensor& images, const at::Tensor& offset) {
+  const auto real = images.options().dtype(at::kDouble);
+  const at::Tensor fy =
+      at::fft_fftfreq(images.size(-2), 1.0, real).unsqueeze(1);
+  const at::Tensor fx =
+      at::fft_fftfreq(images.size(-1), 1.0, real).unsqueeze(0);
+  const at::Tensor ramp = at::polar(
+      at::ones_like(fy * fx), -2 * M_PI * (fy * offset[0] + fx * offset[1]));
+  return at::real(at::fft_ifft2(at::fft_fft2(images) * ramp));
+}
+
+constexpr int64_t kKernelPad = 2; // centring.KERNEL_PAD
+constexpr int64_t kImagePad = 16; // centring.IMAGE_PAD
+
+// centring.recentre: the kernel moved so that its centre of mass is its centre
+// pixel, `images` [n, C, H, W] in [0, 1] moved the opposite way; returns the
+// offset the images moved.
+at::Tensor recentre(at::Tensor& kernel, at::Tensor& images) {
+  const at::Tensor weights = kernel.to(at::kDouble);
+  const at::Tensor offset = centroid_offset(weights);
+  const int64_t size = weights.size(-1);
+  const at::Tensor moved =
+      shift(at::constant_pad_nd(
+                weights, {kKernelPad, kKernelPad, kKernelPad, kKernelPad}),
+            -offset)
+          .slice(0, kKernelPad, kKernelPad + size)
+          .slice(1, kKernelPad, kKernelPad + size)
+          .clamp_min(0.0);
+  kernel = (moved / moved.sum()).to(kernel.scalar_type());
+  const int64_t height = images.size(-2), width = images.size(-1);
+  const int64_t pad = std::min({kImagePad, height - 1, width - 1});
+  at::Tensor flat = at::reflection_pad2d(
+      images.reshape({-1, 1, height, width}).to(at::kDouble),
+      {pad, pad, pad, pad});
+  images = shift(flat, offset)
+               .slice(2, pad, pad + height)
+               .slice(3, pad, pad + width)
+               .clamp(0.0, 1.0)
+               .reshape(images.sizes())
+               .to(images.scalar_type());
+  return offset.to(at::kCPU);
+}
+
 } // namespace
 
 double estimate_noise(const at::Tensor& image, double floor) {
@@ -423,9 +480,11 @@ Result Deblurrer::sample(
         "sampling produced NaN or infinite values (the prior's output or the "
         "guidance diverged during the run); nothing was returned");
   }
-  // schedule.to_image of the clamped particles, cropped to the frame.
-  at::Tensor particles = ((x.clamp(-1.0, 1.0) + 1.0) / 2.0)
-                             .slice(2, s.top, s.top + s.height)
+  // schedule.to_image of the clamped particles, re-centred with the kernel
+  // (every exported method is blind: as Python's run()), cropped to the frame.
+  at::Tensor images = (x.clamp(-1.0, 1.0) + 1.0) / 2.0;
+  const at::Tensor moved = recentre(kernel, images);
+  at::Tensor particles = images.slice(2, s.top, s.top + s.height)
                              .slice(3, s.left, s.left + s.width);
   if (s.channels == 1) {
     particles = particles.mean(1, /*keepdim=*/true);
@@ -434,6 +493,8 @@ Result Deblurrer::sample(
   result.particles = particles.to(at::kCPU).contiguous();
   result.image = result.particles[0];
   result.kernel = kernel.to(at::kCPU).contiguous();
+  result.recentred_dy = moved[0].item<double>();
+  result.recentred_dx = moved[1].item<double>();
   result.sigma = s.sigma;
   result.sigma_estimated = s.sigma_estimated;
   result.seconds = std::chrono::duration<double>(

@@ -69,7 +69,10 @@ class Cancelled : public Error {
 struct Result {
   at::Tensor image; // [C, H, W] float32 in [0, 1] (the first particle), CPU
   at::Tensor particles; // [n, C, H, W] float32 in [0, 1], CPU
-  at::Tensor kernel; // [K, K] float32, sum 1, centre at (K/2, K/2), CPU
+  at::Tensor kernel; // [K, K] float32, sum 1, centre of mass at (K/2, K/2), CPU
+  // How far (pixels, down and right) the images moved when the kernel's centre
+  // of mass was put on its centre pixel (Python's fastem_ext.centring).
+  double recentred_dy = 0.0, recentred_dx = 0.0;
   double sigma = 0.0; // the noise level used, [0, 1] units
   bool sigma_estimated = false;
   double seconds = 0.0; // wall time of the sampling loop
