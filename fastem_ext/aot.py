@@ -81,7 +81,7 @@ from .priors import load_prior
 from .schedule import R2_RULES, Schedule, to_image
 from .step import StepConfig, plan_step, step_with_noise
 
-FORMAT = 1
+FORMAT = 2  # 2 (2026-11-29): the guidance weighs the frame's outside; re-centred results
 STEP_FILE = "step.pt2"
 MANIFEST_FILE = "manifest.json"
 EXPORT_METHODS = ("fastem-pigdm", "fastem-dps")  # the blind methods whose loop is one step
@@ -305,7 +305,8 @@ def load_package(path: str | os.PathLike) -> Package:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"bad package manifest {manifest_path}: {err}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"bad package manifest {manifest_path}: format is not {FORMAT}")
+        raise ValueError(f"bad package manifest {manifest_path}: format is not {FORMAT} "
+                         "(made by another fastem: export it again with this one)")
     if torch_release(str(manifest.get("torch_version"))) != torch_release(torch.__version__):
         raise ValueError(f"package {folder} was made by torch {manifest.get('torch_version')}; "
                          f"this is torch {torch.__version__}: export it again with this version")

@@ -53,9 +53,10 @@ MAX_CROPS = 64
 @dataclass
 class Result:
     """image: ``[C, H, W]`` (the first particle, a sharp posterior sample); kernel: ``[K, K]``
-    (sum 1); particles: ``[n, C, H, W]``; mean: ``[C, H, W]`` (the particles' average, the
-    paper's "SA" output: higher PSNR, softer); info: settings, noise level, timings. All on CPU,
-    float32, in [0, 1]."""
+    (sum 1; a blind method's re-centred below a pixel, ``centring``); particles:
+    ``[n, C, H, W]``; mean: ``[C, H, W]`` (the particles' average, the paper's "SA" output:
+    higher PSNR, softer); info: settings, noise level, timings. All on CPU, float32, in
+    [0, 1]."""
 
     image: Tensor
     kernel: Tensor

@@ -5,9 +5,9 @@ multiple of the network's.
 
 ``valid`` (real photos): the grid extends at least ``K//2`` pixels beyond the frame on every side,
 rounded up to the network's multiple, so that every observed pixel is a non-wrapped convolution
-of the scene. The extension starts as edge replication and is then treated as unobserved (see
-``observation``): the sampler fills it in from the prior, and no wrap-around ringing reaches the
-frame.
+of the scene. The extension holds the frame's edge replicated: the M-step treats it as missing
+and the guidance observes it only weakly (see ``observation``); the sampler fills it in from the
+prior, and no wrap-around ringing reaches the frame.
 """
 
 from __future__ import annotations

@@ -40,10 +40,10 @@ IMAGE_PAD = 16
 
 KERNEL_PAD = 2
 """Zero padding of the kernel before its ramp: room for the half pixel it moves."""
-
 def centroid_offset(kernel: Tensor) -> Tensor:
     """The centre of mass of ``kernel`` ``[K, K]`` (non-negative, sum > 0) minus its centre
-    ``(K//2, K//2)``: ``[dy, dx]`` float64 on the kernel's device."""
+    ``(K//2, K//2)``: ``[dy, dx]`` float64 on the kernel's device (the sub-pixel value of
+    what ``ops.kernel_project`` rounds for the M-step's whole-pixel re-centring)."""
     size = kernel.shape[-1]
     weights = kernel.double()
     index = torch.arange(size, dtype=torch.float64, device=kernel.device) - size // 2
@@ -66,7 +66,9 @@ def recentre(kernel: Tensor, images: Tensor | None = None) -> tuple[Tensor, Tens
     """The kernel ``[K, K]`` moved so that its centre of mass is its centre pixel, and
     ``images`` ``[..., C, H, W]`` in [0, 1] (or ``None``) moved the opposite way, clamped to
     [0, 1]. Returns ``(kernel, images, offset)`` in the inputs' dtypes; ``offset`` ``[dy, dx]``
-    (float64) is how far the images moved."""
+    (float64) is how far the images moved. A kernel whose mass reaches its support's edge loses
+    what the move pushes off it (renormalised): the one case where ``k ⊛ x`` changes by more
+    than the ringing."""
     offset = centroid_offset(kernel)
     padded = F.pad(kernel.double(), (KERNEL_PAD,) * 4)
     moved = shift(padded, -offset)[KERNEL_PAD:-KERNEL_PAD, KERNEL_PAD:-KERNEL_PAD].clamp_min(0.0)
@@ -76,8 +78,9 @@ def recentre(kernel: Tensor, images: Tensor | None = None) -> tuple[Tensor, Tens
     height, width = images.shape[-2:]
     pad = min(IMAGE_PAD, height - 1, width - 1)  # reflection needs fewer than the side
     flat = F.pad(images.reshape(-1, 1, height, width).double(), (pad,) * 4, mode="reflect")
-    moved = shift(flat, offset)[..., pad:pad + height, pad:pad + width].clamp(0.0, 1.0)
-    return new_kernel, moved.reshape(images.shape).to(images.dtype), offset
+    moved = torch.stack([shift(image, offset)[..., pad:pad + height, pad:pad + width]
+                         for image in flat])  # one image at a time: complex128 is 16 B/pixel
+    return new_kernel, moved.clamp(0.0, 1.0).reshape(images.shape).to(images.dtype), offset
 
 
 def as_pixels(offset: Tensor) -> list[float]:

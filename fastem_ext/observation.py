@@ -18,8 +18,8 @@ streak that keeps the data fitted (seen in ``fastem demo`` and on many tuning cr
 true kernel too). Measured on 24 ``natural/train`` crops, TUNE kernels, σ = 10/255, blind Fast EM
 with the defaults: mean gain over the blurry input +0.36 → +1.39 dB (better on 19 of 24; the
 frame's central 224×224 gains +0.69 dB too, as the kernel estimate improves: mean kernel MSE
-1.98e-5 → 1.61e-5); with ``centring``'s re-centring as well, ``w`` = 0.01 and 0.2 gained
-less than 0.05 (+0.67 and +1.02 dB against +1.64; ``python/results/ablation-tune-outside/``).
+1.98e-5 → 1.61e-5); with ``centring``'s re-centring as well, ``w`` = 0.01 and 0.2 gained less
+than ``w`` = 0.05 (+0.67 and +1.02 dB against +1.64; ``python/results/ablation-tune-outside/``).
 DPS guidance weighs the outside the same way (not measured: 1000 steps per run).
 
 A **batched** observation (``y`` ``[n, C, H, W]``, ``mask`` ``[n, 1, H, W]``) holds one image per

@@ -12,7 +12,8 @@ Camera shake is one kernel for the whole frame, so a large photo needs no giant 
    frame-sized buffers per particle). The tiles step in lockstep and are blended at every step
    (``tiles.TileBlend`` on the canvas), so the result is one sample without seams. Each tile
    uses the valid model on its own window: at the photo's edges that is the truth, inside it
-   the tile's unobserved border is covered by its neighbour.
+   the tile's border beyond its window (weakly observed as the replicated edge, see
+   ``observation``) is covered by its neighbour.
 
 ``sample(method, obs, kernel, schedule, particles)`` is the caller's sampler (``api.run`` binds
 the prior, the generator, the M-step settings and the progress bar).

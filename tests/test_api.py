@@ -56,10 +56,26 @@ def test_blind_estimates_are_recentred_below_a_pixel(method):
     (``centring``); ``info["recentred"]`` says how far."""
     from fastem_ext.centring import centroid_offset
 
-    result = run(_photo(), 0.02, method=method, rounds=2, **FAST)
+    args = {**FAST, "kernel_size": 7}
+    result = run(_photo(), 0.02, method=method, rounds=2, **args)
     assert float(centroid_offset(result.kernel).abs().max()) < 0.1  # spiky ℓ2 kernels: 0.08
-    moved = result.info["recentred"]
-    assert len(moved) == 2 and max(abs(v) for v in moved) < 1.5
+    moved = torch.tensor(result.info["recentred"], dtype=torch.float64)
+    assert 0.05 < float(moved.abs().max()) < 1.5
+    # the same run without the re-centring: its images, moved by the offset, are the result's
+    # (up to the frame's borders, which the run moves on the whole grid)
+    from fastem_ext import api
+    from fastem_ext.centring import shift
+
+    keep = lambda k, x=None: (k, x, torch.zeros(2, dtype=torch.float64))  # noqa: E731
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(api, "recentre", keep)
+        plain = run(_photo(), 0.02, method=method, rounds=2, **args)
+    assert plain.info["recentred"] == [0.0, 0.0] and not torch.equal(plain.kernel, result.kernel)
+    inner = (..., slice(6, -6), slice(6, -6))
+    expected = shift(plain.particles, moved).clamp(0, 1).float()
+    off = float((result.particles - expected)[inner].abs().max())
+    unmoved = float((result.particles - plain.particles)[inner].abs().max())
+    assert off < 0.2 * unmoved, (off, unmoved)
 
 
 @pytest.mark.parametrize("method", ["pigdm", "dps"])

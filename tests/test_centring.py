@@ -71,3 +71,6 @@ def test_recentre_keeps_images_in_range_and_takes_small_images():
     assert float(new_images.min()) >= 0 and float(new_images.max()) <= 1
     only_kernel, none, _ = recentre(kernel)
     assert none is None and torch.equal(only_kernel, new_kernel)
+    line = torch.rand(2, 3, 1, 6, generator=torch.Generator().manual_seed(4))  # no room to reflect
+    assert recentre(kernel, line)[1].shape == line.shape
+

@@ -75,6 +75,9 @@ def test_run_picks_the_crops_path_above_the_working_size_and_reports_it():
     assert tiles["steps"] == 3 and tiles["count"] >= 4 and tiles["seconds"] > 0
     assert result.info["steps"] == 4 and result.info["tile_steps"] == 3
     assert result.kernel.shape == (5, 5) and abs(float(result.kernel.sum()) - 1) < 1e-5
+    from fastem_ext.centring import centroid_offset  # the crops' kernel re-centred, then tiles
+    assert len(info["recentred"]) == 2
+    assert float(centroid_offset(result.kernel).abs().max()) < 0.1
     whole = run(_photo(), 0.02, working_size=48, full_diffusion=True, **FAST)
     assert whole.info["path"] == "whole image"
 

@@ -20,7 +20,7 @@
 namespace fastem {
 namespace {
 
-constexpr int kFormat = 1;
+constexpr int kFormat = 2; // aot.FORMAT
 constexpr int64_t kChannels = 3; // the network's; grey photos are repeated
 constexpr double kMadToStd = 0.6744897501960817; // median(|N(0, 1)|)
 
@@ -208,12 +208,16 @@ at::Tensor recentre(at::Tensor& kernel, at::Tensor& images) {
   kernel = (moved / moved.sum()).to(kernel.scalar_type());
   const int64_t height = images.size(-2), width = images.size(-1);
   const int64_t pad = std::min({kImagePad, height - 1, width - 1});
-  at::Tensor flat = at::reflection_pad2d(
+  const at::Tensor flat = at::reflection_pad2d(
       images.reshape({-1, 1, height, width}).to(at::kDouble),
       {pad, pad, pad, pad});
-  images = shift(flat, offset)
-               .slice(2, pad, pad + height)
-               .slice(3, pad, pad + width)
+  std::vector<at::Tensor> shifted;
+  for (int64_t i = 0; i < flat.size(0); ++i) { // one at a time: 16 B/pixel
+    shifted.push_back(shift(flat[i], offset)
+                          .slice(1, pad, pad + height)
+                          .slice(2, pad, pad + width));
+  }
+  images = at::stack(shifted)
                .clamp(0.0, 1.0)
                .reshape(images.sizes())
                .to(images.scalar_type());
@@ -282,7 +286,8 @@ void Deblurrer::load(const std::string& path, const std::string& device) {
   s.manifest = {metadata.begin(), metadata.end()};
   if (integer(s.manifest, "format") != kFormat) {
     throw PackageError(
-        "bad package " + path + ": format is not " + std::to_string(kFormat));
+        "bad package " + path + ": format is not " + std::to_string(kFormat) +
+        " (made by another fastem: export it again with this one)");
   }
   const std::string made_by = entry(s.manifest, "torch_version");
   if (release(made_by) != release(TORCH_VERSION)) { // as fastem_ext.aot
