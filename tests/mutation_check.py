@@ -77,7 +77,7 @@ MUTATIONS = [
              "return self.mask * (1.0 - OUTSIDE_WEIGHT) + OUTSIDE_WEIGHT", "return self.mask",
              ("test_boundary.py", "test_guidance.py", "test_step.py")),
     Mutation("centring: the images moved the kernel's way", "fastem_ext/centring.py",
-             "moved = shift(flat, offset)[", "moved = shift(flat, -offset)[",
+             "shift(image, offset)[..., pad:", "shift(image, -offset)[..., pad:",
              ("test_centring.py",)),
     Mutation("guidance: a plain clamp for the straight-through one", STEP,
              "at(tables.sqrt_one_minus_ac, step)))",
