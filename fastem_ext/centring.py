@@ -83,6 +83,7 @@ def recentre(kernel: Tensor, images: Tensor | None = None) -> tuple[Tensor, Tens
     return new_kernel, moved.clamp(0.0, 1.0).reshape(images.shape).to(images.dtype), offset
 
 
-def as_pixels(offset: Tensor) -> list[float]:
-    """``recentre``'s offset for a report (``info["recentred"]``): ``[dy, dx]`` in pixels."""
-    return [round(float(value), 4) for value in offset]
+def as_pixels(offset: Tensor | None) -> list[float] | None:
+    """``recentre``'s offset for a report (``info["recentred"]``): ``[dy, dx]`` in pixels, or
+    ``None`` where nothing was re-centred (a given kernel)."""
+    return None if offset is None else [round(float(value), 4) for value in offset]

@@ -35,7 +35,7 @@ def pigdm_vector(obs: Observation, spec_x0: Tensor, otf: Tensor, r2: Tensor,
     if obs.mask is None:
         filtered = ops.pigdm_filter(spec_x0, otf, obs.spec_y, r2, step, obs.sigma)
     else:
-        residual = torch.fft.rfft2(obs.misfit(spec_x0, otf) * obs.guidance_weight())
+        residual = torch.fft.rfft2(obs.misfit(spec_x0, otf) * obs.guidance_weight)
         filtered = ops.pigdm_filter(residual, otf, None, r2, step, obs.sigma)
     return torch.fft.irfft2(filtered, s=obs.y.shape[-2:])
 
@@ -50,7 +50,7 @@ def dps_vector(obs: Observation, spec_x0: Tensor, otf: Tensor) -> Tensor:
     (zero for a particle that explains ``y`` exactly).
     """
     misfit = obs.misfit(spec_x0, otf)
-    weight = obs.guidance_weight()
+    weight = obs.guidance_weight
     weighted = misfit if weight is None else misfit * weight
     norms = (weighted * misfit).flatten(1).sum(dim=1).sqrt()
     norms = norms.clamp_min(torch.finfo(misfit.dtype).tiny)

@@ -81,10 +81,12 @@ class Observation:
         misfit = self.misfit(spec_x, otf)
         return misfit if self.mask is None else misfit * self.mask
 
+    @cached_property
     def guidance_weight(self) -> Tensor | None:
         """The guidance's per-pixel weight on the misfit, as if the noise variance there were
         ``σ²/w``: 1 on the observed pixels, ``OUTSIDE_WEIGHT`` elsewhere (module docstring);
-        ``None`` without a mask (1 everywhere)."""
+        ``None`` without a mask (1 everywhere). Computed once (touch it outside a captured
+        graph, as ``step.plan_step`` does)."""
         if self.mask is None:
             return None
         return self.mask * (1.0 - OUTSIDE_WEIGHT) + OUTSIDE_WEIGHT

@@ -76,7 +76,8 @@ class StepPlan:
 
 
 def plan_step(obs: Observation | None, tables: StepTables, config: StepConfig) -> StepPlan:
-    """The device tables of one run (``StepPlan``); also computes ``obs.spec_y`` once."""
+    """The device tables of one run (``StepPlan``); also computes ``obs.spec_y`` and
+    ``obs.guidance_weight`` once."""
     from . import ops  # lazily (module docstring)
 
     mstep, ridge, weight = config.mstep, None, None
@@ -86,7 +87,7 @@ def plan_step(obs: Observation | None, tables: StepTables, config: StepConfig) -
         if mstep.gradient:
             weight = gradient_weight(obs.y.shape[-2:], obs.y.device, obs.y.dtype)
     if obs is not None:
-        _ = obs.spec_y
+        _ = obs.spec_y, obs.guidance_weight
     return StepPlan(obs, tables, config, ops.ddpm_coefficients(tables, config.guidance), ridge,
                     weight)
 

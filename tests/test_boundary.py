@@ -58,7 +58,7 @@ def test_the_guidance_observes_the_outside_weakly():
     x = torch.rand(2, *grid.shape, generator=torch.Generator().manual_seed(2))
     spec, otf = torch.fft.rfft2(x), psf2otf(motion_kernel(9, seed=1), grid.shape[-2:])
     obs = Observation(grid, 0.02, mask)
-    weight = obs.guidance_weight()
+    weight = obs.guidance_weight
     assert 0 < OUTSIDE_WEIGHT < 1
     assert torch.equal(weight[mask.bool()], torch.ones(int(mask.sum())))
     assert torch.equal(weight[~mask.bool()], torch.full((int((1 - mask).sum()),), OUTSIDE_WEIGHT))
@@ -66,4 +66,4 @@ def test_the_guidance_observes_the_outside_weakly():
     misfit = obs.misfit(spec, otf)
     torch.testing.assert_close(obs.residual(spec, otf)[inside], misfit[inside])
     assert float(obs.residual(spec, otf)[~inside].abs().max()) == 0.0
-    assert Observation(grid, 0.02).guidance_weight() is None
+    assert Observation(grid, 0.02).guidance_weight is None
