@@ -15,9 +15,12 @@ The step program: inputs ``x`` ``[n, 3, H, W]`` (network units), ``kernel`` ``[K
 ``[3, H, W]`` and ``mask`` ``[1, H, W]`` (the photo placed on the grid by ``boundary.Frame``;
 ``mask`` is ignored for ``boundary="circular"``), ``sigma`` (0-d, [0, 1] units); outputs
 ``(x_{t−1}, kernel)``; float32 throughout. The loop around it is ``run()``'s
-(``samplers.sample``): ``x_T`` and then each step's noise are drawn, in that order, from one
-generator seeded with the run's seed; the step runs for ``step = S−1 … 0``; the particles are
-``(clamp(x_0, −1, 1) + 1)/2`` cropped to the frame (grey photos: the channels' mean).
+(``samplers.sample``), once per restart (the manifest's ``restarts``): ``x_T`` and then each
+step's noise are drawn, in that order, from one generator seeded with the restart's seed
+(``restarts.restart_seed``); the step runs for ``step = S−1 … 0``; the particles are
+``(clamp(x_0, −1, 1) + 1)/2``, re-centred with the kernel (``centring``); the restart whose
+frame has the least total variation is kept, cropped to the frame (grey photos: the channels'
+mean).
 ``Package.run`` is that loop in Python, the test oracle of the C++ one.
 
 **Route.** ``torch.export`` of a module that calls ``torch.func.vjp`` or ``torch.autograd.grad``
@@ -58,6 +61,7 @@ from .api import (
     WORKING_SIZE,
     Result,
     check_finite_result,
+    check_restarts,
     mstep_config,
     resolve_device,
 )
@@ -78,10 +82,12 @@ from .noise import MIN_SIGMA, estimate_noise
 from .observation import Observation
 from .physics import initial_kernel
 from .priors import load_prior
+from .restarts import restart_report, restart_seed, total_variation
 from .schedule import R2_RULES, Schedule, to_image
 from .step import StepConfig, plan_step, step_with_noise
 
-FORMAT = 2  # 2 (2026-11-29): the guidance weighs the frame's outside; re-centred results
+FORMAT = 3  # 2 (2026-11-29): the guidance weighs the frame's outside; re-centred results;
+# 3 (2026-11-29): restarts, the one with the least total variation kept
 STEP_FILE = "step.pt2"
 MANIFEST_FILE = "manifest.json"
 EXPORT_METHODS = ("fastem-pigdm", "fastem-dps")  # the blind methods whose loop is one step
@@ -109,13 +115,14 @@ class ExportSettings:
     regularizer: str
     r2: str
     guidance_scale: float
+    restarts: int
     device: torch.device
 
 
 def export(path: str | os.PathLike, height: int, width: int, *, prior: str = "natural",
            method: str = "fastem-pigdm", particles: int = 1, steps: str | int | None = None,
            kernel_size: int = 33, boundary: str = "valid", regularizer: str = "pnp",
-           r2: str = "reference", guidance_scale: float = 1.0,
+           r2: str = "reference", guidance_scale: float = 1.0, restarts: int | None = None,
            device: str | torch.device | None = "cpu") -> dict[str, Any]:
     """Compile a package for photos of ``height × width`` pixels into the new folder ``path``.
 
@@ -137,7 +144,7 @@ def export(path: str | os.PathLike, height: int, width: int, *, prior: str = "na
     program, manifest = trace(height, width, prior=prior, method=method, particles=particles,
                               steps=steps, kernel_size=kernel_size, boundary=boundary,
                               regularizer=regularizer, r2=r2, guidance_scale=guidance_scale,
-                              device=device)
+                              restarts=restarts, device=device)
     if max(manifest["height"], manifest["width"]) > WORKING_SIZE:
         warnings.warn(f"a {manifest['height']}x{manifest['width']} package runs the whole-image "
                       "diffusion: it matches run(..., full_diffusion=True), not run()'s default "
@@ -163,12 +170,13 @@ def export(path: str | os.PathLike, height: int, width: int, *, prior: str = "na
 def trace(height: int, width: int, *, prior: str = "natural", method: str = "fastem-pigdm",
           particles: int = 1, steps: str | int | None = None, kernel_size: int = 33,
           boundary: str = "valid", regularizer: str = "pnp", r2: str = "reference",
-          guidance_scale: float = 1.0, device: str | torch.device | None = "cpu",
+          guidance_scale: float = 1.0, restarts: int | None = None,
+          device: str | torch.device | None = "cpu",
           ) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
     """The step program, exported but not compiled, and its manifest (``export``'s arguments).
     ``Package(manifest, program.module())`` runs it uncompiled, in seconds."""
     settings = _check_settings(height, width, prior, method, particles, steps, kernel_size,
-                               boundary, regularizer, r2, guidance_scale, device)
+                               boundary, regularizer, r2, guidance_scale, restarts, device)
     net_prior = load_prior(settings.prior, settings.device)
     frame = Frame.plan(settings.height, settings.width, settings.kernel_size,
                        net_prior.size_multiple, settings.boundary)
@@ -179,7 +187,7 @@ def trace(height: int, width: int, *, prior: str = "natural", method: str = "fas
 
 
 def _check_settings(height, width, prior, method, particles, steps, kernel_size, boundary,
-                    regularizer, r2, guidance_scale, device) -> ExportSettings:
+                    regularizer, r2, guidance_scale, restarts, device) -> ExportSettings:
     height = check_int("height", height, low=1, high=MAX_SIDE)
     width = check_int("width", width, low=1, high=MAX_SIDE)
     if not isinstance(prior, (str, os.PathLike)):
@@ -197,7 +205,7 @@ def _check_settings(height, width, prior, method, particles, steps, kernel_size,
         check_choice("regularizer", regularizer, REGULARIZERS),
         check_choice("r2", r2, R2_RULES),
         check_positive("guidance_scale", guidance_scale, high=MAX_GUIDANCE_SCALE),
-        resolve_device(device))
+        check_restarts(restarts, method), resolve_device(device))
 
 
 def _trace_step(model, settings: ExportSettings, frame: Frame,
@@ -259,7 +267,8 @@ def _manifest(settings: ExportSettings, frame: Frame, schedule: Schedule,
         "particles": settings.particles, "steps": len(schedule), "steps_spec": settings.steps,
         "kernel_size": settings.kernel_size, "boundary": settings.boundary,
         "regularizer": settings.regularizer, "r2": settings.r2,
-        "guidance_scale": settings.guidance_scale, "channels": CHANNELS,
+        "guidance_scale": settings.guidance_scale, "restarts": settings.restarts,
+        "channels": CHANNELS,
         "height": frame.height, "width": frame.width, "grid_height": frame.grid_h,
         "grid_width": frame.grid_w, "top": frame.top, "left": frame.left,
         "masked": int(frame.masked), "sigma_min": LEAST_SIGMA, "sigma_max": MAX_SIGMA,
@@ -351,23 +360,29 @@ class Package:
         size = m["kernel_size"]
         kernel = torch.tensor(m["initial_kernel"], device=self.device).reshape(size, size)
         sigma_t = torch.tensor(sigma, device=self.device)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
         shape = (m["particles"], CHANNELS, frame.grid_h, frame.grid_w)
-        x = torch.randn(shape, generator=generator, device=self.device)
         sampling = time.perf_counter()
-        for i in reversed(range(m["steps"])):
-            noise = torch.randn(shape, generator=generator, device=self.device)
-            step = torch.tensor(i, device=self.device)
-            x, kernel = self._step(x, kernel, step, noise, y, mask, sigma_t)
-        check_finite_result(x, kernel, m["guidance_scale"])  # as run(): no NaN or inf leaves
-        # as run() for a blind method: the kernel's centre of mass onto its centre, images along
-        kernel, samples, moved = recentre(kernel, to_image(x.clamp(-1.0, 1.0)))
+        kept, scores = None, []
+        for index in range(m["restarts"]):  # as run(): the least total variation is kept
+            generator = torch.Generator(device=self.device).manual_seed(restart_seed(seed, index))
+            x, k = torch.randn(shape, generator=generator, device=self.device), kernel
+            for i in reversed(range(m["steps"])):
+                noise = torch.randn(shape, generator=generator, device=self.device)
+                step = torch.tensor(i, device=self.device)
+                x, k = self._step(x, k, step, noise, y, mask, sigma_t)
+            check_finite_result(x, k, m["guidance_scale"])  # as run(): no NaN or inf leaves
+            # as run() for a blind method: the kernel's centre of mass onto its centre
+            k, samples, moved = recentre(k, to_image(x.clamp(-1.0, 1.0)))
+            scores.append(total_variation(frame.crop(samples)))
+            if kept is None or scores[-1] < scores[kept[0]]:
+                kept = (index, k, samples, moved)
+        chosen, kernel, samples, moved = kept
         restored = frame.crop(samples)
         if image.shape[0] == 1:
             restored = restored.mean(dim=1, keepdim=True)
         restored, kernel = restored.float().cpu(), kernel.float().cpu()
         info = {"sigma": sigma, "sigma_estimated": estimated, "seed": seed,
-                "recentred": as_pixels(moved),
+                "restarts": restart_report(seed, scores, chosen), "recentred": as_pixels(moved),
                 "seconds_sampling": time.perf_counter() - sampling,
                 "seconds_total": time.perf_counter() - started}
         return Result(restored[0], kernel, restored, restored.mean(0), info)

@@ -31,6 +31,7 @@ from .photo import crop_window, estimate_on_crops, restore_tiles, tile_plan
 from .physics import blur_spectrum, initial_kernel, psf2otf
 from .priors import Prior, load_prior
 from .progress import StepProgress
+from .restarts import DEFAULT_RESTARTS, MAX_RESTARTS, restart_report, restart_seed, total_variation
 from .samplers import Runner, SamplerOutput, StepCallback, diffusion_em, fast_em, nonblind, sample
 from .schedule import Schedule
 
@@ -74,7 +75,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         compile: bool = False, mstep: HQSConfig | None = None,
         callback: StepCallback | None = None, working_size: int = WORKING_SIZE, crops: int = 3,
         max_batch: int | None = None, tile_steps: str | int | None = None, fast: bool = False,
-        full_diffusion: bool = False) -> Result:
+        full_diffusion: bool = False, restarts: int | None = None) -> Result:
     """Blind (or non-blind) deblurring of one photo.
 
     blurry: a path, PIL image, ``H×W(×C)`` numpy array (uint8, uint16 or float in [0, 1]) or a
@@ -95,6 +96,11 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     callback: called after every step as ``callback(i, x0, kernel)`` with the respaced step
     ``i`` (counting down to 0), the current ``x̂0`` ``[n, C, H, W]`` in [0, 1] cropped to the
     photo's frame, and the current kernel (device tensors; reading them synchronises).
+    restarts: a blind method runs this many times (default 3; non-blind methods run once),
+    restart ``r`` with the random stream of seed ``seed + r``, and the result is the restart
+    whose restored frame (on the crops path: crops) has the least total variation (module
+    ``restarts``; ``info["restarts"]`` gives every restart's seed and score and which was
+    kept, ``None`` for non-blind methods); the callback sees every restart's steps.
 
     A photo larger than ``working_size`` (pixels, default 256) on either side takes the crops
     path (``photo``): the blind method runs on its ``crops`` most informative windows as one
@@ -124,6 +130,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         kernel_size = kernel.shape[-1]
     elif method not in BLIND:
         raise ValueError(f"method {method!r} is non-blind: pass kernel= (a [K, K] tensor)")
+    restarts = check_restarts(restarts, method)
     kernel_size = check_kernel_size("kernel_size", kernel_size, tuple(image.shape[-2:]))
     estimated = sigma is None
     sigma = check_sigma("estimated noise level (pass sigma=)" if estimated else "sigma",
@@ -167,9 +174,9 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
             tile_schedule=tile_schedule, particles=particles, seed=seed, device=device,
             progress=progress, mstep=mstep, rounds=rounds, guidance_scale=guidance_scale,
             callback=callback, runner=runner, working_size=working_size, crops=crops,
-            max_batch=max_batch, fast=fast, info={
-                "r2": r2, "engine": engine, "precision": precision if engine == "fast" else "fp32",
-                "regularizer": mstep.kind})
+            max_batch=max_batch, fast=fast, restarts=restarts, info={
+                "restarts": None, "r2": r2, "engine": engine,
+                "precision": precision if engine == "fast" else "fp32", "regularizer": mstep.kind})
     frame = Frame.plan(*image.shape[-2:], kernel_size, net_prior.size_multiple, boundary)
     colour = image.expand(3, -1, -1) if image.shape[0] == 1 else image
     grid, mask = frame.pad(colour.to(device))
@@ -177,9 +184,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     if kernel is None:
         kernel = initial_kernel(kernel_size)
     kernel = (kernel / kernel.sum()).to(device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-
-    total = len(schedule) * (rounds if method == "diffem-pigdm" else 1)
+    total = len(schedule) * (rounds if method == "diffem-pigdm" else 1) * restarts
     reporter = StepProgress(total, obs, enabled=progress, desc=method)
     step_callback = reporter
     if callback is not None:
@@ -191,18 +196,26 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     if torch.cuda.is_available() and device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sample_start = time.perf_counter()
+    kept, scores, compile_seconds = None, [], None
     try:
-        out = _sample(method, net_prior.model, obs, kernel, schedule, particles, generator,
-                      mstep, rounds, guidance_scale, step_callback, runner)
+        for index in range(restarts):
+            generator = torch.Generator(device=device).manual_seed(restart_seed(seed, index))
+            out = _sample(method, net_prior.model, obs, kernel, schedule, particles, generator,
+                          mstep, rounds, guidance_scale, step_callback, runner)
+            _check_finite(out, guidance_scale)
+            compile_seconds = compile_seconds or out.compile_seconds
+            samples, final_kernel, moved = out.particles, out.kernel, None
+            if method in BLIND:  # the kernel's centre of mass onto its centre, the images along
+                final_kernel, samples, moved = recentre(out.kernel, samples)
+            scores.append(total_variation(frame.crop(samples)))
+            if kept is None or scores[-1] < scores[kept[0]]:
+                kept = (index, samples, final_kernel, moved)
     finally:
         reporter.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sample_seconds = time.perf_counter() - sample_start
-    _check_finite(out, guidance_scale)
-    samples, final_kernel, moved = out.particles, out.kernel, None
-    if method in BLIND:  # the kernel's centre of mass onto its centre, the images along
-        final_kernel, samples, moved = recentre(out.kernel, samples)
+    chosen, samples, final_kernel, moved = kept
 
     reblur = frame.crop(blur_spectrum(samples.mean(0), psf2otf(final_kernel, grid.shape[-2:])))
     reblur_rmse = float((reblur - colour.to(device)).square().mean().sqrt())
@@ -216,14 +229,16 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         "steps": len(schedule), "rounds": rounds if method == "diffem-pigdm" else 1,
         "sigma": sigma, "sigma_estimated": estimated, "kernel_size": kernel_size,
         "boundary": boundary, "grid": [frame.grid_h, frame.grid_w], "regularizer": mstep.kind,
-        "r2": r2, "seed": seed, "engine": engine,
+        "r2": r2, "seed": seed,
+        "restarts": restart_report(seed, scores, chosen) if method in BLIND else None,
+        "engine": engine,
         "precision": precision if engine == "fast" else "fp32", "fused_norms": out.fused_norms,
-        "compiled": out.compile_seconds is not None, "device": describe_device(device),
+        "compiled": compile_seconds is not None, "device": describe_device(device),
         "source": loaded.source, "bits": loaded.bits,
         "reblur_rmse": reblur_rmse, "recentred": as_pixels(moved),
         "seconds_total": time.perf_counter() - started, "seconds_sampling": sample_seconds,
-        "seconds_per_step": (sample_seconds - (out.compile_seconds or 0.0)) / total,
-        "seconds_compile": out.compile_seconds,
+        "seconds_per_step": (sample_seconds - (compile_seconds or 0.0)) / total,
+        "seconds_compile": compile_seconds,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
         if device.type == "cuda" else None, "path": "whole image",
     }
@@ -235,7 +250,7 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
                   schedule: Schedule, tile_schedule: Schedule, particles: int, seed: int,
                   device: torch.device, progress: bool, mstep: HQSConfig, rounds: int,
                   guidance_scale: float, callback: StepCallback | None, runner: Runner,
-                  working_size: int, crops: int, max_batch: int, fast: bool,
+                  working_size: int, crops: int, max_batch: int, fast: bool, restarts: int,
                   info: dict[str, Any]) -> Result:
     """``run()``'s crops path (``photo``): the kernel from crops (blind methods), then the
     frame by tiles or, ``fast``, by TV deconvolution. Arguments are checked by ``run()``."""
@@ -245,7 +260,7 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
     multiple = net_prior.size_multiple
     plan = None if fast else tile_plan(height, width, working_size, kernel_size)
     crop_steps = len(schedule) * (rounds if method == "diffem-pigdm" else 1)
-    total = (crop_steps if blind else 0) + (0 if fast else len(tile_schedule) * -(
+    total = (crop_steps * restarts if blind else 0) + (0 if fast else len(tile_schedule) * -(
         -len(plan) // max(1, max_batch // particles)))
     generator = torch.Generator(device=device).manual_seed(seed)
     reporter = StepProgress(total, Observation(colour, sigma), enabled=progress, desc=method)
@@ -275,12 +290,21 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
         if blind:
             clock = time.perf_counter()
             initial = initial_kernel(kernel_size) if kernel is None else kernel
-            kernel, boxes = estimate_on_crops(
-                colour, sample, method, (initial / initial.sum()).to(device), schedule,
-                count=crops, working_size=working_size, multiple=multiple, sigma=sigma,
-                particles=particles)
-            _check_kernel_finite(kernel)
+            initial = (initial / initial.sum()).to(device)
+            kept, scores = None, []
+            for index in range(restarts):  # the tiles go on with the kept restart's stream
+                generator = torch.Generator(device=device).manual_seed(restart_seed(seed, index))
+                estimate, boxes, score = estimate_on_crops(
+                    colour, sample, method, initial, schedule, count=crops,
+                    working_size=working_size, multiple=multiple, sigma=sigma,
+                    particles=particles)
+                _check_kernel_finite(estimate)
+                scores.append(score)
+                if kept is None or score < scores[kept[0]]:
+                    kept = (index, estimate, generator)
+            chosen, kernel, generator = kept
             kernel, _, moved = recentre(kernel)  # the tiles then restore the frame in place
+            info["restarts"] = restart_report(seed, scores, chosen)
             stages["crops"] = {"boxes": [list(box) for box in boxes],
                                "window": list(crop_window(height, width, working_size,
                                                           kernel_size)),
@@ -323,6 +347,18 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
         if device.type == "cuda" else None})
     return Result(restored[0], final_kernel, restored, restored.mean(0), info)
+
+
+def check_restarts(restarts: int | None, method: str) -> int:
+    """``restarts`` checked; ``None``: ``DEFAULT_RESTARTS`` for a blind method, 1 otherwise (a
+    non-blind run has no kernel to go wrong: it takes no restarts)."""
+    if restarts is None:
+        return DEFAULT_RESTARTS if method in BLIND else 1
+    restarts = check_int("restarts", restarts, low=1, high=MAX_RESTARTS)
+    if restarts > 1 and method not in BLIND:
+        raise ValueError(f"restarts applies to the blind methods; {method!r} is non-blind and "
+                         "runs once")
+    return restarts
 
 
 def check_path_flags(fast: object, full_diffusion: object, boundary: str) -> None:

@@ -55,6 +55,10 @@ def _common(parser: argparse.ArgumentParser, methods: tuple[str, ...] = METHODS)
                         "kernel denoiser)")
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed: the same seed gives the same result (default 0)")
+    parser.add_argument("--restarts", type=int, default=None,
+                        help="blind runs per image, seeds SEED, SEED+1, ...; the one whose "
+                        "result has the least total variation is kept (default 3; "
+                        "non-blind methods run once)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: OMP_NUM_THREADS if set, else "
@@ -159,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the kernel prior of the M-step (default pnp)")
     export.add_argument("--boundary", choices=BOUNDARIES, default="valid",
                         help="valid (default: real photos) or circular")
+    export.add_argument("--restarts", type=int, default=None,
+                        help="blind runs per photo, the least total variation kept (default 3)")
     export.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     export.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the compilation (default: as deblur)")
@@ -217,8 +223,9 @@ def _deblur(args: argparse.Namespace) -> None:
     kernel = None if args.kernel is None else read_kernel(args.kernel, "--kernel")
     result = run(loaded.image, sigma, method=args.method, prior=args.prior,
                  particles=args.particles, steps=args.steps, kernel_size=args.kernel_size,
-                 seed=args.seed, device=args.device, progress=not args.quiet,
-                 boundary=args.boundary, regularizer=args.regularizer, kernel=kernel,
+                 seed=args.seed, restarts=args.restarts, device=args.device,
+                 progress=not args.quiet, boundary=args.boundary,
+                 regularizer=args.regularizer, kernel=kernel,
                  working_size=args.working_size, crops=args.crops, max_batch=args.max_batch,
                  tile_steps=args.tile_steps, fast=args.fast, full_diffusion=args.full_diffusion)
     files = {outputs["-o/--output"]: encode_image(args.output, result.image, loaded.bits,
@@ -236,10 +243,13 @@ def _deblur(args: argparse.Namespace) -> None:
         files[outputs["--report"]] = (json.dumps(info, indent=2) + "\n").encode()
     commit_files(files)
     info = result.info
+    restarts = info["restarts"]
+    kept = (f", restart {restarts['kept'] + 1} of {restarts['count']} kept"
+            if restarts and restarts["count"] > 1 else "")
     print(f"{args.output}: sigma {255 * info['sigma']:.2f}/255"
           f"{' (estimated)' if info['sigma_estimated'] else ''}, reblur RMSE "
-          f"{255 * info['reblur_rmse']:.2f}/255, {info['path']}, {info['seconds_total']:.1f} s "
-          f"on {info['device']}")
+          f"{255 * info['reblur_rmse']:.2f}/255, {info['path']}{kept}, "
+          f"{info['seconds_total']:.1f} s on {info['device']}")
 
 
 def _sigma(sigma: float | None) -> float | None:
@@ -257,8 +267,9 @@ def _batch(args: argparse.Namespace) -> int:
 
     result = run_batch(args.inputs, args.output_dir, _sigma(args.sigma), method=args.method,
                        prior=args.prior, particles=args.particles, steps=args.steps,
-                       kernel_size=args.kernel_size, seed=args.seed, device=args.device,
-                       boundary=args.boundary, regularizer=args.regularizer,
+                       kernel_size=args.kernel_size, seed=args.seed,
+                       restarts=args.restarts, device=args.device, boundary=args.boundary,
+                       regularizer=args.regularizer,
                        working_size=args.working_size, crops=args.crops,
                        max_batch=args.max_batch, tile_steps=args.tile_steps, fast=args.fast,
                        full_diffusion=args.full_diffusion, progress=not args.quiet)
@@ -295,11 +306,12 @@ def _export(args: argparse.Namespace) -> None:
         manifest = export(args.output, height, width, prior=args.prior, method=args.method,
                           particles=args.particles, steps=args.steps,
                           kernel_size=args.kernel_size, boundary=args.boundary,
-                          regularizer=args.regularizer, device=args.device)
+                          regularizer=args.regularizer, restarts=args.restarts,
+                          device=args.device)
     megabytes = sum(f.stat().st_size for f in Path(args.output).iterdir()) / 1e6
     print(f"{args.output}: {manifest['method']}, prior {manifest['prior']}, {height}x{width}, "
-          f"{manifest['steps']} steps, {manifest['device']}: {megabytes:.1f} MB, exported in "
-          f"{manifest['export_seconds']:.0f} s")
+          f"{manifest['restarts']} × {manifest['steps']} steps, {manifest['device']}: "
+          f"{megabytes:.1f} MB, exported in {manifest['export_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

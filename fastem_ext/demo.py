@@ -67,6 +67,7 @@ def run_demo(args: argparse.Namespace) -> str:
     blurry = (blur(extended, kernel, "valid") + args.noise / 255 * noise).clamp(0, 1)
     result = run(blurry, sigma, method=args.method, prior=args.prior, particles=args.particles,
                  steps=args.steps, kernel_size=kernel_size, seed=args.seed,
+                 restarts=args.restarts,
                  device=args.device, progress=not args.quiet, regularizer=args.regularizer)
     scores = {
         "blurry": float(psnr(blurry, sharp)),

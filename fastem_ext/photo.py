@@ -29,6 +29,7 @@ from torch import Tensor
 from .boundary import Frame
 from .crops import choose_crops
 from .observation import Observation
+from .restarts import total_variation
 from .samplers import SamplerOutput, StepCallback
 from .schedule import Schedule, to_image
 from .step import EpsModel, StepConfig, plan_step, step_with_noise
@@ -62,10 +63,10 @@ def batched_observation(windows: Tensor, frame: Frame, sigma: float,
 
 def estimate_on_crops(image: Tensor, sample: Sampler, method: str, kernel: Tensor,
                       schedule: Schedule, *, count: int, working_size: int, multiple: int,
-                      sigma: float, particles: int) -> tuple[Tensor, list[tuple[int, ...]]]:
+                      sigma: float, particles: int) -> tuple[Tensor, list[tuple[int, ...]], float]:
     """The blind method on the best ``count`` crops of ``image`` ``[3, H, W]`` (on the run's
-    device) as one batch of ``count·particles``. Returns the kernel ``[K, K]`` and the crops
-    ``(top, left, height, width)``."""
+    device) as one batch of ``count·particles``. Returns the kernel ``[K, K]``, the crops
+    ``(top, left, height, width)`` and the restored crops' total variation (``restarts``)."""
     size = kernel.shape[-1]
     window = crop_window(*image.shape[-2:], working_size, size)
     boxes = choose_crops(image, window, count, margin=size // 2)
@@ -73,7 +74,7 @@ def estimate_on_crops(image: Tensor, sample: Sampler, method: str, kernel: Tenso
     windows = torch.stack([image[:, t : t + h, lf : lf + w] for t, lf, h, w in boxes])
     obs = batched_observation(windows, frame, sigma, particles)
     out = sample(method, obs, kernel, schedule, len(boxes) * particles)
-    return out.kernel, boxes
+    return out.kernel, boxes, total_variation(frame.crop(out.particles))
 
 
 def restore_tiles(image: Tensor, model: EpsModel, guidance: str, kernel: Tensor,

@@ -149,16 +149,17 @@ def restore(method: str, variant: dict, blurry, sigma: float, kernel, args,
                   steps=args.steps)
     if method == "oracle":
         result = run(blurry, sigma, method="pigdm", kernel=kernel, **common)
-    elif method == "fastem2-pigdm":  # a second blind run started from the first one's kernel
+        return result.image, result.mean, result.kernel, result.info["seconds_total"]
+    common["restarts"] = args.restarts  # blind methods from here on
+    if method == "fastem2-pigdm":  # a second blind run started from the first one's kernel
         mstep = replace(HQSConfig(), **variant) if variant else None
         first = run(blurry, sigma, method="fastem-pigdm", mstep=mstep, **common)
         result = run(blurry, sigma, method="fastem-pigdm", mstep=mstep, kernel=first.kernel,
                      callback=callback, **common)
         return (result.image, result.mean, result.kernel,
                 first.info["seconds_total"] + result.info["seconds_total"])
-    else:
-        mstep = replace(HQSConfig(), **variant) if variant else None
-        result = run(blurry, sigma, method=name, mstep=mstep, callback=callback, **common)
+    mstep = replace(HQSConfig(), **variant) if variant else None
+    result = run(blurry, sigma, method=name, mstep=mstep, callback=callback, **common)
     return result.image, result.mean, result.kernel, result.info["seconds_total"]
 
 
@@ -186,6 +187,9 @@ def main() -> None:
     parser.add_argument("--kernel-size", type=int, default=33)
     parser.add_argument("--steps", default=None, help="override every method's step count")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--restarts", type=int, default=None,
+                        help="blind runs per case, the least total variation kept (default: "
+                        "run()'s, 3)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--grids", type=int, default=3, help="image grids for the first cases")

@@ -36,6 +36,11 @@ def test_the_exported_step_reproduces_run(method, boundary, channels, sigma):
     torch.testing.assert_close(got.particles, want.particles, rtol=0, atol=1e-5)
     torch.testing.assert_close(got.kernel, want.kernel, rtol=0, atol=1e-5)
     assert got.info["sigma"] == want.info["sigma"]
+    assert manifest["restarts"] == 3  # run()'s default: the same restart kept
+    got_restarts, want_restarts = got.info["restarts"], want.info["restarts"]
+    assert got_restarts["kept"] == want_restarts["kept"]
+    assert got_restarts["total_variation"] == pytest.approx(want_restarts["total_variation"],
+                                                            abs=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,8 @@ def _run(manifest, photo, sigma, seed):
                particles=manifest["particles"], steps=manifest["steps_spec"],
                kernel_size=manifest["kernel_size"], boundary=manifest["boundary"],
                regularizer=manifest["regularizer"], r2=manifest["r2"],
-               guidance_scale=manifest["guidance_scale"], seed=seed, progress=False,
+               guidance_scale=manifest["guidance_scale"], restarts=manifest["restarts"],
+               seed=seed, progress=False,
                full_diffusion=True)
 
 

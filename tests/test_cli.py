@@ -35,7 +35,12 @@ def test_deblur_writes_image_kernel_and_report(photo, tmp_path, capsys):
     assert read_png16(kernel).shape == (5, 5, 1)
     info = json.loads(report.read_text())
     assert info["sigma"] == pytest.approx(5 / 255) and info["steps"] == 3
-    assert "reblur RMSE" in capsys.readouterr().out
+    assert info["restarts"]["count"] == 3 and info["restarts"]["seeds"] == [0, 1, 2]
+    printed = capsys.readouterr().out
+    assert "reblur RMSE" in printed and f"restart {info['restarts']['kept'] + 1} of 3" in printed
+    assert main(["deblur", str(photo), "-o", str(out), "--report", str(report), "--restarts",
+                 "1", "--seed", "5", *FAST]) == 0
+    assert json.loads(report.read_text())["restarts"]["seeds"] == [5]
 
 
 def test_16bit_in_16bit_out(tmp_path):
@@ -53,6 +58,7 @@ def test_16bit_in_16bit_out(tmp_path):
         (["--sigma", "200"], "sigma"),
         (["--kernel-size", "2"], "kernel_size"),
         (["--particles", "0"], "particles"),
+        (["--restarts", "0"], "restarts must be"),
         (["--sigma", "-5"], "got -5"),  # in the units typed, not -0.0196
         (["--sigma", "1e-30"], "--sigma"),
         (["--report", "r.txt"], "--report"),

@@ -14,10 +14,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fastem_ext"
 
 # Bottom to top (DESIGN.md, STYLE.md): a module may import its own layer and the layers below.
 LAYERS = [
-    ("foundation", {"checks", "hardware", "png16", "io", "physics", "centring", "schedule",
-                    "observation", "boundary", "motion", "noise", "metrics", "models", "tiles",
-                    "crops",
-                    "manifest", "batch_plan", "distributed"}),
+    ("foundation", {"checks", "hardware", "png16", "io", "physics", "centring", "restarts",
+                    "schedule", "observation", "boundary", "motion", "noise", "metrics", "models",
+                    "tiles", "crops", "manifest", "batch_plan", "distributed"}),
     ("ops", {"ops"}),
     ("algorithms", {"mstep", "guidance", "deconv"}),
     ("sampling", {"step", "samplers", "engine", "progress", "priors"}),

@@ -20,7 +20,7 @@
 namespace fastem {
 namespace {
 
-constexpr int kFormat = 2; // aot.FORMAT
+constexpr int kFormat = 3; // aot.FORMAT
 constexpr int64_t kChannels = 3; // the network's; grey photos are repeated
 constexpr double kMadToStd = 0.6744897501960817; // median(|N(0, 1)|)
 
@@ -224,6 +224,27 @@ at::Tensor recentre(at::Tensor& kernel, at::Tensor& images) {
   return offset.to(at::kCPU);
 }
 
+constexpr uint64_t kSeeds = uint64_t{1} << 63; // restarts.SEEDS
+
+// restarts.restart_seed: the seed of restart `index`.
+uint64_t restart_seed(uint64_t seed, int64_t index) {
+  return (seed % kSeeds + static_cast<uint64_t>(index)) % kSeeds;
+}
+
+// restarts.total_variation of `images` [..., H, W].
+double total_variation(const at::Tensor& images) {
+  const int64_t height = images.size(-2), width = images.size(-1);
+  const at::Tensor across = (images.slice(-1, 1, width) -
+                             images.slice(-1, 0, width - 1))
+                                .abs()
+                                .mean();
+  const at::Tensor down = (images.slice(-2, 1, height) -
+                           images.slice(-2, 0, height - 1))
+                              .abs()
+                              .mean();
+  return (across + down).item<double>();
+}
+
 } // namespace
 
 double estimate_noise(const at::Tensor& image, double floor) {
@@ -249,7 +270,8 @@ struct Deblurrer::State {
   c10::Device device{c10::kCPU};
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> program;
   int64_t height = 0, width = 0, top = 0, left = 0, grid_height = 0,
-          grid_width = 0, particles = 0, kernel_size = 0, steps = 0;
+          grid_width = 0, particles = 0, kernel_size = 0, steps = 0,
+          restarts = 0;
   bool masked = false;
   double sigma_min = 0.0, sigma_max = 0.0, sigma_floor = 0.0;
   at::Tensor initial_kernel; // [K, K] on the device
@@ -317,6 +339,7 @@ void Deblurrer::load(const std::string& path, const std::string& device) {
   s.particles = integer(s.manifest, "particles");
   s.kernel_size = integer(s.manifest, "kernel_size");
   s.steps = integer(s.manifest, "steps");
+  s.restarts = integer(s.manifest, "restarts");
   s.masked = integer(s.manifest, "masked") != 0;
   s.sigma_min = real(s.manifest, "sigma_min");
   s.sigma_max = real(s.manifest, "sigma_max");
@@ -360,6 +383,10 @@ int64_t Deblurrer::kernel_size() const {
 }
 int64_t Deblurrer::steps() const {
   return state().steps;
+}
+
+int64_t Deblurrer::restarts() const {
+  return state().restarts;
 }
 
 void Deblurrer::set_observation(
@@ -445,61 +472,78 @@ Result Deblurrer::sample(
   }
   const auto started = std::chrono::steady_clock::now();
   const at::TensorOptions options = s.y.options();
-  at::Generator generator = seeded_generator(s.device, seed);
   const std::vector<int64_t> shape = {
       s.particles, kChannels, s.grid_height, s.grid_width};
-  // samplers.sample's order: x_T, then one noise tensor per step.
-  at::Tensor x = at::randn(shape, generator, options);
-  at::Tensor kernel = s.initial_kernel.clone();
   const at::Tensor sigma = at::scalar_tensor(s.sigma, options);
+  const int64_t total = s.steps * s.restarts;
   const auto stop_if_cancelled = [&](int64_t done) {
     if (cancel != nullptr && cancel->load()) {
       throw Cancelled(
           "cancelled after " + std::to_string(done) + " of " +
-          std::to_string(s.steps) + " steps");
+          std::to_string(total) + " steps");
     }
   };
-  for (int64_t i = s.steps - 1; i >= 0; --i) {
-    stop_if_cancelled(s.steps - 1 - i);
-    const at::Tensor noise = at::randn(shape, generator, options);
-    const at::Tensor step = at::scalar_tensor(i, options.dtype(at::kLong));
-    // e.g. out of memory, or a program that refuses its inputs
-    std::vector<at::Tensor> out = guarded("the step program failed: ", [&] {
-      return s.program->run({x, kernel, step, noise, s.y, s.mask, sigma});
-    });
-    x = std::move(out.at(0));
-    kernel = std::move(out.at(1));
-    if (progress) {
-      progress(s.steps - i, s.steps);
+  const auto frame = [&](const at::Tensor& images) {
+    return images.slice(2, s.top, s.top + s.height)
+        .slice(3, s.left, s.left + s.width);
+  };
+  Result result;
+  double best = 0.0;
+  // As Python's run(): `restarts` runs, the one whose frame has the least
+  // total variation kept (fastem_ext.restarts).
+  for (int64_t restart = 0; restart < s.restarts; ++restart) {
+    at::Generator generator =
+        seeded_generator(s.device, restart_seed(seed, restart));
+    // samplers.sample's order: x_T, then one noise tensor per step.
+    at::Tensor x = at::randn(shape, generator, options);
+    at::Tensor kernel = s.initial_kernel.clone();
+    for (int64_t i = s.steps - 1; i >= 0; --i) {
+      const int64_t done = restart * s.steps + s.steps - 1 - i;
+      stop_if_cancelled(done);
+      const at::Tensor noise = at::randn(shape, generator, options);
+      const at::Tensor step = at::scalar_tensor(i, options.dtype(at::kLong));
+      // e.g. out of memory, or a program that refuses its inputs
+      std::vector<at::Tensor> out = guarded("the step program failed: ", [&] {
+        return s.program->run({x, kernel, step, noise, s.y, s.mask, sigma});
+      });
+      x = std::move(out.at(0));
+      kernel = std::move(out.at(1));
+      if (progress) {
+        progress(done + 1, total);
+      }
+    }
+    // As Python's run(): no NaN or inf leaves (the clamp below would hide inf).
+    if (!kernel.isfinite().all().item<bool>()) {
+      throw Error(
+          "the M-step produced a kernel with NaN or infinite values (the prior "
+          "diverged during the run); nothing was returned");
+    }
+    if (!x.isfinite().all().item<bool>()) {
+      throw Error(
+          "sampling produced NaN or infinite values (the prior's output or the "
+          "guidance diverged during the run); nothing was returned");
+    }
+    // schedule.to_image of the clamped particles, re-centred with the kernel
+    // (every exported method is blind: as Python's run()).
+    at::Tensor images = (x.clamp(-1.0, 1.0) + 1.0) / 2.0;
+    const at::Tensor moved = recentre(kernel, images);
+    const double score = total_variation(frame(images));
+    if (restart == 0 || score < best) {
+      best = score;
+      result.restart = restart;
+      result.particles = frame(images);
+      result.kernel = kernel;
+      result.recentred_dy = moved[0].item<double>();
+      result.recentred_dx = moved[1].item<double>();
     }
   }
-  stop_if_cancelled(s.steps); // a flag set during the last step counts too
-  // As Python's run(): no NaN or inf leaves (the clamp below would hide inf).
-  if (!kernel.isfinite().all().item<bool>()) {
-    throw Error(
-        "the M-step produced a kernel with NaN or infinite values (the prior "
-        "diverged during the run); nothing was returned");
-  }
-  if (!x.isfinite().all().item<bool>()) {
-    throw Error(
-        "sampling produced NaN or infinite values (the prior's output or the "
-        "guidance diverged during the run); nothing was returned");
-  }
-  // schedule.to_image of the clamped particles, re-centred with the kernel
-  // (every exported method is blind: as Python's run()), cropped to the frame.
-  at::Tensor images = (x.clamp(-1.0, 1.0) + 1.0) / 2.0;
-  const at::Tensor moved = recentre(kernel, images);
-  at::Tensor particles = images.slice(2, s.top, s.top + s.height)
-                             .slice(3, s.left, s.left + s.width);
+  stop_if_cancelled(total); // a flag set during the last step counts too
   if (s.channels == 1) {
-    particles = particles.mean(1, /*keepdim=*/true);
+    result.particles = result.particles.mean(1, /*keepdim=*/true);
   }
-  Result result;
-  result.particles = particles.to(at::kCPU).contiguous();
+  result.particles = result.particles.to(at::kCPU).contiguous();
   result.image = result.particles[0];
-  result.kernel = kernel.to(at::kCPU).contiguous();
-  result.recentred_dy = moved[0].item<double>();
-  result.recentred_dx = moved[1].item<double>();
+  result.kernel = result.kernel.to(at::kCPU).contiguous();
   result.sigma = s.sigma;
   result.sigma_estimated = s.sigma_estimated;
   result.seconds = std::chrono::duration<double>(

@@ -73,12 +73,17 @@ struct Result {
   // How far (pixels, down and right) the images moved when the kernel's centre
   // of mass was put on its centre pixel (Python's fastem_ext.centring).
   double recentred_dy = 0.0, recentred_dx = 0.0;
+  // Which of the package's restarts was kept (0 = the one with `seed`; restart
+  // r runs with seed + r; the one whose frame has the least total variation
+  // is kept, as Python's run() does).
+  int64_t restart = 0;
   double sigma = 0.0; // the noise level used, [0, 1] units
   bool sigma_estimated = false;
   double seconds = 0.0; // wall time of the sampling loop
 };
 
-// Called after every step with the steps done and their total.
+// Called after every step with the steps done and their total (over all
+// restarts).
 using Progress = std::function<void(int64_t done, int64_t total)>;
 
 class Deblurrer {
@@ -96,7 +101,8 @@ class Deblurrer {
   int64_t height() const; // the photo size the package takes
   int64_t width() const;
   int64_t kernel_size() const;
-  int64_t steps() const;
+  int64_t steps() const; // per restart
+  int64_t restarts() const; // blind runs per run() (the manifest's)
 
   // The blurry photo: [C, H, W] (C = 1 grey or 3 RGB) float32 in [0, 1], on
   // any device. `sigma`: its noise level in [0, 1] units (10/255 = 0.039);

@@ -436,8 +436,9 @@ int main(int argc, char** argv) {
     deblurrer.set_observation(photo.pixels, sigma);
     std::signal(SIGINT, on_interrupt);
     if (!quiet) { // from here Ctrl-C cancels the run (tests/test_aot_cpp.py waits for it)
-      std::fprintf(stderr, "running %lld steps (Ctrl-C cancels)\n",
-                   static_cast<long long>(deblurrer.steps()));
+      std::fprintf(stderr, "running %lld steps (%lld restarts; Ctrl-C cancels)\n",
+                   static_cast<long long>(deblurrer.steps() * deblurrer.restarts()),
+                   static_cast<long long>(deblurrer.restarts()));
       std::fflush(stderr);
     }
     HeldStderr held;
@@ -463,11 +464,13 @@ int main(int argc, char** argv) {
     }
     commit(files);
     std::printf(
-        "%s: sigma %.4f/255%s, %lld steps in %.2f s\n",
+        "%s: sigma %.4f/255%s, %lld restarts of %lld steps (kept %lld) in %.2f s\n",
         output.c_str(),
         result.sigma * 255.0,
         result.sigma_estimated ? " (estimated)" : "",
+        static_cast<long long>(deblurrer.restarts()),
         static_cast<long long>(deblurrer.steps()),
+        static_cast<long long>(result.restart),
         result.seconds);
   } catch (const fastem::Cancelled& err) {
     std::fprintf(stderr, "\nfastem_deblur: %s: no output was written\n", err.what());

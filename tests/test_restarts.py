@@ -1,0 +1,75 @@
+"""Restarts of a blind run (``fastem_ext.restarts``): each restart is the one-restart run of its
+seed, and the one whose result has the least total variation is kept, on the whole-image and
+the crops paths; bad values are refused (Gaussian prior, tiny images: fast)."""
+
+import pytest
+import torch
+
+from fastem_ext import gaussian_kernel, run
+from fastem_ext.restarts import DEFAULT_RESTARTS, SEEDS, restart_seed, total_variation
+
+FAST = {"prior": "gaussian", "steps": "4", "kernel_size": 5, "regularizer": "l2",
+        "progress": False}
+
+
+def _photo(shape=(3, 30, 41), seed=0):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 0.8 + 0.1
+
+
+def test_restart_seeds_count_up_from_the_seed_and_wrap():
+    assert [restart_seed(7, r) for r in range(3)] == [7, 8, 9]
+    assert restart_seed(SEEDS - 1, 1) == 0 and restart_seed(SEEDS - 1, 2) == 1
+
+
+def test_total_variation_is_the_mean_neighbour_difference_across_plus_down():
+    ramp = torch.arange(5.0)[None, None, :].expand(2, 3, 4, 5) * 0.1  # across: 0.1, down: 0
+    assert total_variation(ramp) == pytest.approx(0.1)
+    assert total_variation(ramp.transpose(-1, -2)) == pytest.approx(0.1)
+    checker = (torch.arange(4)[:, None] + torch.arange(6)[None, :]) % 2
+    assert total_variation(checker[None].float()) == pytest.approx(2.0)
+    assert total_variation(torch.full((1, 3, 8, 8), 0.4)) == 0.0
+
+
+@pytest.mark.parametrize("path", ["whole", "crops"])
+def test_the_kept_restart_is_the_single_run_of_its_seed_with_the_least_variation(path):
+    """Every restart's score is what the one-restart run of its seed scores; the result is
+    that run's, and its score is the least."""
+    photo = _photo() if path == "whole" else _photo((3, 70, 100))
+    options = dict(FAST, seed=4) if path == "whole" else dict(
+        FAST, seed=4, working_size=48, tile_steps="3", crops=2)
+    result = run(photo, 0.05, restarts=3, **options)
+    report = result.info["restarts"]
+    assert report["count"] == 3 and report["seeds"] == [4, 5, 6]
+    singles = [run(photo, 0.05, restarts=1, **dict(options, seed=seed))
+               for seed in report["seeds"]]
+    for single, score in zip(singles, report["total_variation"], strict=True):
+        assert single.info["restarts"]["total_variation"] == [pytest.approx(score, abs=1e-7)]
+    scores = report["total_variation"]
+    assert len(set(scores)) == 3  # the restarts differ: the choice is not a default
+    assert scores[report["kept"]] == min(scores)
+    kept = singles[report["kept"]]
+    torch.testing.assert_close(result.particles, kept.particles, rtol=0, atol=1e-6)
+    torch.testing.assert_close(result.kernel, kept.kernel, rtol=0, atol=1e-7)
+    assert result.info["seed"] == 4
+
+
+def test_blind_methods_restart_by_default_and_non_blind_ones_run_once():
+    steps = []
+    blind = run(_photo(), 0.05, callback=lambda i, x0, k: steps.append(i), **FAST)
+    assert blind.info["restarts"]["count"] == DEFAULT_RESTARTS
+    assert steps == [3, 2, 1, 0] * DEFAULT_RESTARTS  # the callback sees every restart
+    nonblind = run(_photo(), 0.05, method="pigdm", kernel=gaussian_kernel(5, 1.0), **FAST)
+    assert nonblind.info["restarts"] is None
+
+
+@pytest.mark.parametrize("restarts, method, message", [
+    (0, "fastem-pigdm", r"restarts must be \[1, 16\]"),
+    (17, "fastem-pigdm", r"restarts must be \[1, 16\]"),
+    (True, "fastem-pigdm", "restarts must be an integer"),
+    (2.0, "fastem-pigdm", "restarts must be an integer"),
+    (2, "pigdm", "restarts applies to the blind methods; 'pigdm' is non-blind"),
+])
+def test_bad_restarts_are_refused_before_any_work(restarts, method, message):
+    kernel = gaussian_kernel(5, 1.0) if method == "pigdm" else None
+    with pytest.raises(ValueError, match=message):
+        run(_photo(), 0.05, method=method, kernel=kernel, restarts=restarts, **FAST)
