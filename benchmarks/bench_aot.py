@@ -65,7 +65,8 @@ def main() -> None:
                     particles=manifest["particles"], steps=manifest["steps_spec"],
                     kernel_size=manifest["kernel_size"], boundary=manifest["boundary"],
                     regularizer=manifest["regularizer"], r2=manifest["r2"],
-                    guidance_scale=manifest["guidance_scale"], seed=0, progress=False)
+                    guidance_scale=manifest["guidance_scale"], restarts=manifest["restarts"],
+                    seed=0, progress=False)
     run(source, 5 / 255, **{**settings, "steps": "2"})  # loads the prior and the denoiser once
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     rows = []
@@ -76,7 +77,7 @@ def main() -> None:
                                "5", "--quiet"], capture_output=True, text=True, env=env,
                               check=True)
         cpp_wall = time.perf_counter() - started
-        cpp_loop = float(re.search(r"steps in ([0-9.]+) s", done.stdout).group(1))
+        cpp_loop = float(re.search(r"kept\) in ([0-9.]+) s$", done.stdout, re.M).group(1))
         started = time.perf_counter()
         result = run(source, 5 / 255, **settings)
         python_wall = time.perf_counter() - started

@@ -15,9 +15,9 @@ The step program: inputs ``x`` ``[n, 3, H, W]`` (network units), ``kernel`` ``[K
 ``[3, H, W]`` and ``mask`` ``[1, H, W]`` (the photo placed on the grid by ``boundary.Frame``;
 ``mask`` is ignored for ``boundary="circular"``), ``sigma`` (0-d, [0, 1] units); outputs
 ``(x_{t−1}, kernel)``; float32 throughout. The loop around it is ``run()``'s
-(``samplers.sample``), once per restart (the manifest's ``restarts``): ``x_T`` and then each
-step's noise are drawn, in that order, from one generator seeded with the restart's seed
-(``restarts.restart_seed``); the step runs for ``step = S−1 … 0``; the particles are
+(``samplers.sample``), once per restart (the manifest's ``restarts``, ``R``): ``x_T`` and then
+each step's noise are drawn, in that order, from one generator seeded with the restart's seed
+``seed·R + r`` (``restarts.restart_seed``); the step runs for ``step = S−1 … 0``; the particles are
 ``(clamp(x_0, −1, 1) + 1)/2``, re-centred with the kernel (``centring``); the restart whose
 frame has the least total variation is kept, cropped to the frame (grey photos: the channels'
 mean).
@@ -82,7 +82,7 @@ from .noise import MIN_SIGMA, estimate_noise
 from .observation import Observation
 from .physics import initial_kernel
 from .priors import load_prior
-from .restarts import restart_report, restart_seed, total_variation
+from .restarts import keep_least, total_variation
 from .schedule import R2_RULES, Schedule, to_image
 from .step import StepConfig, plan_step, step_with_noise
 
@@ -340,7 +340,8 @@ class Package:
 
     def run(self, blurry: object, sigma: float | None = None, *, seed: int = 0) -> Result:
         """Deblur ``blurry`` (as ``run()`` takes it; the package's size) with σ given or
-        estimated. Returns a ``Result`` whose ``info`` holds σ and the timings."""
+        estimated. Returns a ``Result`` whose ``info`` holds σ, the restarts (as ``run()``'s
+        ``info["restarts"]``) and the timings."""
         started = time.perf_counter()
         m = self.manifest
         image = load_image(blurry).image
@@ -362,9 +363,9 @@ class Package:
         sigma_t = torch.tensor(sigma, device=self.device)
         shape = (m["particles"], CHANNELS, frame.grid_h, frame.grid_w)
         sampling = time.perf_counter()
-        kept, scores = None, []
-        for index in range(m["restarts"]):  # as run(): the least total variation is kept
-            generator = torch.Generator(device=self.device).manual_seed(restart_seed(seed, index))
+
+        def restart(stream: int) -> tuple[float, tuple[Tensor, Tensor, Tensor]]:
+            generator = torch.Generator(device=self.device).manual_seed(stream)
             x, k = torch.randn(shape, generator=generator, device=self.device), kernel
             for i in reversed(range(m["steps"])):
                 noise = torch.randn(shape, generator=generator, device=self.device)
@@ -373,16 +374,15 @@ class Package:
             check_finite_result(x, k, m["guidance_scale"])  # as run(): no NaN or inf leaves
             # as run() for a blind method: the kernel's centre of mass onto its centre
             k, samples, moved = recentre(k, to_image(x.clamp(-1.0, 1.0)))
-            scores.append(total_variation(frame.crop(samples)))
-            if kept is None or scores[-1] < scores[kept[0]]:
-                kept = (index, k, samples, moved)
-        chosen, kernel, samples, moved = kept
+            return total_variation(frame.crop(samples)), (k, samples, moved)
+
+        (kernel, samples, moved), restarts = keep_least(seed, m["restarts"], restart)
         restored = frame.crop(samples)
         if image.shape[0] == 1:
             restored = restored.mean(dim=1, keepdim=True)
         restored, kernel = restored.float().cpu(), kernel.float().cpu()
         info = {"sigma": sigma, "sigma_estimated": estimated, "seed": seed,
-                "restarts": restart_report(seed, scores, chosen), "recentred": as_pixels(moved),
+                "restarts": restarts, "recentred": as_pixels(moved),
                 "seconds_sampling": time.perf_counter() - sampling,
                 "seconds_total": time.perf_counter() - started}
         return Result(restored[0], kernel, restored, restored.mean(0), info)

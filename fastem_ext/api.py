@@ -31,7 +31,7 @@ from .photo import crop_window, estimate_on_crops, restore_tiles, tile_plan
 from .physics import blur_spectrum, initial_kernel, psf2otf
 from .priors import Prior, load_prior
 from .progress import StepProgress
-from .restarts import DEFAULT_RESTARTS, MAX_RESTARTS, restart_report, restart_seed, total_variation
+from .restarts import MAX_RESTARTS, default_restarts, keep_least, total_variation
 from .samplers import Runner, SamplerOutput, StepCallback, diffusion_em, fast_em, nonblind, sample
 from .schedule import Schedule
 
@@ -96,11 +96,13 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     callback: called after every step as ``callback(i, x0, kernel)`` with the respaced step
     ``i`` (counting down to 0), the current ``x̂0`` ``[n, C, H, W]`` in [0, 1] cropped to the
     photo's frame, and the current kernel (device tensors; reading them synchronises).
-    restarts: a blind method runs this many times (default 3; non-blind methods run once),
-    restart ``r`` with the random stream of seed ``seed + r``, and the result is the restart
-    whose restored frame (on the crops path: crops) has the least total variation (module
-    ``restarts``; ``info["restarts"]`` gives every restart's seed and score and which was
-    kept, ``None`` for non-blind methods); the callback sees every restart's steps.
+    restarts: a blind method runs this many times (``R``; default 3 for ``fastem-pigdm``, 1
+    for the other blind methods; non-blind methods run once), restart ``r`` with the random
+    stream of seed ``seed·R + r`` (so different seeds share no restart), and the result is the
+    restart whose restored frame (on the crops path: crops) has the least total variation
+    (module ``restarts``; ``info["restarts"]`` gives every restart's seed and score and which
+    was kept, ``None`` for non-blind methods); the callback sees every restart's steps, ``i``
+    counting down again at each.
 
     A photo larger than ``working_size`` (pixels, default 256) on either side takes the crops
     path (``photo``): the blind method runs on its ``crops`` most informative windows as one
@@ -196,27 +198,30 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     if torch.cuda.is_available() and device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sample_start = time.perf_counter()
-    kept, scores, compile_seconds = None, [], None
+    compile_times = []  # per restart: the fast engine's compilation, or None
+
+    def restart(stream: int) -> tuple[float, tuple[Tensor, Tensor, Tensor | None, bool]]:
+        generator = torch.Generator(device=device).manual_seed(stream)
+        out = _sample(method, net_prior.model, obs, kernel, schedule, particles, generator,
+                      mstep, rounds, guidance_scale, step_callback, runner)
+        _check_finite(out, guidance_scale)
+        compile_times.append(out.compile_seconds)
+        samples, final_kernel, moved = out.particles, out.kernel, None
+        if method in BLIND:  # the kernel's centre of mass onto its centre, the images along
+            final_kernel, samples, moved = recentre(out.kernel, samples)
+        return total_variation(frame.crop(samples)), (samples, final_kernel, moved,
+                                                      out.fused_norms)
+
     try:
-        for index in range(restarts):
-            generator = torch.Generator(device=device).manual_seed(restart_seed(seed, index))
-            out = _sample(method, net_prior.model, obs, kernel, schedule, particles, generator,
-                          mstep, rounds, guidance_scale, step_callback, runner)
-            _check_finite(out, guidance_scale)
-            compile_seconds = compile_seconds or out.compile_seconds
-            samples, final_kernel, moved = out.particles, out.kernel, None
-            if method in BLIND:  # the kernel's centre of mass onto its centre, the images along
-                final_kernel, samples, moved = recentre(out.kernel, samples)
-            scores.append(total_variation(frame.crop(samples)))
-            if kept is None or scores[-1] < scores[kept[0]]:
-                kept = (index, samples, final_kernel, moved)
+        (samples, final_kernel, moved, fused), restarts_report = keep_least(seed, restarts,
+                                                                            restart)
     finally:
         reporter.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sample_seconds = time.perf_counter() - sample_start
-    chosen, samples, final_kernel, moved = kept
-
+    compiled = [t for t in compile_times if t is not None]
+    compile_seconds = sum(compiled) if compiled else None
     reblur = frame.crop(blur_spectrum(samples.mean(0), psf2otf(final_kernel, grid.shape[-2:])))
     reblur_rmse = float((reblur - colour.to(device)).square().mean().sqrt())
     restored = frame.crop(samples)
@@ -230,9 +235,9 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         "sigma": sigma, "sigma_estimated": estimated, "kernel_size": kernel_size,
         "boundary": boundary, "grid": [frame.grid_h, frame.grid_w], "regularizer": mstep.kind,
         "r2": r2, "seed": seed,
-        "restarts": restart_report(seed, scores, chosen) if method in BLIND else None,
+        "restarts": restarts_report if method in BLIND else None,
         "engine": engine,
-        "precision": precision if engine == "fast" else "fp32", "fused_norms": out.fused_norms,
+        "precision": precision if engine == "fast" else "fp32", "fused_norms": fused,
         "compiled": compile_seconds is not None, "device": describe_device(device),
         "source": loaded.source, "bits": loaded.bits,
         "reblur_rmse": reblur_rmse, "recentred": as_pixels(moved),
@@ -291,24 +296,24 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
             clock = time.perf_counter()
             initial = initial_kernel(kernel_size) if kernel is None else kernel
             initial = (initial / initial.sum()).to(device)
-            kept, scores = None, []
-            for index in range(restarts):  # the tiles go on with the kept restart's stream
-                generator = torch.Generator(device=device).manual_seed(restart_seed(seed, index))
+
+            def restart(stream: int) -> tuple[float, tuple[Tensor, list, torch.Generator]]:
+                nonlocal generator  # sample() draws from it; the tiles go on with the kept one
+                generator = torch.Generator(device=device).manual_seed(stream)
                 estimate, boxes, score = estimate_on_crops(
                     colour, sample, method, initial, schedule, count=crops,
                     working_size=working_size, multiple=multiple, sigma=sigma,
                     particles=particles)
                 _check_kernel_finite(estimate)
-                scores.append(score)
-                if kept is None or score < scores[kept[0]]:
-                    kept = (index, estimate, generator)
-            chosen, kernel, generator = kept
+                return score, (estimate, boxes, generator)
+
+            (kernel, boxes, generator), info["restarts"] = keep_least(seed, restarts, restart)
             kernel, _, moved = recentre(kernel)  # the tiles then restore the frame in place
-            info["restarts"] = restart_report(seed, scores, chosen)
             stages["crops"] = {"boxes": [list(box) for box in boxes],
                                "window": list(crop_window(height, width, working_size,
                                                           kernel_size)),
-                               "steps": crop_steps, "seconds": _elapsed(clock, device)}
+                               "steps": crop_steps, "restarts": restarts,
+                               "seconds": _elapsed(clock, device)}
         kernel = (kernel / kernel.sum()).to(device)
         clock = time.perf_counter()
         if fast:
@@ -350,10 +355,10 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
 
 
 def check_restarts(restarts: int | None, method: str) -> int:
-    """``restarts`` checked; ``None``: ``DEFAULT_RESTARTS`` for a blind method, 1 otherwise (a
+    """``restarts`` checked; ``None``: the method's default (``restarts.default_restarts``; a
     non-blind run has no kernel to go wrong: it takes no restarts)."""
     if restarts is None:
-        return DEFAULT_RESTARTS if method in BLIND else 1
+        return default_restarts(method)
     restarts = check_int("restarts", restarts, low=1, high=MAX_RESTARTS)
     if restarts > 1 and method not in BLIND:
         raise ValueError(f"restarts applies to the blind methods; {method!r} is non-blind and "

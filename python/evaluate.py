@@ -21,7 +21,8 @@ of the first particle, PSNR-SA of the particle mean, kernel MSE after the best s
 image. Writes ``results.csv``, ``summary.json``, ``table.md`` (Table 1 style), ``runtime_psnr.png``
 (Figure 1 style), ``grid_*.png`` for the first cases and, with ``--trace``, per case and blind
 method ``trace_*.png`` (x̂0 above the kernel every 10 steps, the true kernel last) and
-``trace_*.json`` (the kernel MSE at every step).
+``trace_*.json`` (the kernel MSE at every step; the strip is the kept restart's, the JSON holds
+every restart's errors, a list per restart, and which was kept).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def parse_variant(text: str) -> dict:
 
 class Trace:
     """Step callback of ``run()``: the kernel MSE at every step, x̂0 and the kernel every
-    ``TRACE_EVERY`` steps."""
+    ``TRACE_EVERY`` steps, per restart (a step index that goes up again starts the next)."""
 
     def __init__(self, truth: torch.Tensor) -> None:
         self.truth, self.errors, self.frames = truth, [], []
@@ -119,28 +120,34 @@ class Trace:
     def __call__(self, i: int, x0: torch.Tensor, kernel: torch.Tensor | None) -> None:
         if kernel is None:
             return
+        if not self.errors or i > self.errors[-1][-1][0]:
+            self.errors.append([])
+            self.frames.append([])
         kernel = kernel.float().cpu()
-        self.errors.append([i, float(kernel_mse(kernel, self.truth))])
+        self.errors[-1].append([i, float(kernel_mse(kernel, self.truth))])
         if i % TRACE_EVERY == 0:
-            self.frames.append((i, x0[0].float().cpu().clamp(0, 1), kernel))
+            self.frames[-1].append((i, x0[0].float().cpu().clamp(0, 1), kernel))
 
-    def write(self, stem: Path) -> None:
+    def write(self, stem: Path, kept: int) -> None:
+        """The kept restart's strip; every restart's kernel errors."""
         tile = 128
         columns = []
-        for _, image, kernel in self.frames:
+        for _, image, kernel in self.frames[kept]:
             small = F.interpolate(image[None], size=(tile, tile), mode="area")[0]
             columns.append(torch.cat([small, kernel_tile(kernel, tile)], dim=-2))
         truth = torch.cat([torch.ones(3, tile, tile), kernel_tile(self.truth, tile)], dim=-2)
         write_image(stem.with_suffix(".png"), torch.cat([*columns, truth], dim=-1))
         stem.with_suffix(".json").write_text(json.dumps(
-            {"steps": [i for i, *_ in self.frames], "kernel_mse": self.errors}) + "\n")
+            {"steps": [i for i, *_ in self.frames[kept]], "kept": kept,
+             "kernel_mse": self.errors}) + "\n")
 
 
 def restore(method: str, variant: dict, blurry, sigma: float, kernel, args,
             callback=None) -> tuple[torch.Tensor, ...]:
-    """``(image, mean, kernel, seconds)`` of one method on one case."""
+    """``(image, mean, kernel, seconds, kept)`` of one method on one case (``kept``: the kept
+    restart of the traced run, 0 for the others)."""
     if method == "none":
-        return blurry, blurry, dirac_kernel(kernel.shape[-1]), 0.0
+        return blurry, blurry, dirac_kernel(kernel.shape[-1]), 0.0, 0
     base, _, count = method.partition("-pigdm-")
     particles = int(count) if count else 1
     name = "fastem-pigdm" if base == "fastem" else method
@@ -149,7 +156,7 @@ def restore(method: str, variant: dict, blurry, sigma: float, kernel, args,
                   steps=args.steps)
     if method == "oracle":
         result = run(blurry, sigma, method="pigdm", kernel=kernel, **common)
-        return result.image, result.mean, result.kernel, result.info["seconds_total"]
+        return result.image, result.mean, result.kernel, result.info["seconds_total"], 0
     common["restarts"] = args.restarts  # blind methods from here on
     if method == "fastem2-pigdm":  # a second blind run started from the first one's kernel
         mstep = replace(HQSConfig(), **variant) if variant else None
@@ -157,10 +164,12 @@ def restore(method: str, variant: dict, blurry, sigma: float, kernel, args,
         result = run(blurry, sigma, method="fastem-pigdm", mstep=mstep, kernel=first.kernel,
                      callback=callback, **common)
         return (result.image, result.mean, result.kernel,
-                first.info["seconds_total"] + result.info["seconds_total"])
+                first.info["seconds_total"] + result.info["seconds_total"],
+                result.info["restarts"]["kept"])
     mstep = replace(HQSConfig(), **variant) if variant else None
     result = run(blurry, sigma, method=name, mstep=mstep, callback=callback, **common)
-    return result.image, result.mean, result.kernel, result.info["seconds_total"]
+    return (result.image, result.mean, result.kernel, result.info["seconds_total"],
+            result.info["restarts"]["kept"])
 
 
 def runs_of(args) -> list[tuple[str, str, dict]]:
@@ -210,10 +219,10 @@ def main() -> None:
         blurry_psnr = float(psnr(blurry.clamp(0, 1), sharp))
         for label, method, variant in plan:
             trace = Trace(kernel) if args.trace and method in BLIND else None
-            image, mean, estimate, seconds = restore(method, variant, blurry, sigma, kernel,
-                                                     args, trace)
+            image, mean, estimate, seconds, kept = restore(method, variant, blurry, sigma,
+                                                           kernel, args, trace)
             if trace is not None:
-                trace.write(out / f"trace_{case}_{label}")
+                trace.write(out / f"trace_{case}_{label}", kept)
             rows.append({
                 "case": case, "sigma": round(sigma * 255), "method": label,
                 "psnr": float(psnr(image.clamp(0, 1), sharp)),

@@ -14,6 +14,7 @@ from ops_helpers import NO_EXT
 from fastem_ext import aot, run
 from fastem_ext.api import WORKING_SIZE
 from fastem_ext.cli import main
+from fastem_ext.restarts import default_restarts
 
 SETTINGS = dict(prior="gaussian", steps="5", kernel_size=9)
 
@@ -36,7 +37,7 @@ def test_the_exported_step_reproduces_run(method, boundary, channels, sigma):
     torch.testing.assert_close(got.particles, want.particles, rtol=0, atol=1e-5)
     torch.testing.assert_close(got.kernel, want.kernel, rtol=0, atol=1e-5)
     assert got.info["sigma"] == want.info["sigma"]
-    assert manifest["restarts"] == 3  # run()'s default: the same restart kept
+    assert manifest["restarts"] == default_restarts(method)  # run()'s: the same one kept
     got_restarts, want_restarts = got.info["restarts"], want.info["restarts"]
     assert got_restarts["kept"] == want_restarts["kept"]
     assert got_restarts["total_variation"] == pytest.approx(want_restarts["total_variation"],

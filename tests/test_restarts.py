@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastem_ext import gaussian_kernel, run
-from fastem_ext.restarts import DEFAULT_RESTARTS, SEEDS, restart_seed, total_variation
+from fastem_ext.restarts import SEEDS, default_restarts, keep_least, restart_seed, total_variation
 
 FAST = {"prior": "gaussian", "steps": "4", "kernel_size": 5, "regularizer": "l2",
         "progress": False}
@@ -16,9 +16,20 @@ def _photo(shape=(3, 30, 41), seed=0):
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 0.8 + 0.1
 
 
-def test_restart_seeds_count_up_from_the_seed_and_wrap():
-    assert [restart_seed(7, r) for r in range(3)] == [7, 8, 9]
-    assert restart_seed(SEEDS - 1, 1) == 0 and restart_seed(SEEDS - 1, 2) == 1
+def test_restart_seeds_are_the_seed_times_the_count_plus_the_restart_and_wrap():
+    assert [restart_seed(7, r, 3) for r in range(3)] == [21, 22, 23]
+    assert [restart_seed(7, 0, 1)] == [7]  # one restart: the plain run of the seed
+    seeds = {restart_seed(seed, r, 3) for seed in range(50) for r in range(3)}
+    assert len(seeds) == 150  # different seeds share no restart
+    assert restart_seed(SEEDS - 1, 2, 3) == (3 * (SEEDS - 1) + 2) % SEEDS < SEEDS
+
+
+def test_keep_least_keeps_the_first_least_score_and_reports_every_restart():
+    scores = {6: 0.3, 7: 0.1, 8: 0.1}
+    kept, report = keep_least(2, 3, lambda stream: (scores[stream], f"run {stream}"))
+    assert kept == "run 7"
+    assert report == {"count": 3, "kept": 1, "seeds": [6, 7, 8],
+                      "total_variation": [0.3, 0.1, 0.1]}
 
 
 def test_total_variation_is_the_mean_neighbour_difference_across_plus_down():
@@ -39,9 +50,9 @@ def test_the_kept_restart_is_the_single_run_of_its_seed_with_the_least_variation
         FAST, seed=4, working_size=48, tile_steps="3", crops=2)
     result = run(photo, 0.05, restarts=3, **options)
     report = result.info["restarts"]
-    assert report["count"] == 3 and report["seeds"] == [4, 5, 6]
+    assert report["count"] == 3 and report["seeds"] == [12, 13, 14]
     singles = [run(photo, 0.05, restarts=1, **dict(options, seed=seed))
-               for seed in report["seeds"]]
+               for seed in report["seeds"]]  # one restart runs the stream of its seed
     for single, score in zip(singles, report["total_variation"], strict=True):
         assert single.info["restarts"]["total_variation"] == [pytest.approx(score, abs=1e-7)]
     scores = report["total_variation"]
@@ -53,11 +64,13 @@ def test_the_kept_restart_is_the_single_run_of_its_seed_with_the_least_variation
     assert result.info["seed"] == 4
 
 
-def test_blind_methods_restart_by_default_and_non_blind_ones_run_once():
+def test_fastem_pigdm_restarts_by_default_and_other_methods_run_once():
     steps = []
     blind = run(_photo(), 0.05, callback=lambda i, x0, k: steps.append(i), **FAST)
-    assert blind.info["restarts"]["count"] == DEFAULT_RESTARTS
-    assert steps == [3, 2, 1, 0] * DEFAULT_RESTARTS  # the callback sees every restart
+    assert blind.info["restarts"]["count"] == default_restarts("fastem-pigdm") == 3
+    assert steps == [3, 2, 1, 0] * 3  # the callback sees every restart
+    dps = run(_photo(), 0.05, method="fastem-dps", **FAST)
+    assert dps.info["restarts"]["count"] == 1 and dps.info["restarts"]["seeds"] == [0]
     nonblind = run(_photo(), 0.05, method="pigdm", kernel=gaussian_kernel(5, 1.0), **FAST)
     assert nonblind.info["restarts"] is None
 

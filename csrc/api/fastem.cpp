@@ -226,9 +226,11 @@ at::Tensor recentre(at::Tensor& kernel, at::Tensor& images) {
 
 constexpr uint64_t kSeeds = uint64_t{1} << 63; // restarts.SEEDS
 
-// restarts.restart_seed: the seed of restart `index`.
-uint64_t restart_seed(uint64_t seed, int64_t index) {
-  return (seed % kSeeds + static_cast<uint64_t>(index)) % kSeeds;
+// restarts.restart_seed: the seed of restart `index` of `count`, seed·count +
+// index mod 2^63 (unsigned arithmetic wraps mod 2^64, a multiple of 2^63).
+uint64_t restart_seed(uint64_t seed, int64_t index, int64_t count) {
+  return (seed * static_cast<uint64_t>(count) + static_cast<uint64_t>(index)) %
+      kSeeds;
 }
 
 // restarts.total_variation of `images` [..., H, W].
@@ -340,6 +342,11 @@ void Deblurrer::load(const std::string& path, const std::string& device) {
   s.kernel_size = integer(s.manifest, "kernel_size");
   s.steps = integer(s.manifest, "steps");
   s.restarts = integer(s.manifest, "restarts");
+  if (s.restarts < 1) {
+    throw PackageError(
+        "bad package " + path + ": restarts must be at least 1, got " +
+        std::to_string(s.restarts));
+  }
   s.masked = integer(s.manifest, "masked") != 0;
   s.sigma_min = real(s.manifest, "sigma_min");
   s.sigma_max = real(s.manifest, "sigma_max");
@@ -470,6 +477,10 @@ Result Deblurrer::sample(
   if (!s.y.defined()) {
     throw InputError("run() needs an observation: call set_observation first");
   }
+  if (seed >= kSeeds) { // as Python's run(): seeds are in [0, 2^63)
+    throw InputError(
+        "seed must be below 2^63, got " + std::to_string(seed));
+  }
   const auto started = std::chrono::steady_clock::now();
   const at::TensorOptions options = s.y.options();
   const std::vector<int64_t> shape = {
@@ -489,11 +500,12 @@ Result Deblurrer::sample(
   };
   Result result;
   double best = 0.0;
-  // As Python's run(): `restarts` runs, the one whose frame has the least
-  // total variation kept (fastem_ext.restarts).
+  // As Python's run(): `restarts` runs, restart r with the stream of seed
+  // seed·restarts + r, the one whose frame has the least total variation kept
+  // (fastem_ext.restarts.keep_least; the first on a tie).
   for (int64_t restart = 0; restart < s.restarts; ++restart) {
     at::Generator generator =
-        seeded_generator(s.device, restart_seed(seed, restart));
+        seeded_generator(s.device, restart_seed(seed, restart, s.restarts));
     // samplers.sample's order: x_T, then one noise tensor per step.
     at::Tensor x = at::randn(shape, generator, options);
     at::Tensor kernel = s.initial_kernel.clone();
@@ -531,7 +543,7 @@ Result Deblurrer::sample(
     if (restart == 0 || score < best) {
       best = score;
       result.restart = restart;
-      result.particles = frame(images);
+      result.particles = frame(images).clone(); // not a view of the whole grid
       result.kernel = kernel;
       result.recentred_dy = moved[0].item<double>();
       result.recentred_dx = moved[1].item<double>();

@@ -73,9 +73,9 @@ struct Result {
   // How far (pixels, down and right) the images moved when the kernel's centre
   // of mass was put on its centre pixel (Python's fastem_ext.centring).
   double recentred_dy = 0.0, recentred_dx = 0.0;
-  // Which of the package's restarts was kept (0 = the one with `seed`; restart
-  // r runs with seed + r; the one whose frame has the least total variation
-  // is kept, as Python's run() does).
+  // Which of the package's restarts was kept (restart r runs the random stream
+  // of seed·restarts + r; the one whose frame has the least total variation is
+  // kept, as Python's run() does).
   int64_t restart = 0;
   double sigma = 0.0; // the noise level used, [0, 1] units
   bool sigma_estimated = false;
@@ -112,10 +112,12 @@ class Deblurrer {
       const at::Tensor& image,
       std::optional<double> sigma = std::nullopt);
 
-  // The blind deblur of the last observation with the random stream of
-  // `seed`. `progress` is called after each step; `cancel`, when set (by any
-  // thread) before run() returns, stops the run with Cancelled before the
-  // next step (or after the last: no result).
+  // The blind deblur of the last observation: the package's restarts, restart
+  // r with the random stream of seed·restarts + r (seed below 2^63, else
+  // InputError), the least total variation kept, as Python's run().
+  // `progress` is called after each step; `cancel`, when set (by any thread)
+  // before run() returns, stops the run with Cancelled before the next step
+  // (or after the last: no result).
   Result run(
       uint64_t seed = 0,
       const Progress& progress = {},

@@ -112,9 +112,11 @@ int main(int argc, char** argv) {
         reported == first.steps() * first.restarts(),
         "progress reports every step of every restart");
     check(
-        // seeds 1, 2, 3 against 101, 102, 103: no restart shared
-        !at::equal(first.run(101).image, alone.image),
+        !at::equal(first.run(3).image, alone.image),
         "another seed, another sample");
+    check(
+        throws<fastem::InputError>([&] { first.run(uint64_t{1} << 63); }),
+        "a seed of 2^63 or more is an InputError");
     std::atomic<bool> cancel{true};
     check(
         throws<fastem::Cancelled>([&] { first.run(1, {}, &cancel); }),

@@ -464,13 +464,13 @@ int main(int argc, char** argv) {
     }
     commit(files);
     std::printf(
-        "%s: sigma %.4f/255%s, %lld restarts of %lld steps (kept %lld) in %.2f s\n",
+        "%s: sigma %.4f/255%s, %lld restarts of %lld steps (restart %lld kept) in %.2f s\n",
         output.c_str(),
         result.sigma * 255.0,
         result.sigma_estimated ? " (estimated)" : "",
         static_cast<long long>(deblurrer.restarts()),
         static_cast<long long>(deblurrer.steps()),
-        static_cast<long long>(result.restart),
+        static_cast<long long>(result.restart + 1),
         result.seconds);
   } catch (const fastem::Cancelled& err) {
     std::fprintf(stderr, "\nfastem_deblur: %s: no output was written\n", err.what());
