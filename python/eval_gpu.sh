@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The prepared GPU job of issue 12's evaluation: one device run of at most 9 minutes wall. On the
 # 2-core CPU one blind run takes ~45 s, so the README's table (24 Kodak crops × σ 5, 10, 20/255,
-# Fast EM and the non-blind oracle: 144 runs) takes hours there; on an H200 the fast engine takes
-# about a second a run. Stage 1 refreshes that table (eval split); stage 2, if variants or blind
-# methods are given, runs them against the default on 24 tuning crops (tune split, the only one to
-# choose settings on).
+# Fast EM (three restarts each since 2026-11-29) and the non-blind oracle: 288 runs) takes hours
+# there; on an H200 the fast engine takes about a second a run. Stage 1 refreshes that table
+# (eval split); stage 2, if variants or blind methods are given, runs them against the default on
+# 24 tuning crops (tune split, the only one to choose settings on).
 #
 #   device run, carry [".pack"]:  bash python/eval_gpu.sh [VARIANT ...]
 #       e.g.  bash python/eval_gpu.sh ridge=1 lam=0.5
