@@ -37,7 +37,7 @@ def default_restarts(method: str) -> int:
 
 def restart_seed(seed: int, index: int, count: int) -> int:
     """The seed of restart ``index`` of ``count``: ``seed·count + index`` (mod ``SEEDS``), so
-    runs with different seeds share no restart, and one restart is the run's own ``seed``."""
+    runs with different seeds share no restart; a single restart is the run's own ``seed``."""
     return (seed * count + index) % SEEDS
 
 
