@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and tests/test_layers.py'
     from .mstep import HQSConfig, estimate_kernel
     from .noise import estimate_noise
     from .physics import blur, blur_adjoint, dirac_kernel, gaussian_kernel, otf2psf, psf2otf
+    from .restarts import Diverged
     from .schedule import Schedule
 
 # The public names, imported on first use (PEP 562): ``import fastem_ext`` and the ``fastem``
@@ -28,6 +29,7 @@ _EXPORTS = {
     "estimate_noise": ".noise",
     "blur": ".physics", "blur_adjoint": ".physics", "dirac_kernel": ".physics",
     "gaussian_kernel": ".physics", "otf2psf": ".physics", "psf2otf": ".physics",
+    "Diverged": ".restarts",
     "Schedule": ".schedule",
 }
 
@@ -49,6 +51,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "METHODS",
     "BatchResult",
+    "Diverged",
     "HQSConfig",
     "Result",
     "Schedule",

@@ -31,7 +31,7 @@ from .photo import crop_window, estimate_on_crops, restore_tiles, tile_plan
 from .physics import blur_spectrum, initial_kernel, psf2otf
 from .priors import Prior, load_prior
 from .progress import StepProgress
-from .restarts import MAX_RESTARTS, default_restarts, keep_least, total_variation
+from .restarts import MAX_RESTARTS, Diverged, default_restarts, keep_least, total_variation
 from .samplers import Runner, SamplerOutput, StepCallback, diffusion_em, fast_em, nonblind, sample
 from .schedule import Schedule
 
@@ -204,8 +204,8 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         generator = torch.Generator(device=device).manual_seed(stream)
         out = _sample(method, net_prior.model, obs, kernel, schedule, particles, generator,
                       mstep, rounds, guidance_scale, step_callback, runner)
+        compile_times.append(out.compile_seconds)  # paid even when the restart diverged
         _check_finite(out, guidance_scale)
-        compile_times.append(out.compile_seconds)
         samples, final_kernel, moved = out.particles, out.kernel, None
         if method in BLIND:  # the kernel's centre of mass onto its centre, the images along
             final_kernel, samples, moved = recentre(out.kernel, samples)
@@ -331,8 +331,7 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
     finally:
         reporter.close()
     if not bool(torch.isfinite(restored).all()):
-        raise RuntimeError("the restoration produced NaN or infinite values; nothing was "
-                           "returned")
+        raise Diverged("the restoration produced NaN or infinite values; nothing was returned")
     if image.shape[0] == 1 and restored.shape[1] == 3:
         restored = restored.mean(dim=1, keepdim=True)
     reblur = _reblur_rmse(restored.mean(0), image.to(device), kernel)
@@ -463,11 +462,11 @@ def _check_finite(out: SamplerOutput, guidance_scale: float) -> None:
 
 
 def check_finite_result(particles: Tensor, kernel: Tensor, guidance_scale: float) -> None:
-    """``RuntimeError`` naming the stage when the sampled ``particles`` or the ``kernel`` hold
-    NaN or inf (``run()``'s check; ``aot.Package.run`` makes it too)."""
+    """``Diverged`` (a ``RuntimeError``) naming the stage when the sampled ``particles`` or the
+    ``kernel`` hold NaN or inf (``run()``'s check; ``aot.Package.run`` makes it too)."""
     _check_kernel_finite(kernel)
     if not bool(torch.isfinite(particles).all()):
-        raise RuntimeError(
+        raise Diverged(
             "sampling produced NaN or infinite values (the prior's output or the guidance "
             f"diverged during the run; guidance_scale={guidance_scale:g}); nothing was returned"
         )
@@ -475,8 +474,8 @@ def check_finite_result(particles: Tensor, kernel: Tensor, guidance_scale: float
 
 def _check_kernel_finite(kernel: Tensor) -> None:
     if not bool(torch.isfinite(kernel).all()):
-        raise RuntimeError("the M-step produced a kernel with NaN or infinite values (a kernel "
-                           "denoiser or the prior diverged during the run); nothing was returned")
+        raise Diverged("the M-step produced a kernel with NaN or infinite values (a kernel "
+                       "denoiser or the prior diverged during the run); nothing was returned")
 
 
 def mstep_config(regularizer: str, size: int, device: torch.device,

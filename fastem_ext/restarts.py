@@ -13,10 +13,15 @@ three restarts, one within 0.12 dB of the best on average (the mean gain over th
 
 (The rule prefers smooth results: a restart that did not deblur would win it. None of the runs
 measured did that; a run starts from a Gaussian kernel and its data term pulls it to the blur.)
+
+A restart that diverges (NaN or inf in its result: ``Diverged``) is left out with a warning and
+the others compete; the run fails only when every restart diverged.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -28,6 +33,10 @@ DEFAULT_RESTARTS = {"fastem-pigdm": 3}
 MAX_RESTARTS = 16
 SEEDS = 2**63  # seeds are in [0, 2**63)
 Kept = TypeVar("Kept")
+
+
+class Diverged(RuntimeError):
+    """A run's result holds NaN or inf (its prior, guidance or M-step diverged)."""
 
 
 def default_restarts(method: str) -> int:
@@ -44,17 +53,40 @@ def restart_seed(seed: int, index: int, count: int) -> int:
 def keep_least(seed: int, count: int,
                restart: Callable[[int], tuple[float, Kept]]) -> tuple[Kept, dict[str, object]]:
     """Run ``restart(seed_r)`` for the ``count`` restarts (each returns its score and its
-    result) and keep the result of the least score (the first on a tie). Returns it and
-    ``info["restarts"]``: how many ran, their seeds and scores, and which was kept."""
+    result) and keep the result of the least score (the first on a tie). A restart that raises
+    ``Diverged`` or scores NaN or inf is left out (its score reported as None; one warning at
+    the end names them); when every restart diverged, ``Diverged`` is raised (a single
+    restart's own error as it is). Returns the kept result and ``info["restarts"]``: how many
+    ran, their seeds and scores, which diverged and which was kept."""
     seeds = [restart_seed(seed, index, count) for index in range(count)]
-    scores, kept, best = [], 0, None
+    scores: list[float | None] = []
+    diverged: list[int] = []
+    kept, best, first_error = None, None, None
     for index, stream in enumerate(seeds):
-        score, result = restart(stream)
+        try:
+            score, result = restart(stream)
+            if not math.isfinite(score):
+                raise Diverged(f"the result's total variation is {score}: it holds NaN or "
+                               "infinite values")
+        except Diverged as error:
+            if count == 1:
+                raise
+            first_error = first_error or error
+            scores.append(None)
+            diverged.append(index)
+            continue
         scores.append(score)
-        if best is None or score < scores[kept]:
+        if kept is None or score < scores[kept]:
             kept, best = index, result
         del result  # the next restart runs without this one's tensors
-    return best, {"count": count, "kept": kept, "seeds": seeds, "total_variation": scores}
+    if kept is None:
+        raise Diverged(f"all {count} restarts diverged; the first: {first_error}") \
+            from first_error
+    if diverged:
+        warnings.warn(f"restarts {diverged} of {count} diverged and were left out (the first: "
+                      f"{first_error})", RuntimeWarning, stacklevel=2)
+    return best, {"count": count, "kept": kept, "seeds": seeds, "total_variation": scores,
+                  "diverged": diverged}
 
 
 def total_variation(images: Tensor) -> float:

@@ -123,6 +123,24 @@ def test_a_package_run_refuses_non_finite_results(traced):
         aot.Package(manifest, bad_kernel).run(torch.rand(3, 24, 32), 0.05)
 
 
+def test_a_package_run_leaves_out_a_diverging_restart_as_run_does(traced):
+    """Restart 1 of 3 diverges (the step counts its calls, 5 a restart): the package keeps the
+    best of the others and reports it, as ``run()``."""
+    program, manifest = traced
+    calls = []
+
+    def second_diverges(*args):
+        calls.append(1)
+        x, kernel = program.module()(*args)
+        return (x * float("nan") if (len(calls) - 1) // manifest["steps"] == 1 else x), kernel
+
+    with pytest.warns(RuntimeWarning, match=r"restarts \[1\] of 3 diverged"):
+        got = aot.Package(manifest, second_diverges).run(torch.rand(3, 24, 32), 0.05, seed=2)
+    report = got.info["restarts"]
+    assert report["diverged"] == [1] and report["kept"] in (0, 2)
+    assert report["total_variation"][1] is None and bool(torch.isfinite(got.particles).all())
+
+
 class _Stop(Exception):
     pass
 

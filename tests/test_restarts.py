@@ -2,11 +2,20 @@
 seed, and the one whose result has the least total variation is kept, on the whole-image and
 the crops paths; bad values are refused (Gaussian prior, tiny images: fast)."""
 
+import warnings
+
 import pytest
 import torch
 
 from fastem_ext import gaussian_kernel, run
-from fastem_ext.restarts import SEEDS, default_restarts, keep_least, restart_seed, total_variation
+from fastem_ext.restarts import (
+    SEEDS,
+    Diverged,
+    default_restarts,
+    keep_least,
+    restart_seed,
+    total_variation,
+)
 
 FAST = {"prior": "gaussian", "steps": "4", "kernel_size": 5, "regularizer": "l2",
         "progress": False}
@@ -29,7 +38,36 @@ def test_keep_least_keeps_the_first_least_score_and_reports_every_restart():
     kept, report = keep_least(2, 3, lambda stream: (scores[stream], f"run {stream}"))
     assert kept == "run 7"
     assert report == {"count": 3, "kept": 1, "seeds": [6, 7, 8],
-                      "total_variation": [0.3, 0.1, 0.1]}
+                      "total_variation": [0.3, 0.1, 0.1], "diverged": []}
+
+
+def _diverging_at(streams, score=None):
+    """A restart function whose streams in ``streams`` diverge (raise ``Diverged``, or score
+    ``score`` when given); the others score 1/stream."""
+    def restart(stream):
+        if stream in streams and score is None:
+            raise Diverged(f"stream {stream} went NaN")
+        return (score if stream in streams else 1.0 / stream), f"run {stream}"
+    return restart
+
+
+@pytest.mark.parametrize("score", [None, float("nan"), float("inf")])
+def test_a_restart_that_diverges_is_left_out_with_a_warning(score):
+    with pytest.warns(RuntimeWarning, match=r"restarts \[2\] of 3 diverged and were left out"):
+        kept, report = keep_least(2, 3, _diverging_at({8}, score))
+    assert kept == "run 7"  # 1/7 < 1/6; the diverged 8 would have scored 1/8
+    assert report["diverged"] == [2] and report["total_variation"] == [1 / 6, 1 / 7, None]
+    assert report["kept"] == 1
+
+
+def test_the_run_fails_only_when_every_restart_diverged():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the error says it all
+        with pytest.raises(Diverged, match=r"all 3 restarts diverged; the first: stream 6 "):
+            keep_least(2, 3, _diverging_at({6, 7, 8}))
+    with pytest.raises(Diverged, match=r"^stream 5 went NaN$"):  # one restart: its own error
+        keep_least(5, 1, _diverging_at({5}))
+    assert issubclass(Diverged, RuntimeError)  # what run() raised before restarts existed
 
 
 def test_total_variation_is_the_mean_neighbour_difference_across_plus_down():
@@ -62,6 +100,25 @@ def test_the_kept_restart_is_the_single_run_of_its_seed_with_the_least_variation
     torch.testing.assert_close(result.particles, kept.particles, rtol=0, atol=1e-6)
     torch.testing.assert_close(result.kernel, kept.kernel, rtol=0, atol=1e-7)
     assert result.info["seed"] == 4
+
+
+def test_run_leaves_out_a_diverging_restart_and_keeps_the_best_other():
+    """A prior that turns NaN during restart 1 only (the callback counts the steps, 4 a
+    restart): the run warns, reports it, and keeps the single run of a seed that did not."""
+    steps = []
+
+    def eps(x, t):
+        return x * (float("nan") if len(steps) // 4 == 1 else 0.5)
+
+    options = dict(FAST, prior=eps, seed=1)
+    with pytest.warns(RuntimeWarning, match=r"restarts \[1\] of 3 diverged"):
+        result = run(_photo(), 0.05, callback=lambda i, x0, k: steps.append(i), **options)
+    report = result.info["restarts"]
+    assert report["diverged"] == [1] and report["total_variation"][1] is None
+    assert report["kept"] in (0, 2) and bool(torch.isfinite(result.particles).all())
+    single = run(_photo(), 0.05, restarts=1, **dict(options, prior=lambda x, t: x * 0.5,
+                                                    seed=report["seeds"][report["kept"]]))
+    torch.testing.assert_close(result.particles, single.particles, rtol=0, atol=1e-6)
 
 
 def test_fastem_pigdm_restarts_by_default_and_other_methods_run_once():

@@ -500,9 +500,12 @@ Result Deblurrer::sample(
   };
   Result result;
   double best = 0.0;
+  bool kept = false;
+  std::string first_error; // of the first restart that diverged
   // As Python's run(): `restarts` runs, restart r with the stream of seed
   // seed·restarts + r, the one whose frame has the least total variation kept
-  // (fastem_ext.restarts.keep_least; the first on a tie).
+  // (fastem_ext.restarts.keep_least; the first on a tie); a restart that
+  // diverged is left out, and run() fails only when all of them did.
   for (int64_t restart = 0; restart < s.restarts; ++restart) {
     at::Generator generator =
         seeded_generator(s.device, restart_seed(seed, restart, s.restarts));
@@ -525,22 +528,33 @@ Result Deblurrer::sample(
       }
     }
     // As Python's run(): no NaN or inf leaves (the clamp below would hide inf).
+    std::string diverged;
     if (!kernel.isfinite().all().item<bool>()) {
-      throw Error(
+      diverged =
           "the M-step produced a kernel with NaN or infinite values (the prior "
-          "diverged during the run); nothing was returned");
-    }
-    if (!x.isfinite().all().item<bool>()) {
-      throw Error(
+          "diverged during the run); nothing was returned";
+    } else if (!x.isfinite().all().item<bool>()) {
+      diverged =
           "sampling produced NaN or infinite values (the prior's output or the "
-          "guidance diverged during the run); nothing was returned");
+          "guidance diverged during the run); nothing was returned";
+    }
+    if (!diverged.empty()) {
+      if (s.restarts == 1) {
+        throw Error(diverged);
+      }
+      if (first_error.empty()) {
+        first_error = diverged;
+      }
+      result.diverged.push_back(restart);
+      continue;
     }
     // schedule.to_image of the clamped particles, re-centred with the kernel
     // (every exported method is blind: as Python's run()).
     at::Tensor images = (x.clamp(-1.0, 1.0) + 1.0) / 2.0;
     const at::Tensor moved = recentre(kernel, images);
     const double score = total_variation(frame(images));
-    if (restart == 0 || score < best) {
+    if (!kept || score < best) {
+      kept = true;
       best = score;
       result.restart = restart;
       result.particles = frame(images).clone(); // not a view of the whole grid
@@ -548,6 +562,11 @@ Result Deblurrer::sample(
       result.recentred_dy = moved[0].item<double>();
       result.recentred_dx = moved[1].item<double>();
     }
+  }
+  if (!kept) {
+    throw Error(
+        "all " + std::to_string(s.restarts) +
+        " restarts diverged; the first: " + first_error);
   }
   stop_if_cancelled(total); // a flag set during the last step counts too
   if (s.channels == 1) {

@@ -30,6 +30,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace fastem {
 
@@ -77,6 +78,9 @@ struct Result {
   // of seed·restarts + r; the one whose frame has the least total variation is
   // kept, as Python's run() does).
   int64_t restart = 0;
+  // The restarts left out because their result held NaN or inf (run() throws
+  // Error when all of them diverged).
+  std::vector<int64_t> diverged;
   double sigma = 0.0; // the noise level used, [0, 1] units
   bool sigma_estimated = false;
   double seconds = 0.0; // wall time of the sampling loop

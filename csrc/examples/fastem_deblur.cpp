@@ -463,6 +463,13 @@ int main(int argc, char** argv) {
                                         : encode_png(peak_scaled, 16));
     }
     commit(files);
+    if (!result.diverged.empty()) { // as Python's run(), which warns
+      std::fprintf(stderr,
+                   "fastem_deblur: warning: %zu of %lld restarts diverged and "
+                   "were left out\n",
+                   result.diverged.size(),
+                   static_cast<long long>(deblurrer.restarts()));
+    }
     std::printf(
         "%s: sigma %.4f/255%s, %lld restarts of %lld steps (restart %lld kept) in %.2f s\n",
         output.c_str(),
