@@ -143,3 +143,24 @@ def test_bad_restarts_are_refused_before_any_work(restarts, method, message):
     kernel = gaussian_kernel(5, 1.0) if method == "pigdm" else None
     with pytest.raises(ValueError, match=message):
         run(_photo(), 0.05, method=method, kernel=kernel, restarts=restarts, **FAST)
+
+
+@pytest.mark.cuda
+def test_restarts_on_the_captured_engine_are_its_single_runs_and_agree_with_the_reference():
+    """On a GPU each restart captures and replays its own step (a capture failure, which falls
+    back with a warning, fails the test): the kept restart is the fast engine's single run of
+    its seed, and the reference engine scores the restarts alike and keeps the same one."""
+    options = dict(FAST, seed=4, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fast = run(_photo(), 0.05, restarts=3, engine="fast", precision="fp32", **options)
+        report = fast.info["restarts"]
+        single = run(_photo(), 0.05, restarts=1, engine="fast", precision="fp32",
+                     **dict(options, seed=report["seeds"][report["kept"]]))
+    assert fast.info["engine"] == "fast" and report["diverged"] == []
+    torch.testing.assert_close(fast.particles, single.particles, rtol=0, atol=1e-6)
+    reference = run(_photo(), 0.05, restarts=3, engine="reference", **options)
+    assert reference.info["restarts"]["kept"] == report["kept"]
+    assert reference.info["restarts"]["total_variation"] == pytest.approx(
+        report["total_variation"], abs=1e-4)
+    torch.testing.assert_close(fast.particles, reference.particles, rtol=0, atol=1e-4)
