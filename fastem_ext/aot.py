@@ -76,7 +76,7 @@ from .checks import (
     check_positive,
     check_sigma,
 )
-from .io import current_umask, load_image
+from .io import MIN_SIDE, current_umask, load_image
 from .mstep import REGULARIZERS
 from .noise import MIN_SIGMA, estimate_noise
 from .observation import Observation
@@ -188,8 +188,8 @@ def trace(height: int, width: int, *, prior: str = "natural", method: str = "fas
 
 def _check_settings(height, width, prior, method, particles, steps, kernel_size, boundary,
                     regularizer, r2, guidance_scale, restarts, device) -> ExportSettings:
-    height = check_int("height", height, low=1, high=MAX_SIDE)
-    width = check_int("width", width, low=1, high=MAX_SIDE)
+    height = check_int("height", height, low=MIN_SIDE, high=MAX_SIDE)
+    width = check_int("width", width, low=MIN_SIDE, high=MAX_SIDE)
     if not isinstance(prior, (str, os.PathLike)):
         raise ValueError(f"prior must be a name or a weights path to export, got "
                          f"{type(prior).__name__}")
@@ -297,6 +297,12 @@ def torch_release(version: str) -> str:
     return match.group(0) if match else ""
 
 
+# What Package.run and load_package read from a manifest.
+RUN_KEYS = frozenset({"device", "fastem_ops", "height", "width", "grid_height", "grid_width",
+                      "top", "left", "masked", "kernel_size", "initial_kernel", "particles",
+                      "steps", "guidance_scale", "restarts"})
+
+
 def load_package(path: str | os.PathLike) -> Package:
     """Load the package folder ``path`` (``export``'s output) on its device.
 
@@ -319,6 +325,9 @@ def load_package(path: str | os.PathLike) -> Package:
     if torch_release(str(manifest.get("torch_version"))) != torch_release(torch.__version__):
         raise ValueError(f"package {folder} was made by torch {manifest.get('torch_version')}; "
                          f"this is torch {torch.__version__}: export it again with this version")
+    missing = sorted(RUN_KEYS - manifest.keys())
+    if missing:
+        raise ValueError(f"bad package manifest {manifest_path}: {', '.join(missing)} missing")
     resolve_device(manifest["device"])
     if manifest["fastem_ops"]:  # the program calls them by name
         from .ops import _backend
@@ -326,7 +335,11 @@ def load_package(path: str | os.PathLike) -> Package:
         _backend.load_extension()
     from torch._inductor import aoti_load_package  # heavy: on use only
 
-    return Package(manifest, aoti_load_package(str(step_path)))
+    try:
+        program = aoti_load_package(str(step_path))
+    except RuntimeError as err:  # a truncated or foreign step.pt2
+        raise ValueError(f"bad package step program {step_path}: {err}") from None
+    return Package(manifest, program)
 
 
 class Package:

@@ -41,6 +41,7 @@ DEFAULT_STEPS = {"fastem-pigdm": "100", "fastem-dps": "1000", "diffem-pigdm": "1
                  "pigdm": "100", "dps": "1000"}
 MAX_PARTICLES = 256
 WORKING_SIZE = 256  # run()'s default working_size: larger photos take the crops + tiles path
+DEFAULT_KERNEL_SIZE = 33  # run()'s K unless a kernel is given
 MAX_ROUNDS = 100  # Diffusion EM's full runs (10 by default)
 MAX_GUIDANCE_SCALE = 100.0  # far beyond any useful value; larger ones overflow the update
 ENGINES = ("auto", "fast", "reference")
@@ -68,7 +69,7 @@ class Result:
 
 def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pigdm",
         prior: object = "natural", particles: int = 1, steps: str | int | None = None,
-        kernel_size: int = 33, seed: int = 0, device: str | torch.device | None = None,
+        kernel_size: int | None = None, seed: int = 0, device: str | torch.device | None = None,
         progress: bool = True, kernel: Tensor | None = None, boundary: str = "valid",
         regularizer: str = "pnp", rounds: int = 10, r2: str = "reference",
         guidance_scale: float = 1.0, engine: str = "auto", precision: str = "bf16",
@@ -82,7 +83,8 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     tensor ``[C, H, W]`` / ``[1, C, H, W]`` in [0, 1]. sigma: noise std in [0, 1] units
     (10/255 ≈ 0.039); ``None`` estimates it. method: ``fastem-pigdm`` (default), ``fastem-dps``,
     ``diffem-pigdm`` (``rounds`` full runs), or the non-blind ``pigdm`` / ``dps``, which need
-    ``kernel``; for blind methods ``kernel`` is the initial estimate. steps: respacing such as
+    ``kernel``; for blind methods ``kernel`` is the initial estimate. kernel_size: K of the
+    K×K kernel (default 33; with ``kernel``, its size: another is refused). steps: respacing such as
     ``"100"`` or ``"ddim50"`` (default per method). boundary: ``valid`` for real photos (any size,
     no wrap-around), ``circular`` for synthetic circularly blurred data. regularizer: the
     M-step's kernel prior (``pnp`` uses the bundled kernel denoiser). engine: ``fast`` (the
@@ -129,11 +131,15 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     guidance_scale = check_positive("guidance_scale", guidance_scale, high=MAX_GUIDANCE_SCALE)
     if kernel is not None:
         kernel = check_kernel("kernel", kernel, blur=True).float().cpu()
-        kernel_size = kernel.shape[-1]
+        if kernel_size is not None and check_int("kernel_size", kernel_size, low=1) != len(kernel):
+            raise ValueError(f"kernel_size {kernel_size} disagrees with the given "
+                             f"{len(kernel)}x{len(kernel)} kernel (leave kernel_size out)")
+        kernel_size = len(kernel)
     elif method not in BLIND:
         raise ValueError(f"method {method!r} is non-blind: pass kernel= (a [K, K] tensor)")
     restarts = check_restarts(restarts, method)
-    kernel_size = check_kernel_size("kernel_size", kernel_size, tuple(image.shape[-2:]))
+    kernel_size = check_kernel_size("kernel_size", DEFAULT_KERNEL_SIZE if kernel_size is None
+                                    else kernel_size, tuple(image.shape[-2:]))
     estimated = sigma is None
     sigma = check_sigma("estimated noise level (pass sigma=)" if estimated else "sigma",
                         estimate_noise(image) if estimated else sigma)
@@ -167,9 +173,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
 
     net_prior = load_prior(prior, device)
     if on_crops:
-        if working_size % net_prior.size_multiple:
-            raise ValueError(f"working_size must be a multiple of {net_prior.size_multiple} for "
-                             f"this prior, got {working_size}")
+        check_working_multiple(working_size, net_prior)
         return _run_on_crops(
             loaded, image, sigma, estimated, started, method=method, net_prior=net_prior,
             kernel=kernel, kernel_size=kernel_size, schedule=schedule,
@@ -402,6 +406,13 @@ def check_crops_path(method: str, kernel_size: int, working_size: int, crops: in
         raise ValueError(f"max_batch (--max-batch) must hold the {'crops × ' if blind else ''}"
                          f"particles of one network call ({needed}), got {max_batch}; raise it "
                          f"or lower {'crops (--crops) or ' if blind else ''}particles")
+
+
+def check_working_multiple(working_size: int, net_prior: Prior) -> None:
+    """The crops and tiles are network inputs: their size is a multiple of the prior's."""
+    if working_size % net_prior.size_multiple:
+        raise ValueError(f"working_size must be a multiple of {net_prior.size_multiple} for "
+                         f"this prior, got {working_size}")
 
 
 def _elapsed(clock: float, device: torch.device) -> float:

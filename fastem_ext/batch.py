@@ -28,6 +28,7 @@ from .api import (
     check_crops_path,
     check_path_flags,
     check_restarts,
+    check_working_multiple,
     resolve_device,
     resolve_max_batch,
     run,
@@ -97,7 +98,6 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
     (rate, time left; under ``torchrun`` rank 0's only) and a line per failure on stderr.
     Ctrl-C stops after the outputs of the finished images; nothing partial is written.
     """
-    out_dir = _prepare_out_dir(out_dir)
     method = check_choice("method", method, BLIND)
     settings = {
         "method": method,
@@ -123,9 +123,10 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
     if tile_steps is not None:
         Schedule(settings["tile_steps"])
     check_path_flags(fast, full_diffusion, settings["boundary"])
-    if fast:  # every image takes the crops path
+    if settings["boundary"] == "valid" and not full_diffusion:  # any image may take it
         check_crops_path(method, settings["kernel_size"], settings["working_size"],
                          settings["crops"], settings["particles"], settings["max_batch"], fast)
+    out_dir = _prepare_out_dir(out_dir)
     ranks = ranks_from_env()
     device = resolve_device(rank_device(device, ranks))
     with ProcessGroup(ranks, device) as group:
@@ -134,6 +135,8 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
             raise ValueError(plan)
         items, duplicates = plan
         net_prior = load_prior(prior, device)
+        if settings["boundary"] == "valid" and not full_diffusion:
+            check_working_multiple(settings["working_size"], net_prior)
         settings["prior"] = _prior_identity(prior, net_prior)
         job = _Job(out_dir, settings, settings_hash(settings), ranks, str(device), net_prior)
         mine = [item for item in items if item.shard(ranks.world_size) == ranks.rank]

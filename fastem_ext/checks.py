@@ -82,7 +82,7 @@ def check_kernel(name: str, k: object, *, blur: bool = False) -> Tensor:
             f"{name} has negative entries (down to {low:.3g}): a blur kernel is non-negative "
             "(clip it with kernel.clamp(min=0) if they are noise)"
         )
-    wide = wide.clamp_min(0.0)
+    wide = wide.clamp_min(0.0) / peak  # by the peak first: a sum of huge entries overflows
     return (wide / wide.sum()).to(k.dtype)
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from .aot import EXPORT_METHODS
-from .api import BLIND, METHODS, run
+from .api import BLIND, DEFAULT_KERNEL_SIZE, METHODS, run
 from .boundary import BOUNDARIES
-from .checks import LEAST_SIGMA, MAX_SIGMA, check_int
+from .checks import LEAST_SIGMA, MAX_SIGMA, check_int, check_kernel_size
 from .hardware import default_threads
 from .io import (
     check_outputs,
@@ -48,17 +48,20 @@ def _common(parser: argparse.ArgumentParser, methods: tuple[str, ...] = METHODS)
                         ".pt file or natural-prior .safetensors weights")
     parser.add_argument("--particles", type=int, default=1, help="posterior samples (default 1)")
     parser.add_argument("--steps", default=None, help="diffusion steps, e.g. 100 or ddim50")
-    parser.add_argument("--kernel-size", type=int, default=33,
-                        help="size K of the K×K kernel to estimate, in pixels (default 33)")
+    parser.add_argument("--kernel-size", type=int, default=None,
+                        help=f"size K of the K×K kernel to estimate, in pixels (default "
+                        f"{DEFAULT_KERNEL_SIZE}" + ("; with --kernel, its size)"
+                                                    if "pigdm" in methods else ")"))
     parser.add_argument("--regularizer", choices=REGULARIZERS, default="pnp",
                         help="the kernel prior of the M-step (default pnp: the bundled "
                         "kernel denoiser)")
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed: the same seed gives the same result (default 0)")
     parser.add_argument("--restarts", type=int, default=None,
-                        help="blind runs per image, seeds SEED, SEED+1, ...; the one whose "
-                        "result has the least total variation is kept (default 3; "
-                        "non-blind methods run once)")
+                        help="blind runs per image, restart r of R with the random stream "
+                        "of seed SEED·R + r; the one whose result has the least total "
+                        "variation is kept (default 3 for fastem-pigdm, 1 for the other blind "
+                        "methods; non-blind methods run once)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: OMP_NUM_THREADS if set, else "
@@ -157,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                         ".pt file or natural-prior .safetensors weights")
     export.add_argument("--particles", type=int, default=1, help="posterior samples (default 1)")
     export.add_argument("--steps", default=None, help="diffusion steps, e.g. 100 or ddim50")
-    export.add_argument("--kernel-size", type=int, default=33,
-                        help="size K of the K×K kernel to estimate, in pixels (default 33)")
+    export.add_argument("--kernel-size", type=int, default=DEFAULT_KERNEL_SIZE,
+                        help="size K of the K×K kernel to estimate, in pixels (default "
+                        f"{DEFAULT_KERNEL_SIZE})")
     export.add_argument("--regularizer", choices=REGULARIZERS, default="pnp",
                         help="the kernel prior of the M-step (default pnp)")
     export.add_argument("--boundary", choices=BOUNDARIES, default="valid",
@@ -209,7 +213,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _kernel_size(args: argparse.Namespace) -> int:
+    return DEFAULT_KERNEL_SIZE if args.kernel_size is None else args.kernel_size
+
+
 def _deblur(args: argparse.Namespace) -> None:
+    sigma = _sigma(args.sigma)
+    loaded = load_image(args.input, name="input")
+    kernel = None if args.kernel is None else read_kernel(args.kernel, "--kernel")
+    size = (check_kernel_size("--kernel-size", _kernel_size(args), loaded.image.shape[-2:])
+            if kernel is None else kernel.shape[-1])
+    image = (tuple(loaded.image.shape), loaded.bits)  # what each output will hold
     outputs = check_outputs(
         {"-o/--output": args.output, "--mean-out": args.mean_out,
          "--kernel-out": args.kernel_out, "--kernel-preview": args.kernel_preview,
@@ -217,10 +231,9 @@ def _deblur(args: argparse.Namespace) -> None:
         {"-o/--output": image_suffixes(), "--mean-out": image_suffixes(),
          "--kernel-out": kernel_suffixes(), "--kernel-preview": image_suffixes(),
          "--report": (".json",)},
-        (args.input, args.kernel))
-    sigma = _sigma(args.sigma)
-    loaded = load_image(args.input, name="input")
-    kernel = None if args.kernel is None else read_kernel(args.kernel, "--kernel")
+        (args.input, args.kernel),
+        {"-o/--output": image, "--mean-out": image, "--kernel-out": ((1, size, size), 16),
+         "--kernel-preview": ((3, 256, 256), 8)})
     result = run(loaded.image, sigma, method=args.method, prior=args.prior,
                  particles=args.particles, steps=args.steps, kernel_size=args.kernel_size,
                  seed=args.seed, restarts=args.restarts, device=args.device,
@@ -267,7 +280,7 @@ def _batch(args: argparse.Namespace) -> int:
 
     result = run_batch(args.inputs, args.output_dir, _sigma(args.sigma), method=args.method,
                        prior=args.prior, particles=args.particles, steps=args.steps,
-                       kernel_size=args.kernel_size, seed=args.seed,
+                       kernel_size=_kernel_size(args), seed=args.seed,
                        restarts=args.restarts, device=args.device, boundary=args.boundary,
                        regularizer=args.regularizer,
                        working_size=args.working_size, crops=args.crops,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .api import run
+from .api import BLIND, DEFAULT_KERNEL_SIZE, run
 from .checks import check_int
 from .io import atomic_write, center_crop, check_outputs, kernel_tile, load_image
 from .metrics import kernel_mse, psnr
@@ -47,7 +47,10 @@ def sample_image(size: int = 256, seed: int = 0) -> Tensor:
 def run_demo(args: argparse.Namespace) -> str:
     """Run the demo described by the CLI arguments; returns a one-line summary."""
     size = check_int("--size", args.size, low=64, high=4096)
-    kernel_size = check_int("--kernel-size", args.kernel_size, low=9, high=min(128, size // 2))
+    kernel_size = check_int("--kernel-size", DEFAULT_KERNEL_SIZE if args.kernel_size is None
+                            else args.kernel_size, low=9, high=min(128, size // 2))
+    seed = check_int("--seed", args.seed, low=0, high=2**63 - 1)
+    kernel_seed = check_int("--kernel-seed", args.kernel_seed, low=0, high=2**63 - 1)
     output = check_outputs({"-o/--output": args.output}, {"-o/--output": (".png",)},
                            (args.image,))["-o/--output"]
     if args.image is None:
@@ -57,17 +60,19 @@ def run_demo(args: argparse.Namespace) -> str:
         sharp = center_crop(sharp.expand(3, -1, -1), size)
     if not 0 <= args.noise <= 50:
         raise ValueError(f"--noise must be in [0, 50] (/255 units), got {args.noise}")
-    kernel = motion_kernel(kernel_size, seed=args.kernel_seed)
+    kernel = motion_kernel(kernel_size, seed=kernel_seed)
     sigma = max(args.noise, 0.5) / 255
     # A real photo is a window onto a larger scene: blur a reflected extension linearly, keep
     # the frame (no circular wrap-around anywhere).
     low, high = kernel_size // 2, (kernel_size - 1) // 2  # K − 1 in all: the frame's size back
     extended = F.pad(sharp[None], (low, high, low, high), mode="reflect")[0]
-    noise = torch.randn(sharp.shape, generator=torch.Generator().manual_seed(args.seed + 1))
+    noise = torch.randn(sharp.shape,
+                        generator=torch.Generator().manual_seed((seed + 1) % 2**63))
     blurry = (blur(extended, kernel, "valid") + args.noise / 255 * noise).clamp(0, 1)
+    blind = args.method in BLIND  # a non-blind method restores with the true kernel
     result = run(blurry, sigma, method=args.method, prior=args.prior, particles=args.particles,
-                 steps=args.steps, kernel_size=kernel_size, seed=args.seed,
-                 restarts=args.restarts,
+                 steps=args.steps, kernel_size=kernel_size, seed=seed,
+                 restarts=args.restarts, kernel=None if blind else kernel,
                  device=args.device, progress=not args.quiet, regularizer=args.regularizer)
     scores = {
         "blurry": float(psnr(blurry, sharp)),
@@ -78,12 +83,12 @@ def run_demo(args: argparse.Namespace) -> str:
                f"kernel MSE {scores['kernel_mse']:.2e} | {result.info['method']}, prior "
                f"{result.info['prior']}, {result.info['seconds_total']:.0f} s")
     _write_panel(output, [blurry, result.image, sharp], kernel, result.kernel,
-                 caption)
+                 caption, "estimated kernel" if blind else "kernel used (the true one)")
     return f"{args.output}: {caption}"
 
 
 def _write_panel(path: Path, images: list[Tensor], true_kernel: Tensor, estimate: Tensor,
-                 caption: str) -> None:
+                 caption: str, estimate_label: str) -> None:
     from PIL import Image, ImageDraw
 
     size = images[0].shape[-1]
@@ -99,7 +104,7 @@ def _write_panel(path: Path, images: list[Tensor], true_kernel: Tensor, estimate
     draw = ImageDraw.Draw(full)
     for index, line in enumerate(lines):
         draw.text((6, pixels.shape[0] + 4 + 16 * index), line, fill="black")
-    labels = ["blurry", "restored", "sharp", "true kernel", "estimated kernel"]
+    labels = ["blurry", "restored", "sharp", "true kernel", estimate_label]
     for index, label in enumerate(labels):
         draw.text(((index % 3) * size + 4, (index // 3) * size + 4), label, fill="red")
     buffer = io.BytesIO()

@@ -18,6 +18,8 @@ from torch import Tensor
 from .checks import check_tensor
 from .png16 import encode_png16, png_bit_depth, read_png16
 
+MIN_SIDE = 8  # pixels: the smallest image side run() deblurs
+
 
 @dataclass(frozen=True)
 class LoadedImage:
@@ -100,7 +102,11 @@ def _decode(path: Path, name: str) -> tuple[np.ndarray, int, bytes | None]:
         with Image.open(path) as img:
             orientation, icc = _orientation(img), img.info.get("icc_profile")
             if png_bit_depth(path) == 16:
-                return read_png16(path), orientation, icc
+                try:
+                    return read_png16(path), orientation, icc
+                except ValueError as err:  # its messages name the file, not the argument
+                    raise ValueError(f"{name}: cannot read {path} as a 16-bit PNG ({err})") \
+                        from None
             img.load()
             return _pil_array(img, name), orientation, icc
     except Image.DecompressionBombError as err:
@@ -158,7 +164,7 @@ def _from_tensor(tensor: Tensor, name: str) -> Tensor:
     tensor = check_tensor(name, tensor, (3,))
     if tensor.shape[0] not in (1, 3):
         raise ValueError(f"{name} must be [C, H, W] with C = 1 or 3, got {tuple(tensor.shape)}")
-    if min(tensor.shape[-2:]) < 8:
+    if min(tensor.shape[-2:]) < MIN_SIDE:
         raise ValueError(f"{name} is too small to deblur: {tuple(tensor.shape[-2:])} pixels")
     low, high = float(tensor.min()), float(tensor.max())
     # Noisy synthetic data legitimately overshoots [0, 1] a little; 0..255 data does not fit.
@@ -243,10 +249,14 @@ def check_suffix(path: Path, suffixes: tuple[str, ...], option: str | None = Non
 
 
 def check_outputs(outputs: dict[str, str | None], suffixes: dict[str, tuple[str, ...]],
-                  inputs: tuple[str | None, ...] = ()) -> dict[str, Path]:
+                  inputs: tuple[str | None, ...] = (),
+                  shapes: dict[str, tuple[tuple[int, int, int], int]] | None = None
+                  ) -> dict[str, Path]:
     """Before any work: every output path (option → path) names a file that can be written — a
-    supported suffix, an existing writable folder, not a directory — and no two outputs, nor an
-    output and an input, are the same file. Returns the given ones as paths."""
+    supported suffix whose format takes the image it will hold (``shapes``: option → its
+    ``(C, H, W)`` and bits; 3×4×4 at 8 bits where not given), an existing writable folder, not
+    a directory — and no two outputs, nor an output and an input, are the same file. Returns
+    the given ones as paths."""
     given = {option: Path(path) for option, path in outputs.items() if path is not None}
     seen = {os.path.realpath(path): "the input" for path in inputs if path is not None}
     for option, path in given.items():
@@ -256,8 +266,9 @@ def check_outputs(outputs: dict[str, str | None], suffixes: dict[str, tuple[str,
             raise ValueError(f"{option}: {path} is a directory")
         check_suffix(path, suffixes[option], option)
         if path.suffix.lower() in image_suffixes():
-            try:  # some formats Pillow lists refuse RGB or need a plugin: find out now
-                encode_image(path, torch.zeros(3, 4, 4))
+            shape, bits = (shapes or {}).get(option, ((3, 4, 4), 8))
+            try:  # some formats refuse grey or RGB, large sizes, or need a plugin: find out now
+                encode_image(path, torch.zeros(shape), bits)
             except ValueError as err:
                 raise ValueError(f"{option}: {err}") from None
         if not folder.is_dir():
@@ -361,10 +372,11 @@ def read_kernel(path: str | os.PathLike, name: str = "kernel") -> Tensor:
         _check_file(path, name)
         try:
             array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, EOFError) as err:  # EOFError: an empty file
             raise ValueError(f"{name}: cannot read {path} as a .npy array ({err})") from None
-        if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
-            raise ValueError(f"{name}: {path} must hold a 2-D numeric array, got shape "
+        real = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+        if array.ndim != 2 or not real:
+            raise ValueError(f"{name}: {path} must hold a 2-D array of real numbers, got shape "
                              f"{array.shape} of {array.dtype}")
         return torch.from_numpy(array.astype(np.float64))
     array = _orient(*_decode(path, name)[:2])

@@ -38,6 +38,8 @@ def read_png16(path: Path) -> np.ndarray:
         if len(body) != length:
             raise ValueError(f"{path}: truncated PNG chunk {kind!r}")
         if kind == b"IHDR":
+            if length != 13:
+                raise ValueError(f"{path}: bad PNG header chunk (IHDR of {length} bytes, not 13)")
             header = struct.unpack(">IIBBBBB", body)
         elif kind == b"IDAT":
             idat.append(body)

@@ -72,8 +72,8 @@ def test_the_manifest_describes_the_program(traced):
 def _fake_package(folder, **changes):
     folder.mkdir()
     (folder / aot.STEP_FILE).write_bytes(b"not a program")
-    manifest = {"format": aot.FORMAT, "torch_version": torch.__version__, "device": "cpu",
-                "fastem_ops": "", **changes}
+    manifest = {**dict.fromkeys(aot.RUN_KEYS, 1), "format": aot.FORMAT,
+                "torch_version": torch.__version__, "device": "cpu", "fastem_ops": "", **changes}
     (folder / aot.MANIFEST_FILE).write_text(json.dumps(manifest))
     return folder
 
@@ -87,9 +87,14 @@ def test_load_package_refuses_bad_packages(tmp_path):
     assert f"made by torch 2.4.0+cpu; this is torch {torch.__version__}" in str(refused.value)
     release = aot.torch_release(torch.__version__)
     for build in (release + "+cu999", release + "a0+git1234", release):  # the release matches
-        with pytest.raises(Exception) as loading:  # past the version check: "not a program"
+        with pytest.raises(ValueError, match="bad package step program"):  # "not a program"
             aot.load_package(_fake_package(tmp_path / build, torch_version=build))
-        assert "made by torch" not in str(loading.value)
+    lacking = _fake_package(tmp_path / "lacking")
+    manifest = json.loads((lacking / aot.MANIFEST_FILE).read_text())
+    del manifest["restarts"], manifest["steps"]
+    (lacking / aot.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="restarts, steps missing"):
+        aot.load_package(lacking)
     for other in (aot.FORMAT - 1, aot.FORMAT + 1):  # older (guidance, re-centring) or newer
         with pytest.raises(ValueError, match=f"format is not {aot.FORMAT} .*export it again"):
             aot.load_package(_fake_package(tmp_path / f"format{other}", format=other))
@@ -174,6 +179,8 @@ def test_export_checks_its_arguments(tmp_path):
         aot.export(tmp_path, 32, 32, **SETTINGS)
     with pytest.raises(ValueError, match="kernel_size"):
         aot.export(tmp_path / "p", 16, 16, prior="gaussian", kernel_size=33)
+    with pytest.raises(ValueError, match=r"height must be \[8, "):  # run() takes no less
+        aot.export(tmp_path / "p", 7, 7, prior="gaussian", kernel_size=3)
     assert not (tmp_path / "p").exists()
 
 

@@ -130,6 +130,7 @@ def test_circular_boundary_keeps_the_grid():
         ({"blurry": torch.rand(3, 30, 30).to_sparse()}, "dense"),
         ({"sigma": 1e-300}, "sigma"),
         ({"method": "pigdm", "kernel": torch.tensor([[0.5, -0.2], [0.4, 0.3]])}, "negative"),
+        ({"method": "pigdm", "kernel": gaussian_kernel(7, 1.0)}, "disagrees with the given 7x7"),
         ({"prior": lambda x, t: None}, "must return eps"),
         ({"prior": lambda x, t: x[:, :1]}, "must return eps"),
         ({"prior": lambda x, t: x * float("nan")}, "NaN"),
@@ -182,6 +183,9 @@ def test_blur_kernels_are_normalised_in_float64_and_rounding_negatives_dropped()
     huge = gaussian_kernel(5, 1.0) * 1e38  # float32 sums it to inf
     result = run(_photo(), 0.02, method="pigdm", kernel=huge, **FAST)
     torch.testing.assert_close(result.kernel, gaussian_kernel(5, 1.0))
+    huger = torch.full((5, 5), 1e308, dtype=torch.float64)  # float64 sums it to inf
+    result = run(_photo(), 0.02, method="pigdm", kernel=huger, **FAST)
+    torch.testing.assert_close(result.kernel, torch.full((5, 5), 1 / 25))
     rounded = gaussian_kernel(5, 1.0)
     rounded[0, 0] = -1e-9
     result = run(_photo(), 0.02, method="pigdm", kernel=rounded, **FAST)

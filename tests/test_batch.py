@@ -375,8 +375,13 @@ def test_outputs_of_another_fastem_version_are_redone(tmp_path, monkeypatch, cou
     ({"tile_steps": "zero"}, "steps"),
     ({"fast": True, "full_diffusion": True}, "choose one"),
     ({"fast": "yes"}, "fast"),
+    ({"working_size": 32, "kernel_size": 9}, "at least 4 × kernel_size"),  # not only for fast
+    ({"max_batch": 1, "particles": 2}, "max_batch"),
+    ({"working_size": 100, "prior": "natural"}, "multiple of 16"),
 ])
 def test_large_photo_option_errors_raise_before_any_work(tmp_path, options, match):
+    """Settings that every image larger than the working size would fail on are errors of the
+    job (the photos here are small: no image would have taken the crops path)."""
     _photos(tmp_path / "in", 1)
     with pytest.raises(ValueError, match=match):
         run_batch([tmp_path / "in"], tmp_path / "out", **{**SETTINGS, **options})

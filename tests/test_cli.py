@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -56,7 +57,7 @@ def test_16bit_in_16bit_out(tmp_path):
     [
         (["--sigma", "0"], "sigma"),
         (["--sigma", "200"], "sigma"),
-        (["--kernel-size", "2"], "kernel_size"),
+        (["--kernel-size", "2"], "--kernel-size"),
         (["--particles", "0"], "particles"),
         (["--restarts", "0"], "restarts must be"),
         (["--sigma", "-5"], "got -5"),  # in the units typed, not -0.0196
@@ -86,7 +87,8 @@ def test_missing_unreadable_and_tiny_inputs(tmp_path, capsys):
                         ("dot.png", "too small")):
         assert main(["deblur", str(tmp_path / name), "-o", str(tmp_path / "o.png"), *FAST]) == 2
         assert match in capsys.readouterr().err
-    assert main(["deblur", str(tmp_path / "dot.png"), "-o", "/no/such/dir/o.png", *FAST]) == 2
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "small.png")
+    assert main(["deblur", str(tmp_path / "small.png"), "-o", "/no/such/dir/o.png", *FAST]) == 2
     assert "folder does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
 
@@ -96,6 +98,14 @@ def test_demo_writes_a_panel(tmp_path):
     assert main(["demo", "-o", str(out), "--size", "64", *FAST, "--kernel-size", "9"]) == 0
     width, height = Image.open(out).size
     assert width == 3 * 64 and height > 2 * 64
+
+
+def test_demo_of_a_non_blind_method_restores_with_the_true_kernel(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    assert main(["demo", "-o", str(out), "--size", "64", *FAST, "--kernel-size", "9",
+                 "--method", "pigdm"]) == 0
+    line = capsys.readouterr().out
+    assert float(line.split("kernel MSE ")[1].split(" ")[0]) < 1e-12 and out.exists()
 
 
 def test_console_entry_point_runs_without_traceback(tmp_path):
@@ -118,6 +128,8 @@ def test_outputs_are_checked_before_the_run(photo, tmp_path, capsys, monkeypatch
          "is also -o/--output"),
         (["-o", str(tmp_path / "o.txt")], "must end in one of"),
         (["-o", str(tmp_path / "o.bufr")], "unsupported image format"),  # listed, not writable
+        (["-o", str(tmp_path / "o.png"), "--kernel-out", str(tmp_path / "k.qoi")],
+         "unsupported image format"),  # QOI takes RGB, not a grey kernel
         (["-o", str(tmp_path / "o.png"), "--report", str(tmp_path / "nodir" / "r.json")],
          "folder does not exist"),
     ]
@@ -126,6 +138,48 @@ def test_outputs_are_checked_before_the_run(photo, tmp_path, capsys, monkeypatch
         err = capsys.readouterr().err
         assert match in err and "Traceback" not in err, err
     assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+def test_an_output_format_is_tried_with_the_size_and_bits_it_will_hold(tmp_path, capsys,
+                                                                      monkeypatch):
+    """WebP takes at most 16383 pixels a side: a wider photo is refused before the run."""
+    import fastem_ext.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "run", lambda *a, **k: calls.append(1))
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.full((16, 17000), 128, np.uint8)).save(wide)
+    assert main(["deblur", str(wide), "-o", str(tmp_path / "o.webp"), *FAST]) == 2
+    assert "WebP" in capsys.readouterr().err and calls == []
+
+
+def test_bad_kernel_files_exit_2_before_the_run(photo, tmp_path, capsys):
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.save(tmp_path / "complex.npy", np.ones((5, 5), complex))
+    np.save(tmp_path / "k5.npy", np.ones((5, 5)))
+    for name, extra, match in (("empty.npy", [], "cannot read"),
+                               ("complex.npy", [], "real numbers"),
+                               ("k5.npy", ["--kernel-size", "9"], "disagrees with the given 5x5")):
+        out = tmp_path / "o.png"
+        assert main(["deblur", str(photo), "-o", str(out), "--method", "pigdm", "--kernel",
+                     str(tmp_path / name), *FAST[:4], *extra, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastem: error:") and match in err and "Traceback" not in err
+        assert not out.exists()
+
+
+def test_a_corrupt_16bit_png_header_is_an_input_error(tmp_path, capsys):
+    """An IHDR chunk longer than 13 bytes (Pillow opens it) used to crash the 16-bit reader."""
+    data = bytearray(encode_png16(np.zeros((16, 16, 3), np.uint16)))
+    ihdr = 8  # the first chunk: length, type, 13 bytes, CRC
+    body = bytes(data[ihdr + 8:ihdr + 21]) + b"\0"
+    chunk = len(body).to_bytes(4, "big") + b"IHDR" + body
+    chunk += zlib.crc32(b"IHDR" + body).to_bytes(4, "big")
+    path = tmp_path / "bad16.png"
+    path.write_bytes(bytes(data[:ihdr]) + chunk + bytes(data[ihdr + 25:]))
+    assert main(["deblur", str(path), "-o", str(tmp_path / "o.png"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "input: cannot read" in err and "IHDR" in err and "Traceback" not in err
 
 
 def test_a_failing_run_writes_no_output(photo, tmp_path, capsys, monkeypatch):
@@ -155,6 +209,8 @@ def test_nonblind_kernel_from_a_file(photo, tmp_path):
 def test_demo_checks_its_options_first(tmp_path, capsys):
     for options, match in ((["-o", str(tmp_path / "x.txt")], "must end in one of"),
                            (["--kernel-size", "0"], "--kernel-size"),
+                           (["--seed", str(2**64 - 1)], "--seed must be"),
+                           (["--kernel-seed", "-1"], "--kernel-seed must be"),
                            (["--size", "64", "--kernel-size", "40"], "--kernel-size")):
         assert main(["demo", *options, "--quiet"]) == 2
         assert match in capsys.readouterr().err
