@@ -12,6 +12,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -92,8 +93,17 @@ def _large_photos(parser: argparse.ArgumentParser) -> None:
                        help="one diffusion run over the whole photo, whatever its size")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as every other error of the command: one line, ``fastem:
+    error: …`` (printed by ``main``), exit status 2. Its sub-commands' parsers are of this
+    class too (``add_subparsers`` makes them so)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastem", description=DESCRIPTION,
+    parser = _Parser(prog="fastem", description=DESCRIPTION,
                                      epilog="Exit codes: 0 done, 2 bad input or failed run, "
                                      f"{SOME_FAILED} batch finished with failed images, 130 "
                                      "interrupted; nothing partial is ever written.")

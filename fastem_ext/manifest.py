@@ -27,6 +27,7 @@ MANIFEST = "manifest.jsonl"
 RANK_PATTERN = "manifest.rank*.jsonl"
 RECORD_KEYS = ("input", "sha256", "settings", "status", "sigma", "sigma_estimated", "output",
                "kernel", "seconds", "error", "rank", "finished")
+TEXT_KEYS = ("input", "sha256", "settings", "status", "output", "kernel", "error")  # or None
 
 
 def rank_manifest(out_dir: Path, rank: int, world_size: int) -> Path:
@@ -118,6 +119,8 @@ def _parse(line: str) -> dict | None:
         return None
     if not isinstance(record, dict) or set(record) != set(RECORD_KEYS):
         return None
-    if not isinstance(record["finished"], (int, float)):
+    if not isinstance(record["finished"], (int, float)) or isinstance(record["finished"], bool):
         return None
+    if any(record[key] is not None and not isinstance(record[key], str) for key in TEXT_KEYS):
+        return None  # a hand-edited line: the job reads names and hashes from these
     return record

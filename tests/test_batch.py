@@ -118,8 +118,9 @@ def test_interrupted_job_resumes_without_duplicates_or_losses(tmp_path, counting
     first = read_records(out)
     assert len(first) == 2 and all(r["status"] == "ok" for r in first)
     assert len(_files(out)) == 1 + 2 * 2  # the manifest and two finished images, nothing partial
-    with open(out / "manifest.jsonl", "a") as handle:  # a writer killed mid-line
-        handle.write('{"input": "in/p9.png", "sha2')
+    edited = dict(first[0], output=5, sha256="edited")  # a hand-edited line: names must be text
+    with open(out / "manifest.jsonl", "a") as handle:  # and a writer killed mid-line
+        handle.write(json.dumps(edited) + "\n" + '{"input": "in/p9.png", "sha2')
     counter = counting_run()
     result = run_batch([tmp_path / "in"], out, **SETTINGS)
     assert counter.calls == 3 and (result.processed, result.skipped) == (3, 2)
@@ -205,9 +206,10 @@ def test_job_errors_raise_before_any_work(tmp_path, monkeypatch, inputs, options
 
 
 def test_the_command_offers_only_blind_methods(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["batch", str(tmp_path), "-o", str(tmp_path / "out"), "--method", "pigdm"])
-    assert exit_info.value.code == 2 and "invalid choice: 'pigdm'" in capsys.readouterr().err
+    assert main(["batch", str(tmp_path), "-o", str(tmp_path / "out"), "--method", "pigdm"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastem: error: argument --method: invalid choice: 'pigdm'")
+    assert err.count("\n") == 1 and "see fastem batch --help" in err  # one line, no usage
 
 
 def test_output_folder_errors(tmp_path, capsys):
