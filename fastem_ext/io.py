@@ -193,9 +193,10 @@ def kernel_suffixes() -> tuple[str, ...]:
 def encode_image(path: str | os.PathLike, image: Tensor, bits: int = 8,
                  icc: bytes | None = None) -> bytes:
     """``[C, H, W]`` in [0, 1] as the bytes of an image file of ``path``'s format; PNG may be
-    16-bit, the other formats are 8-bit (Pillow). ``icc``: a colour profile to embed (where the
-    format has a place for one), dropped unless its colour space is the image's (a CMYK photo's
-    profile does not describe the RGB result)."""
+    16-bit, and TIFF when grey (Pillow writes no 16-bit colour TIFF); the others are 8-bit.
+    ``icc``: a colour profile to embed (where the format has a place for one), dropped unless
+    its colour space is the image's (a CMYK photo's profile does not describe the RGB
+    result)."""
     path = Path(path)
     check_suffix(path, image_suffixes())
     array = image.detach().float().clamp(0, 1).cpu().numpy().transpose(1, 2, 0)
@@ -204,8 +205,11 @@ def encode_image(path: str | os.PathLike, image: Tensor, bits: int = 8,
         return encode_png16(np.round(array * 65535).astype(np.uint16), icc)
     from PIL import Image
 
-    pixels = np.round(array * 255).astype(np.uint8)
-    pil = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+    if bits == 16 and array.shape[2] == 1 and path.suffix.lower() in (".tif", ".tiff"):
+        pil = Image.fromarray(np.round(array[:, :, 0] * 65535).astype(np.uint16))  # I;16
+    else:
+        pixels = np.round(array * 255).astype(np.uint8)
+        pil = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
     buffer = io.BytesIO()
     try:
         pil.save(buffer, format=Image.registered_extensions()[path.suffix.lower()],

@@ -50,6 +50,12 @@ def test_16bit_in_16bit_out(tmp_path):
     src.write_bytes(encode_png16(pixels))
     assert main(["deblur", str(src), "-o", str(out), *FAST]) == 0
     assert read_png16(out).shape == (20, 22, 3)
+    grey, grey_out = tmp_path / "in16.tif", tmp_path / "out16.tif"
+    Image.fromarray(pixels[:, :, 0]).save(grey)  # I;16: a 16-bit grey TIFF, written as one
+    assert main(["deblur", str(grey), "-o", str(grey_out), *FAST]) == 0
+    with Image.open(grey_out) as written:
+        assert written.mode == "I;16" and written.size == (22, 20)
+        assert np.any(np.array(written) % 257)  # not 8-bit values scaled up
 
 
 @pytest.mark.parametrize(
