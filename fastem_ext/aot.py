@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from .api import (
+    DEFAULT_KERNEL_SIZE,
     DEFAULT_STEPS,
     MAX_GUIDANCE_SCALE,
     MAX_PARTICLES,
@@ -82,7 +83,7 @@ from .noise import MIN_SIGMA, estimate_noise
 from .observation import Observation
 from .physics import initial_kernel
 from .priors import load_prior
-from .restarts import keep_least, total_variation
+from .restarts import SEEDS, keep_least, total_variation
 from .schedule import R2_RULES, Schedule, to_image
 from .step import StepConfig, plan_step, step_with_noise
 
@@ -121,8 +122,9 @@ class ExportSettings:
 
 def export(path: str | os.PathLike, height: int, width: int, *, prior: str = "natural",
            method: str = "fastem-pigdm", particles: int = 1, steps: str | int | None = None,
-           kernel_size: int = 33, boundary: str = "valid", regularizer: str = "pnp",
-           r2: str = "reference", guidance_scale: float = 1.0, restarts: int | None = None,
+           kernel_size: int = DEFAULT_KERNEL_SIZE, boundary: str = "valid",
+           regularizer: str = "pnp", r2: str = "reference", guidance_scale: float = 1.0,
+           restarts: int | None = None,
            device: str | torch.device | None = "cpu") -> dict[str, Any]:
     """Compile a package for photos of ``height × width`` pixels into the new folder ``path``.
 
@@ -168,10 +170,10 @@ def export(path: str | os.PathLike, height: int, width: int, *, prior: str = "na
 
 
 def trace(height: int, width: int, *, prior: str = "natural", method: str = "fastem-pigdm",
-          particles: int = 1, steps: str | int | None = None, kernel_size: int = 33,
-          boundary: str = "valid", regularizer: str = "pnp", r2: str = "reference",
-          guidance_scale: float = 1.0, restarts: int | None = None,
-          device: str | torch.device | None = "cpu",
+          particles: int = 1, steps: str | int | None = None,
+          kernel_size: int = DEFAULT_KERNEL_SIZE, boundary: str = "valid",
+          regularizer: str = "pnp", r2: str = "reference", guidance_scale: float = 1.0,
+          restarts: int | None = None, device: str | torch.device | None = "cpu",
           ) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
     """The step program, exported but not compiled, and its manifest (``export``'s arguments).
     ``Package(manifest, program.module())`` runs it uncompiled, in seconds."""
@@ -303,6 +305,11 @@ RUN_KEYS = frozenset({"device", "fastem_ops", "height", "width", "grid_height", 
                       "steps", "guidance_scale", "restarts"})
 
 
+COUNT_KEYS = {"height": MIN_SIDE, "width": MIN_SIDE, "grid_height": MIN_SIDE,
+              "grid_width": MIN_SIDE, "top": 0, "left": 0, "kernel_size": 1, "particles": 1,
+              "steps": 1, "restarts": 1}
+
+
 def load_package(path: str | os.PathLike) -> Package:
     """Load the package folder ``path`` (``export``'s output) on its device.
 
@@ -328,6 +335,11 @@ def load_package(path: str | os.PathLike) -> Package:
     missing = sorted(RUN_KEYS - manifest.keys())
     if missing:
         raise ValueError(f"bad package manifest {manifest_path}: {', '.join(missing)} missing")
+    for key, least in COUNT_KEYS.items():  # as the C++ API checks them
+        value = manifest[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"bad package manifest {manifest_path}: {key} must be an integer "
+                             f"of at least {least}, got {value!r}")
     resolve_device(manifest["device"])
     if manifest["fastem_ops"]:  # the program calls them by name
         from .ops import _backend
@@ -361,7 +373,7 @@ class Package:
         if tuple(image.shape[-2:]) != (m["height"], m["width"]):
             raise ValueError(f"blurry is {image.shape[-2]}x{image.shape[-1]}; the package is "
                              f"for {m['height']}x{m['width']} photos")
-        seed = check_int("seed", seed, low=0, high=2**63 - 1)
+        seed = check_int("seed", seed, low=0, high=SEEDS - 1)
         estimated = sigma is None
         sigma = check_sigma("estimated noise level (pass sigma=)" if estimated else "sigma",
                             estimate_noise(image) if estimated else sigma)

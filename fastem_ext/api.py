@@ -31,7 +31,14 @@ from .photo import crop_window, estimate_on_crops, restore_tiles, tile_plan
 from .physics import blur_spectrum, initial_kernel, psf2otf
 from .priors import Prior, load_prior
 from .progress import StepProgress
-from .restarts import MAX_RESTARTS, Diverged, default_restarts, keep_least, total_variation
+from .restarts import (
+    MAX_RESTARTS,
+    SEEDS,
+    Diverged,
+    default_restarts,
+    keep_least,
+    total_variation,
+)
 from .samplers import Runner, SamplerOutput, StepCallback, diffusion_em, fast_em, nonblind, sample
 from .schedule import Schedule
 
@@ -104,7 +111,9 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     restart whose restored frame (on the crops path: crops) has the least total variation
     (module ``restarts``; ``info["restarts"]`` gives every restart's seed and score and which
     was kept, ``None`` for non-blind methods); the callback sees every restart's steps, ``i``
-    counting down again at each.
+    counting down again at each. A restart that diverges (NaN or inf) is left out with a
+    ``RestartsDiverged`` warning (its score ``None``, its index in ``info["restarts"]
+    ["diverged"]``); ``Diverged`` is raised when every restart did.
 
     A photo larger than ``working_size`` (pixels, default 256) on either side takes the crops
     path (``photo``): the blind method runs on its ``crops`` most informative windows as one
@@ -127,7 +136,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     regularizer = check_choice("regularizer", regularizer, REGULARIZERS)
     particles = check_int("particles", particles, low=1, high=MAX_PARTICLES)
     rounds = check_int("rounds", rounds, low=1, high=MAX_ROUNDS)
-    seed = check_int("seed", seed, low=0, high=2**63 - 1)
+    seed = check_int("seed", seed, low=0, high=SEEDS - 1)
     guidance_scale = check_positive("guidance_scale", guidance_scale, high=MAX_GUIDANCE_SCALE)
     if kernel is not None:
         kernel = check_kernel("kernel", kernel, blur=True).float().cpu()
@@ -138,8 +147,8 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     elif method not in BLIND:
         raise ValueError(f"method {method!r} is non-blind: pass kernel= (a [K, K] tensor)")
     restarts = check_restarts(restarts, method)
-    kernel_size = check_kernel_size("kernel_size", DEFAULT_KERNEL_SIZE if kernel_size is None
-                                    else kernel_size, tuple(image.shape[-2:]))
+    kernel_size = check_kernel_size("kernel_size", kernel_size_or_default(kernel_size),
+                                    tuple(image.shape[-2:]))
     estimated = sigma is None
     sigma = check_sigma("estimated noise level (pass sigma=)" if estimated else "sigma",
                         estimate_noise(image) if estimated else sigma)
@@ -406,6 +415,11 @@ def check_crops_path(method: str, kernel_size: int, working_size: int, crops: in
         raise ValueError(f"max_batch (--max-batch) must hold the {'crops × ' if blind else ''}"
                          f"particles of one network call ({needed}), got {max_batch}; raise it "
                          f"or lower {'crops (--crops) or ' if blind else ''}particles")
+
+
+def kernel_size_or_default(kernel_size: int | None) -> int:
+    """``run()``'s kernel size when none is given: ``DEFAULT_KERNEL_SIZE``."""
+    return DEFAULT_KERNEL_SIZE if kernel_size is None else kernel_size
 
 
 def check_working_multiple(working_size: int, net_prior: Prior) -> None:

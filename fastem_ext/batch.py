@@ -22,6 +22,7 @@ import torch
 
 from .api import (
     BLIND,
+    DEFAULT_KERNEL_SIZE,
     DEFAULT_STEPS,
     MAX_CROPS,
     MAX_PARTICLES,
@@ -49,6 +50,7 @@ from .manifest import (
 )
 from .mstep import REGULARIZERS
 from .priors import Prior, load_prior
+from .restarts import SEEDS
 from .schedule import Schedule
 
 IMAGE_ERRORS = (ValueError, RuntimeError, OSError)  # one image fails; the job goes on
@@ -78,7 +80,7 @@ class BatchResult:
 def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
               sigma: float | None = None, *, method: str = "fastem-pigdm",
               prior: object = "natural", particles: int = 1, steps: str | int | None = None,
-              kernel_size: int = 33, seed: int = 0, restarts: int | None = None,
+              kernel_size: int = DEFAULT_KERNEL_SIZE, seed: int = 0, restarts: int | None = None,
               device: str | None = None, boundary: str = "valid", regularizer: str = "pnp",
               working_size: int = 256,
               crops: int = 3, max_batch: int | None = None, tile_steps: str | int | None = None,
@@ -104,7 +106,7 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
         "particles": check_int("particles", particles, low=1, high=MAX_PARTICLES),
         "steps": str(DEFAULT_STEPS[method] if steps is None else steps),
         "kernel_size": check_int("kernel_size", kernel_size, low=3),
-        "seed": check_int("seed", seed, low=0, high=2**63 - 1),
+        "seed": check_int("seed", seed, low=0, high=SEEDS - 1),
         "restarts": check_restarts(restarts, method),
         "boundary": check_choice("boundary", boundary, BOUNDARIES),
         "regularizer": check_choice("regularizer", regularizer, REGULARIZERS),
@@ -126,17 +128,17 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
     if settings["boundary"] == "valid" and not full_diffusion:  # any image may take it
         check_crops_path(method, settings["kernel_size"], settings["working_size"],
                          settings["crops"], settings["particles"], settings["max_batch"], fast)
-    out_dir = _prepare_out_dir(out_dir)
     ranks = ranks_from_env()
     device = resolve_device(rank_device(device, ranks))
     with ProcessGroup(ranks, device) as group:
+        net_prior = load_prior(prior, device)  # every rank: its errors are the same on each
+        if settings["boundary"] == "valid" and not full_diffusion:
+            check_working_multiple(settings["working_size"], net_prior)
+        out_dir = _prepare_out_dir(out_dir)
         plan = group.broadcast(_plan(inputs, out_dir) if ranks.rank == 0 else None)
         if isinstance(plan, str):
             raise ValueError(plan)
         items, duplicates = plan
-        net_prior = load_prior(prior, device)
-        if settings["boundary"] == "valid" and not full_diffusion:
-            check_working_multiple(settings["working_size"], net_prior)
         settings["prior"] = _prior_identity(prior, net_prior)
         job = _Job(out_dir, settings, settings_hash(settings), ranks, str(device), net_prior)
         mine = [item for item in items if item.shard(ranks.world_size) == ranks.rank]

@@ -8,18 +8,20 @@ manifest), 130 interrupted (Ctrl-C; nothing partial written)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
 import torch
 
-from .aot import EXPORT_METHODS
-from .api import BLIND, DEFAULT_KERNEL_SIZE, METHODS, run
+from .aot import EXPORT_METHODS, WholeImageWarning
+from .api import BLIND, DEFAULT_KERNEL_SIZE, METHODS, kernel_size_or_default, run
 from .boundary import BOUNDARIES
-from .checks import LEAST_SIGMA, MAX_SIGMA, check_int, check_kernel_size
+from .checks import LEAST_SIGMA, MAX_SIGMA, check_int, check_kernel, check_kernel_size
 from .hardware import default_threads
 from .io import (
     check_outputs,
@@ -33,13 +35,16 @@ from .io import (
     read_kernel,
 )
 from .mstep import REGULARIZERS
+from .restarts import RestartsDiverged
 
 SOME_FAILED = 3  # exit status of a batch job that finished with failed images
 DESCRIPTION = ("Blind deblurring with a diffusion prior (Fast Diffusion EM): estimate the "
                "camera-shake kernel of a blurry photo and restore it.")
 
 
-def _common(parser: argparse.ArgumentParser, methods: tuple[str, ...] = METHODS) -> None:
+def _common(parser: argparse.ArgumentParser, methods: tuple[str, ...] = METHODS,
+            kernel_option: bool = False) -> None:
+    """The options every command shares (``kernel_option``: the command has ``--kernel``)."""
     parser.add_argument("--method", choices=methods, default="fastem-pigdm",
                         help="fastem-pigdm (default), fastem-dps, diffem-pigdm (blind)"
                         + (", or the non-blind pigdm / dps, which need --kernel"
@@ -52,7 +57,7 @@ def _common(parser: argparse.ArgumentParser, methods: tuple[str, ...] = METHODS)
     parser.add_argument("--kernel-size", type=int, default=None,
                         help=f"size K of the K×K kernel to estimate, in pixels (default "
                         f"{DEFAULT_KERNEL_SIZE}" + ("; with --kernel, its size)"
-                                                    if "pigdm" in methods else ")"))
+                                                    if kernel_option else ")"))
     parser.add_argument("--regularizer", choices=REGULARIZERS, default="pnp",
                         help="the kernel prior of the M-step (default pnp: the bundled "
                         "kernel denoiser)")
@@ -128,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="valid (default: real photos, no wrap-around) or circular "
                         "(synthetic data blurred circularly)")
     _large_photos(deblur)
-    _common(deblur)
+    _common(deblur, kernel_option=True)
     batch = commands.add_parser(
         "batch", help="deblur many photos into a folder: resumable, runs under torchrun",
         description="Deblur every image of the inputs into OUT_DIR (x.jpg -> x.png and "
@@ -193,6 +198,26 @@ def _size(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+@contextlib.contextmanager
+def _one_line_warnings(*categories: type[Warning]) -> Iterator[None]:
+    """The project's own warnings (``categories``) as one line each, ``fastem: warning: …``,
+    as the command's errors, every time (a batch job warns per image); others as Python
+    shows them."""
+    with warnings.catch_warnings():
+        for category in categories:
+            warnings.simplefilter("always", category)
+        shown = warnings.showwarning
+
+        def show(message, category, *args, **kwargs):
+            if issubclass(category, categories):
+                print(f"fastem: warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     args = None
     try:
@@ -200,16 +225,17 @@ def main(argv: list[str] | None = None) -> int:
         threads = default_threads() if args.threads is None else args.threads
         if threads is not None:
             torch.set_num_threads(check_int("--threads", threads, low=1, high=1024))
-        if args.command == "deblur":
-            _deblur(args)
-        elif args.command == "batch":
-            return _batch(args)
-        elif args.command == "export":
-            _export(args)
-        else:
-            from .demo import run_demo
+        with _one_line_warnings(WholeImageWarning, RestartsDiverged):
+            if args.command == "deblur":
+                _deblur(args)
+            elif args.command == "batch":
+                return _batch(args)
+            elif args.command == "export":
+                _export(args)
+            else:
+                from .demo import run_demo
 
-            print(run_demo(args))
+                print(run_demo(args))
     except (ValueError, RuntimeError, OSError) as err:
         print(f"fastem: error: {err}", file=sys.stderr)
         return 2
@@ -223,16 +249,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _kernel_size(args: argparse.Namespace) -> int:
-    return DEFAULT_KERNEL_SIZE if args.kernel_size is None else args.kernel_size
-
-
 def _deblur(args: argparse.Namespace) -> None:
     sigma = _sigma(args.sigma)
     loaded = load_image(args.input, name="input")
-    kernel = None if args.kernel is None else read_kernel(args.kernel, "--kernel")
-    size = (check_kernel_size("--kernel-size", _kernel_size(args), loaded.image.shape[-2:])
-            if kernel is None else kernel.shape[-1])
+    if args.kernel is None:
+        kernel = None
+        size = check_kernel_size("--kernel-size", kernel_size_or_default(args.kernel_size),
+                                 loaded.image.shape[-2:])
+    else:
+        kernel = check_kernel("--kernel", read_kernel(args.kernel, "--kernel"), blur=True)
+        size = len(kernel)
+        if args.kernel_size not in (None, size):
+            raise ValueError(f"--kernel-size {args.kernel_size} disagrees with the {size}x{size} "
+                             "--kernel (leave --kernel-size out)")
     image = (tuple(loaded.image.shape), loaded.bits)  # what each output will hold
     outputs = check_outputs(
         {"-o/--output": args.output, "--mean-out": args.mean_out,
@@ -290,7 +319,7 @@ def _batch(args: argparse.Namespace) -> int:
 
     result = run_batch(args.inputs, args.output_dir, _sigma(args.sigma), method=args.method,
                        prior=args.prior, particles=args.particles, steps=args.steps,
-                       kernel_size=_kernel_size(args), seed=args.seed,
+                       kernel_size=kernel_size_or_default(args.kernel_size), seed=args.seed,
                        restarts=args.restarts, device=args.device, boundary=args.boundary,
                        regularizer=args.regularizer,
                        working_size=args.working_size, crops=args.crops,
@@ -313,24 +342,14 @@ def _batch(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .aot import WholeImageWarning, export
+    from .aot import export
 
     height, width = _size(args.size)
-    with warnings.catch_warnings():  # export's own warning as one line, as the CLI's errors
-        shown = warnings.showwarning
-
-        def show(message, category, *args, **kwargs):
-            if issubclass(category, WholeImageWarning):
-                print(f"fastem: warning: {message}", file=sys.stderr)
-            else:
-                shown(message, category, *args, **kwargs)
-
-        warnings.showwarning = show
-        manifest = export(args.output, height, width, prior=args.prior, method=args.method,
-                          particles=args.particles, steps=args.steps,
-                          kernel_size=args.kernel_size, boundary=args.boundary,
-                          regularizer=args.regularizer, restarts=args.restarts,
-                          device=args.device)
+    manifest = export(args.output, height, width, prior=args.prior, method=args.method,
+                      particles=args.particles, steps=args.steps,
+                      kernel_size=args.kernel_size, boundary=args.boundary,
+                      regularizer=args.regularizer, restarts=args.restarts,
+                      device=args.device)
     megabytes = sum(f.stat().st_size for f in Path(args.output).iterdir()) / 1e6
     print(f"{args.output}: {manifest['method']}, prior {manifest['prior']}, {height}x{width}, "
           f"{manifest['restarts']} × {manifest['steps']} steps, {manifest['device']}: "

@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .api import BLIND, DEFAULT_KERNEL_SIZE, run
+from .api import BLIND, kernel_size_or_default, run
 from .checks import check_int
 from .io import atomic_write, center_crop, check_outputs, kernel_tile, load_image
 from .metrics import kernel_mse, psnr
-from .motion import motion_kernel
+from .motion import SEED_LIMIT, motion_kernel
 from .physics import blur
+from .restarts import SEEDS
 
 
 def sample_image(size: int = 256, seed: int = 0) -> Tensor:
@@ -47,10 +48,10 @@ def sample_image(size: int = 256, seed: int = 0) -> Tensor:
 def run_demo(args: argparse.Namespace) -> str:
     """Run the demo described by the CLI arguments; returns a one-line summary."""
     size = check_int("--size", args.size, low=64, high=4096)
-    kernel_size = check_int("--kernel-size", DEFAULT_KERNEL_SIZE if args.kernel_size is None
-                            else args.kernel_size, low=9, high=min(128, size // 2))
-    seed = check_int("--seed", args.seed, low=0, high=2**63 - 1)
-    kernel_seed = check_int("--kernel-seed", args.kernel_seed, low=0, high=2**63 - 1)
+    kernel_size = check_int("--kernel-size", kernel_size_or_default(args.kernel_size), low=9,
+                            high=min(128, size // 2))
+    seed = check_int("--seed", args.seed, low=0, high=SEEDS - 1)
+    kernel_seed = check_int("--kernel-seed", args.kernel_seed, low=0, high=SEED_LIMIT - 1)
     output = check_outputs({"-o/--output": args.output}, {"-o/--output": (".png",)},
                            (args.image,))["-o/--output"]
     if args.image is None:
@@ -67,7 +68,7 @@ def run_demo(args: argparse.Namespace) -> str:
     low, high = kernel_size // 2, (kernel_size - 1) // 2  # K − 1 in all: the frame's size back
     extended = F.pad(sharp[None], (low, high, low, high), mode="reflect")[0]
     noise = torch.randn(sharp.shape,
-                        generator=torch.Generator().manual_seed((seed + 1) % 2**63))
+                        generator=torch.Generator().manual_seed((seed + 1) % SEEDS))
     blurry = (blur(extended, kernel, "valid") + args.noise / 255 * noise).clamp(0, 1)
     blind = args.method in BLIND  # a non-blind method restores with the true kernel
     result = run(blurry, sigma, method=args.method, prior=args.prior, particles=args.particles,

@@ -123,4 +123,6 @@ def _parse(line: str) -> dict | None:
         return None
     if any(record[key] is not None and not isinstance(record[key], str) for key in TEXT_KEYS):
         return None  # a hand-edited line: the job reads names and hashes from these
+    if record["status"] == "ok" and not (record["output"] and record["kernel"]):
+        return None  # a finished image has both files
     return record

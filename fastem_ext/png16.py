@@ -27,19 +27,20 @@ def png_bit_depth(path: Path) -> int | None:
 
 
 def read_png16(path: Path) -> np.ndarray:
-    """Decode a 16-bit PNG to ``uint16 [H, W, C]`` (alpha kept; the caller drops it)."""
+    """Decode a 16-bit PNG to ``uint16 [H, W, C]`` (alpha kept; the caller drops it);
+    ``ValueError`` says what is wrong with the file (the caller names it)."""
     data = Path(path).read_bytes()
     if data[:8] != SIGNATURE:
-        raise ValueError(f"{path} is not a PNG file")
+        raise ValueError("not a PNG file")
     pos, header, idat = 8, None, []
     while pos + 8 <= len(data):
         length, kind = struct.unpack(">I4s", data[pos : pos + 8])
         body = data[pos + 8 : pos + 8 + length]
         if len(body) != length:
-            raise ValueError(f"{path}: truncated PNG chunk {kind!r}")
+            raise ValueError(f"truncated PNG chunk {kind!r}")
         if kind == b"IHDR":
             if length != 13:
-                raise ValueError(f"{path}: bad PNG header chunk (IHDR of {length} bytes, not 13)")
+                raise ValueError(f"bad PNG header chunk (IHDR of {length} bytes, not 13)")
             header = struct.unpack(">IIBBBBB", body)
         elif kind == b"IDAT":
             idat.append(body)
@@ -47,25 +48,25 @@ def read_png16(path: Path) -> np.ndarray:
             break
         pos += 12 + length
     if header is None or not idat:
-        raise ValueError(f"{path}: PNG without IHDR or IDAT")
+        raise ValueError("PNG without IHDR or IDAT")
     width, height, depth, colour, _, _, interlace = header
     if depth != 16 or colour not in CHANNELS:
-        raise ValueError(f"{path}: not a 16-bit grey/RGB PNG (depth {depth}, colour {colour})")
+        raise ValueError(f"not a 16-bit grey/RGB PNG (depth {depth}, colour {colour})")
     if interlace:
-        raise ValueError(f"{path}: interlaced 16-bit PNGs are not supported; re-save without")
+        raise ValueError("interlaced 16-bit PNGs are not supported; re-save without")
     if width < 1 or height < 1:
-        raise ValueError(f"{path}: empty image")
+        raise ValueError("empty image")
     if width * height > MAX_PIXELS:
-        raise ValueError(f"{path}: {width}x{height} pixels is more than the {MAX_PIXELS} this "
+        raise ValueError(f"{width}x{height} pixels is more than the {MAX_PIXELS} this "
                          "reader decodes (Pillow's bound for 8-bit images)")
     bpp = 2 * CHANNELS[colour]
     stride = width * bpp
     try:  # never inflate more than the header announces (a compression bomb stops here)
         raw = zlib.decompressobj().decompress(b"".join(idat), height * (stride + 1) + 1)
     except zlib.error as err:
-        raise ValueError(f"{path}: corrupt PNG data ({err})") from None
+        raise ValueError(f"corrupt PNG data ({err})") from None
     if len(raw) != height * (stride + 1):
-        raise ValueError(f"{path}: PNG data has the wrong length")
+        raise ValueError("PNG data has the wrong length")
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, stride + 1)
     pixels = _unfilter(rows, bpp)
     return pixels.view(">u2").reshape(height, width, CHANNELS[colour]).astype(np.uint16)

@@ -39,6 +39,10 @@ class Diverged(RuntimeError):
     """A run's result holds NaN or inf (its prior, guidance or M-step diverged)."""
 
 
+class RestartsDiverged(RuntimeWarning):
+    """Some restarts of a run diverged and were left out; the others competed."""
+
+
 def default_restarts(method: str) -> int:
     """The restarts ``method`` runs unless told otherwise."""
     return DEFAULT_RESTARTS.get(method, 1)
@@ -58,6 +62,8 @@ def keep_least(seed: int, count: int,
     the end names them); when every restart diverged, ``Diverged`` is raised (a single
     restart's own error as it is). Returns the kept result and ``info["restarts"]``: how many
     ran, their seeds and scores, which diverged and which was kept."""
+    if count < 1:
+        raise ValueError(f"restarts must be at least 1, got {count}")
     seeds = [restart_seed(seed, index, count) for index in range(count)]
     scores: list[float | None] = []
     diverged: list[int] = []
@@ -84,7 +90,7 @@ def keep_least(seed: int, count: int,
             from first_error
     if diverged:
         warnings.warn(f"restarts {diverged} of {count} diverged and were left out (the first: "
-                      f"{first_error})", RuntimeWarning, stacklevel=2)
+                      f"{first_error})", RestartsDiverged, stacklevel=2)
     return best, {"count": count, "kept": kept, "seeds": seeds, "total_variation": scores,
                   "diverged": diverged}
 

@@ -6,6 +6,7 @@ exported program runs uncompiled (``Package(manifest, program.module())``).
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -72,7 +73,7 @@ def test_the_manifest_describes_the_program(traced):
 def _fake_package(folder, **changes):
     folder.mkdir()
     (folder / aot.STEP_FILE).write_bytes(b"not a program")
-    manifest = {**dict.fromkeys(aot.RUN_KEYS, 1), "format": aot.FORMAT,
+    manifest = {**dict.fromkeys(aot.RUN_KEYS, 8), "format": aot.FORMAT,
                 "torch_version": torch.__version__, "device": "cpu", "fastem_ops": "", **changes}
     (folder / aot.MANIFEST_FILE).write_text(json.dumps(manifest))
     return folder
@@ -95,6 +96,10 @@ def test_load_package_refuses_bad_packages(tmp_path):
     (lacking / aot.MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="restarts, steps missing"):
         aot.load_package(lacking)
+    for bad in (0, 2.0, True, "3"):
+        with pytest.raises(ValueError, match=f"restarts must be an integer of at least 1, got "
+                                             f"{re.escape(repr(bad))}"):
+            aot.load_package(_fake_package(tmp_path / f"restarts{bad!r}", restarts=bad))
     for other in (aot.FORMAT - 1, aot.FORMAT + 1):  # older (guidance, re-centring) or newer
         with pytest.raises(ValueError, match=f"format is not {aot.FORMAT} .*export it again"):
             aot.load_package(_fake_package(tmp_path / f"format{other}", format=other))

@@ -163,9 +163,12 @@ def test_bad_kernel_files_exit_2_before_the_run(photo, tmp_path, capsys):
     (tmp_path / "empty.npy").write_bytes(b"")
     np.save(tmp_path / "complex.npy", np.ones((5, 5), complex))
     np.save(tmp_path / "k5.npy", np.ones((5, 5)))
+    np.save(tmp_path / "k0.npy", np.ones((0, 0)))
     for name, extra, match in (("empty.npy", [], "cannot read"),
                                ("complex.npy", [], "real numbers"),
-                               ("k5.npy", ["--kernel-size", "9"], "disagrees with the given 5x5")):
+                               ("k0.npy", ["--kernel-out", "k.tif"], "--kernel is empty"),
+                               ("k5.npy", ["--kernel-size", "9"],
+                                "--kernel-size 9 disagrees with the 5x5")):
         out = tmp_path / "o.png"
         assert main(["deblur", str(photo), "-o", str(out), "--method", "pigdm", "--kernel",
                      str(tmp_path / name), *FAST[:4], *extra, "--quiet"]) == 2
@@ -186,6 +189,25 @@ def test_a_corrupt_16bit_png_header_is_an_input_error(tmp_path, capsys):
     assert main(["deblur", str(path), "-o", str(tmp_path / "o.png"), *FAST]) == 2
     err = capsys.readouterr().err
     assert "input: cannot read" in err and "IHDR" in err and "Traceback" not in err
+
+
+def test_the_projects_warnings_are_one_line_each(photo, tmp_path, capsys, monkeypatch):
+    """A restart left out is one ``fastem: warning:`` line, every time (a batch warns per
+    image), as the command's errors are."""
+    import warnings
+
+    import fastem_ext.cli as cli
+    from fastem_ext.restarts import RestartsDiverged
+
+    def warns(*args, **kwargs):
+        for _ in range(2):
+            warnings.warn("restarts [1] of 3 diverged", RestartsDiverged, stacklevel=1)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(cli, "run", warns)
+    assert main(["deblur", str(photo), "-o", str(tmp_path / "o.png"), *FAST]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "fastem: warning: restarts [1] of 3 diverged"] * 2 + ["fastem: error: stop here"]
 
 
 def test_a_failing_run_writes_no_output(photo, tmp_path, capsys, monkeypatch):

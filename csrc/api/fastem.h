@@ -13,9 +13,9 @@
 //
 // Errors: every failure throws a fastem::Error (a std::runtime_error) whose
 // what() names the cause in one line; the subclasses say which kind (a failure
-// inside the compiled step, out of memory say, a run that produced NaN or
-// infinite values, or a call on a moved-from Deblurrer is a plain
-// fastem::Error). A Deblurrer holds no
+// inside the compiled step, out of memory say, a run whose restarts all
+// produced NaN or infinite values (one that did is left out: Result::diverged),
+// or a call on a moved-from Deblurrer is a plain fastem::Error). A Deblurrer holds no
 // global state: several may run side by side, each from one thread at a time.
 // Link against libfastem (it also registers the fused ops the program calls).
 #pragma once
