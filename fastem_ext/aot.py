@@ -69,6 +69,7 @@ from .api import (
 from .boundary import BOUNDARIES, Frame
 from .centring import as_pixels, recentre
 from .checks import (
+    ESTIMATED_SIGMA,
     LEAST_SIGMA,
     MAX_SIGMA,
     check_choice,
@@ -375,7 +376,7 @@ class Package:
                              f"for {m['height']}x{m['width']} photos")
         seed = check_int("seed", seed, low=0, high=SEEDS - 1)
         estimated = sigma is None
-        sigma = check_sigma("estimated noise level (pass sigma=)" if estimated else "sigma",
+        sigma = check_sigma(ESTIMATED_SIGMA if estimated else "sigma",
                             estimate_noise(image) if estimated else sigma)
         frame = Frame(m["height"], m["width"], m["top"], m["left"], m["grid_height"],
                       m["grid_width"], bool(m["masked"]))

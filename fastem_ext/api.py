@@ -13,6 +13,7 @@ from torch import Tensor
 from .boundary import BOUNDARIES, Frame
 from .centring import as_pixels, recentre
 from .checks import (
+    ESTIMATED_SIGMA,
     check_choice,
     check_int,
     check_kernel,
@@ -150,7 +151,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     kernel_size = check_kernel_size("kernel_size", kernel_size_or_default(kernel_size),
                                     tuple(image.shape[-2:]))
     estimated = sigma is None
-    sigma = check_sigma("estimated noise level (pass sigma=)" if estimated else "sigma",
+    sigma = check_sigma(ESTIMATED_SIGMA if estimated else "sigma",
                         estimate_noise(image) if estimated else sigma)
     device = resolve_device(device)
     engine = check_choice("engine", engine, ENGINES)
@@ -172,8 +173,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     working_size = check_int("working_size", working_size, low=32)
     crops = check_int("crops", crops, low=1, high=MAX_CROPS)
     max_batch = resolve_max_batch(max_batch, method, crops, particles)
-    tile_schedule = Schedule(DEFAULT_TILE_STEPS[NONBLIND[method]] if tile_steps is None
-                             else tile_steps, r2=r2)
+    tile_schedule = tile_schedule_of(tile_steps, method, r2)
     check_path_flags(fast, full_diffusion, boundary)
     large = max(image.shape[-2:]) > working_size
     on_crops = boundary == "valid" and not full_diffusion and (large or fast)
@@ -415,6 +415,16 @@ def check_crops_path(method: str, kernel_size: int, working_size: int, crops: in
         raise ValueError(f"max_batch (--max-batch) must hold the {'crops × ' if blind else ''}"
                          f"particles of one network call ({needed}), got {max_batch}; raise it "
                          f"or lower {'crops (--crops) or ' if blind else ''}particles")
+
+
+def tile_schedule_of(tile_steps: str | int | None, method: str,
+                     r2: str = "reference") -> Schedule:
+    """The tiles' schedule (``tile_steps``, default per method); its errors name tile_steps."""
+    try:
+        return Schedule(DEFAULT_TILE_STEPS[NONBLIND[method]] if tile_steps is None
+                        else tile_steps, r2=r2)
+    except ValueError as err:
+        raise ValueError(f"tile_steps: {err}") from None
 
 
 def kernel_size_or_default(kernel_size: int | None) -> int:

@@ -33,6 +33,7 @@ from .api import (
     resolve_device,
     resolve_max_batch,
     run,
+    tile_schedule_of,
 )
 from .batch_plan import BatchItem, expand_inputs, plan_items
 from .boundary import BOUNDARIES
@@ -122,8 +123,7 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
                                               settings["particles"])
     # errors that every image would raise are errors of the job, not of each image
     Schedule(settings["steps"])
-    if tile_steps is not None:
-        Schedule(settings["tile_steps"])
+    tile_schedule_of(settings["tile_steps"], method)
     check_path_flags(fast, full_diffusion, settings["boundary"])
     if settings["boundary"] == "valid" and not full_diffusion:  # any image may take it
         check_crops_path(method, settings["kernel_size"], settings["working_size"],

@@ -86,6 +86,10 @@ def check_kernel(name: str, k: object, *, blur: bool = False) -> Tensor:
     return (wide / wide.sum()).to(k.dtype)
 
 
+# check_sigma's name for a noise level run() estimated: say how to give it instead
+ESTIMATED_SIGMA = "the estimated noise level (give it: sigma= in Python, --sigma in the CLI)"
+
+
 def check_sigma(name: str, sigma: object) -> float:
     """Noise level in [0, 1] image units: ``1e-4 <= sigma <= 0.5``."""
     if isinstance(sigma, Tensor):

@@ -113,6 +113,7 @@ def test_circular_boundary_keeps_the_grid():
         ({"prior": "ffhq"}, "ffhq_10m.pt"),
         ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "tpu"}, "device"),
         ({"steps": "abc"}, "steps"),
+        ({"tile_steps": "abc"}, "tile_steps: steps 'abc'"),
         ({"seed": -1}, "seed"),
         ({"kernel": torch.zeros(5, 5)}, "kernel"),
         ({"blurry": torch.rand(3, 1, 30)}, "too small"),

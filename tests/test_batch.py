@@ -376,7 +376,7 @@ def test_outputs_of_another_fastem_version_are_redone(tmp_path, monkeypatch, cou
     ({"working_size": 16}, "working_size"),
     ({"crops": 0}, "crops"),
     ({"max_batch": 0}, "max_batch"),
-    ({"tile_steps": "zero"}, "steps"),
+    ({"tile_steps": "zero"}, "tile_steps: steps"),
     ({"fast": True, "full_diffusion": True}, "choose one"),
     ({"fast": "yes"}, "fast"),
     ({"working_size": 32, "kernel_size": 9}, "at least 4 × kernel_size"),  # not only for fast
