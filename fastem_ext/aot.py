@@ -300,15 +300,13 @@ def torch_release(version: str) -> str:
     return match.group(0) if match else ""
 
 
-# What Package.run and load_package read from a manifest.
-RUN_KEYS = frozenset({"device", "fastem_ops", "height", "width", "grid_height", "grid_width",
-                      "top", "left", "masked", "kernel_size", "initial_kernel", "particles",
-                      "steps", "guidance_scale", "restarts"})
-
-
+# What Package.run and load_package read from a manifest: the counts (with their least
+# values, checked as the C++ API checks them) and the rest.
 COUNT_KEYS = {"height": MIN_SIDE, "width": MIN_SIDE, "grid_height": MIN_SIDE,
               "grid_width": MIN_SIDE, "top": 0, "left": 0, "kernel_size": 1, "particles": 1,
               "steps": 1, "restarts": 1}
+RUN_KEYS = frozenset(COUNT_KEYS) | {"device", "fastem_ops", "masked", "initial_kernel",
+                                    "guidance_scale"}
 
 
 def load_package(path: str | os.PathLike) -> Package:
@@ -336,7 +334,7 @@ def load_package(path: str | os.PathLike) -> Package:
     missing = sorted(RUN_KEYS - manifest.keys())
     if missing:
         raise ValueError(f"bad package manifest {manifest_path}: {', '.join(missing)} missing")
-    for key, least in COUNT_KEYS.items():  # as the C++ API checks them
+    for key, least in COUNT_KEYS.items():
         value = manifest[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"bad package manifest {manifest_path}: {key} must be an integer "

@@ -109,9 +109,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastem", description=DESCRIPTION,
-                                     epilog="Exit codes: 0 done, 2 bad input or failed run, "
-                                     f"{SOME_FAILED} batch finished with failed images, 130 "
-                                     "interrupted; nothing partial is ever written.")
+                     epilog="Exit codes: 0 done, 2 bad input or failed run, "
+                     f"{SOME_FAILED} batch finished with failed images, 130 "
+                     "interrupted; nothing partial is ever written.")
     commands = parser.add_subparsers(dest="command", required=True)
     deblur = commands.add_parser("deblur", help="estimate the blur kernel and restore a photo")
     deblur.add_argument("input", help="blurry image (PNG 8/16-bit, JPEG, TIFF, ...)")
@@ -258,10 +258,7 @@ def _deblur(args: argparse.Namespace) -> None:
                                  loaded.image.shape[-2:])
     else:
         kernel = check_kernel("--kernel", read_kernel(args.kernel, "--kernel"), blur=True)
-        size = len(kernel)
-        if args.kernel_size not in (None, size):
-            raise ValueError(f"--kernel-size {args.kernel_size} disagrees with the {size}x{size} "
-                             "--kernel (leave --kernel-size out)")
+        size = len(kernel)  # run() refuses a --kernel-size that disagrees
     image = (tuple(loaded.image.shape), loaded.bits)  # what each output will hold
     outputs = check_outputs(
         {"-o/--output": args.output, "--mean-out": args.mean_out,

@@ -168,7 +168,7 @@ def test_bad_kernel_files_exit_2_before_the_run(photo, tmp_path, capsys):
                                ("complex.npy", [], "real numbers"),
                                ("k0.npy", ["--kernel-out", "k.tif"], "--kernel is empty"),
                                ("k5.npy", ["--kernel-size", "9"],
-                                "--kernel-size 9 disagrees with the 5x5")):
+                                "kernel_size 9 disagrees with the given 5x5")):
         out = tmp_path / "o.png"
         assert main(["deblur", str(photo), "-o", str(out), "--method", "pigdm", "--kernel",
                      str(tmp_path / name), *FAST[:4], *extra, "--quiet"]) == 2
