@@ -1,27 +1,36 @@
 """Export of the whole blind deblur for programs without Python (camera pipelines, C++).
 
-``export(path, height, width, ...)`` writes a **package**, a folder of two files:
+``export(path, height, width, ...)`` writes a **package**, a folder of a manifest and three
+programs compiled ahead of time by AOTInductor for one prior, photo size, particle count, method
+and device (``PROGRAMS``; float32 unless said):
 
+- ``observe.pt2`` (``_observe_program``): the photo ``[3, h, w]`` in [0, 1] (a grey photo
+  repeated on the three channels) → ``y`` ``[3, H, W]`` and ``mask`` ``[1, H, W]``, the photo
+  placed on the computation grid by ``boundary.Frame`` (``mask`` all ones and ignored for
+  ``boundary="circular"``), and the estimated noise level (0-d float64, [0, 1] units:
+  ``noise.noise_level``, the same for a grey photo and its repetition);
 - ``step.pt2``: the guided step (``step.step_with_noise``: the network's forward pass and its
   input-VJP, the M-step with the bundled kernel denoiser, the guidance and the DDPM update, on
-  the ``torch.ops.fastem`` ops) compiled ahead of time by AOTInductor for one prior, image size,
-  particle count, method and device, with the schedule's tables and every weight inside;
-- ``manifest.json``: the settings and what the loop around the step needs (``manifest``). The
-  same entries, as strings, are the program's AOTInductor metadata, which the C++ API
+  the ``torch.ops.fastem`` ops), with the schedule's tables and every weight inside. Inputs
+  ``x`` ``[n, 3, H, W]`` (network units), ``kernel`` ``[K, K]``, ``step`` (0-d int64, the
+  respaced index), ``noise`` ``[n, 3, H, W]`` (standard normal), ``y``, ``mask``, ``sigma``
+  (0-d); outputs ``(x_{t−1}, kernel)``;
+- ``finish.pt2`` (``_finish_program``): ``x_0`` and the kernel → the particles
+  ``(clamp(x_0, −1, 1) + 1)/2`` re-centred with the kernel (``centring``) and cropped to the
+  frame, ``[n, 3, h, w]``; the re-centred kernel; how far the images moved (``[2]`` float64);
+  the restart's score (0-d: ``restarts.variation`` of the frame);
+- ``manifest.json``: the settings and what the loop around the programs needs (``manifest``).
+  The same entries, as strings, are the step program's AOTInductor metadata, which the C++ API
   (``csrc/api/fastem.h``) reads.
 
-The step program: inputs ``x`` ``[n, 3, H, W]`` (network units), ``kernel`` ``[K, K]``, ``step``
-(0-d int64, the respaced index), ``noise`` ``[n, 3, H, W]`` (standard normal), ``y``
-``[3, H, W]`` and ``mask`` ``[1, H, W]`` (the photo placed on the grid by ``boundary.Frame``;
-``mask`` is ignored for ``boundary="circular"``), ``sigma`` (0-d, [0, 1] units); outputs
-``(x_{t−1}, kernel)``; float32 throughout. The loop around it is ``run()``'s
-(``samplers.sample``), once per restart (the manifest's ``restarts``, ``R``): ``x_T`` and then
-each step's noise are drawn, in that order, from one generator seeded with the restart's seed
-``seed·R + r`` (``restarts.restart_seed``); the step runs for ``step = S−1 … 0``; the particles are
-``(clamp(x_0, −1, 1) + 1)/2``, re-centred with the kernel (``centring``); the restart whose
-frame has the least total variation is kept, cropped to the frame (grey photos: the channels'
-mean).
-``Package.run`` is that loop in Python, the test oracle of the C++ one.
+The loop around them is ``run()``'s: ``observe`` once; then, per restart (the manifest's
+``restarts``, ``R``), ``x_T`` and each step's noise drawn, in that order, from one generator
+seeded with the restart's seed ``seed·R + r`` (``restarts.restart_seed``), ``step`` for
+``step = S−1 … 0`` (``samplers.sample``), a NaN or inf result left out as ``run()`` leaves it
+out, and ``finish``; the restart of the least score is kept (the first on a tie); a grey photo's
+result is the channels' mean. ``Package.run`` is that loop in Python, the test oracle of the C++
+one. Everything the loop computes from images is a program: the C++ API holds no copy of
+Python's padding, noise estimate, re-centring or score.
 
 **Route.** ``torch.export`` of a module that calls ``torch.func.vjp`` or ``torch.autograd.grad``
 traces, but AOTInductor then fails on the lifted tensor constants ("Cannot access data pointer of
@@ -33,7 +42,7 @@ as a host float, which tracing would freeze, so with σ an input they run their 
 references (``ops._backend.dispatch``). The FFTs have no AOTInductor C shim either and go through
 the proxy executor as well. One package per image size: the grid, the frame's offsets, the
 kernel's placement on the grid and the FFT sizes are Python integers in the traced step, so
-dynamic sizes were not attempted.
+dynamic sizes were not attempted. The observe and finish programs are traced the same way.
 """
 
 from __future__ import annotations
@@ -80,17 +89,19 @@ from .checks import (
 )
 from .io import MIN_SIDE, current_umask, load_image
 from .mstep import REGULARIZERS
-from .noise import MIN_SIGMA, estimate_noise
+from .noise import noise_level
 from .observation import Observation
 from .physics import initial_kernel
 from .priors import load_prior
-from .restarts import SEEDS, keep_least, total_variation
+from .restarts import SEEDS, keep_least, variation
 from .schedule import R2_RULES, Schedule, to_image
 from .step import StepConfig, plan_step, step_with_noise
 
-FORMAT = 3  # 2 (2026-11-29): the guidance weighs the frame's outside; re-centred results;
-# 3 (2026-11-29): restarts, the one with the least total variation kept
-STEP_FILE = "step.pt2"
+FORMAT = 4  # 2 (2026-11-29): the guidance weighs the frame's outside; re-centred results;
+# 3 (2026-11-29): restarts, the one with the least total variation kept; 4 (2026-11-29): the
+# observation and the finish are programs of the package
+PROGRAMS = ("observe", "step", "finish")
+STEP_FILE = "step.pt2"  # the program that carries the manifest as metadata
 MANIFEST_FILE = "manifest.json"
 EXPORT_METHODS = ("fastem-pigdm", "fastem-dps")  # the blind methods whose loop is one step
 CHANNELS = 3  # the network's; a grey photo is repeated on the three
@@ -144,10 +155,10 @@ def export(path: str | os.PathLike, height: int, width: int, *, prior: str = "na
         raise ValueError(f"package path already exists: {target}")
     if not target.parent.is_dir():
         raise ValueError(f"output folder does not exist: {target.parent}")
-    program, manifest = trace(height, width, prior=prior, method=method, particles=particles,
-                              steps=steps, kernel_size=kernel_size, boundary=boundary,
-                              regularizer=regularizer, r2=r2, guidance_scale=guidance_scale,
-                              restarts=restarts, device=device)
+    programs, manifest = trace(height, width, prior=prior, method=method, particles=particles,
+                               steps=steps, kernel_size=kernel_size, boundary=boundary,
+                               regularizer=regularizer, r2=r2, guidance_scale=guidance_scale,
+                               restarts=restarts, device=device)
     if max(manifest["height"], manifest["width"]) > WORKING_SIZE:
         warnings.warn(f"a {manifest['height']}x{manifest['width']} package runs the whole-image "
                       "diffusion: it matches run(..., full_diffusion=True), not run()'s default "
@@ -157,9 +168,12 @@ def export(path: str | os.PathLike, height: int, width: int, *, prior: str = "na
 
     staging = Path(tempfile.mkdtemp(prefix=".fastem-", dir=target.parent))
     try:
-        aoti_compile_and_package(
-            program, package_path=str(staging / STEP_FILE),
-            inductor_configs={"aot_inductor.metadata": _metadata(manifest)})
+        for name, program in programs.items():
+            file = program_file(name)
+            aoti_compile_and_package(
+                program, package_path=str(staging / file),
+                inductor_configs={"aot_inductor.metadata": _metadata(manifest)}
+                if file == STEP_FILE else {})
         manifest["export_seconds"] = round(time.perf_counter() - started, 1)
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's folder is private
@@ -175,18 +189,61 @@ def trace(height: int, width: int, *, prior: str = "natural", method: str = "fas
           kernel_size: int = DEFAULT_KERNEL_SIZE, boundary: str = "valid",
           regularizer: str = "pnp", r2: str = "reference", guidance_scale: float = 1.0,
           restarts: int | None = None, device: str | torch.device | None = "cpu",
-          ) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
-    """The step program, exported but not compiled, and its manifest (``export``'s arguments).
-    ``Package(manifest, program.module())`` runs it uncompiled, in seconds."""
+          ) -> tuple[dict[str, torch.export.ExportedProgram], dict[str, Any]]:
+    """The package's programs (``PROGRAMS``), exported but not compiled, and its manifest
+    (``export``'s arguments). ``Package(manifest, modules(programs))`` runs them uncompiled, in
+    seconds."""
     settings = _check_settings(height, width, prior, method, particles, steps, kernel_size,
                                boundary, regularizer, r2, guidance_scale, restarts, device)
     net_prior = load_prior(settings.prior, settings.device)
     frame = Frame.plan(settings.height, settings.width, settings.kernel_size,
                        net_prior.size_multiple, settings.boundary)
     schedule = Schedule(settings.steps, r2=settings.r2)
-    graph, example = _trace_step(net_prior.model, settings, frame, schedule)
-    return (torch.export.export(graph, example),
-            _manifest(settings, frame, schedule, graph))
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    generator = torch.Generator(device=settings.device).manual_seed(0)
+    photo = torch.rand(CHANNELS, frame.height, frame.width, generator=generator,
+                       device=settings.device)
+    observe = _observe_program(frame)
+    y, mask, _ = observe(photo)
+    step, example = _trace_step(net_prior.model, settings, frame, schedule, y, mask, generator)
+    x, kernel = example[:2]
+    graphs = {"observe": (make_fx(observe)(photo), (photo,)), "step": (step, example),
+              "finish": (make_fx(_finish_program(frame))(x, kernel), (x, kernel))}
+    return ({name: torch.export.export(*graphs[name]) for name in PROGRAMS},
+            _manifest(settings, frame, schedule, step))
+
+
+def modules(programs: dict[str, torch.export.ExportedProgram]) -> dict[str, Callable[..., Any]]:
+    """``trace``'s programs as callables (uncompiled), for ``Package``."""
+    return {name: program.module() for name, program in programs.items()}
+
+
+def program_file(name: str) -> str:
+    """The file of the program ``name`` in a package folder."""
+    return f"{name}.pt2"
+
+
+def _observe_program(frame: Frame) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """The observe program (module docstring) of photos placed by ``frame``."""
+    def observe(photo: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        y, mask = frame.pad(photo)
+        if mask is None:
+            mask = torch.ones(1, frame.grid_h, frame.grid_w, dtype=photo.dtype,
+                              device=photo.device)
+        return y, mask, noise_level(photo)
+
+    return observe
+
+
+def _finish_program(frame: Frame) -> Callable[[Tensor, Tensor], tuple[Tensor, ...]]:
+    """The finish program (module docstring) of a restart on ``frame``'s grid."""
+    def finish(x: Tensor, kernel: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        kernel, images, offset = recentre(kernel, to_image(x.clamp(-1.0, 1.0)))
+        images = frame.crop(images)
+        return images, kernel, offset, variation(images)
+
+    return finish
 
 
 def _check_settings(height, width, prior, method, particles, steps, kernel_size, boundary,
@@ -211,10 +268,11 @@ def _check_settings(height, width, prior, method, particles, steps, kernel_size,
         check_restarts(restarts, method), resolve_device(device))
 
 
-def _trace_step(model, settings: ExportSettings, frame: Frame,
-                schedule: Schedule) -> tuple[torch.fx.GraphModule, tuple[Tensor, ...]]:
+def _trace_step(model, settings: ExportSettings, frame: Frame, schedule: Schedule, y: Tensor,
+                mask: Tensor, generator: torch.Generator,
+                ) -> tuple[torch.fx.GraphModule, tuple[Tensor, ...]]:
     """``step_with_noise`` over the program's inputs (module docstring), traced by ``make_fx``
-    on example inputs."""
+    on example inputs (the observation ``y``, ``mask``; random draws from ``generator``)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     device = settings.device
@@ -230,12 +288,7 @@ def _trace_step(model, settings: ExportSettings, frame: Frame,
                                             kernel, noise)
         return x_prev, kernel
 
-    generator = torch.Generator(device=device).manual_seed(0)
     shape = (settings.particles, CHANNELS, frame.grid_h, frame.grid_w)
-    photo = torch.rand(CHANNELS, frame.height, frame.width, generator=generator, device=device)
-    y, mask = frame.pad(photo)
-    if mask is None:
-        mask = torch.ones(1, frame.grid_h, frame.grid_w, device=device)
     example = (torch.randn(shape, generator=generator, device=device),
                initial_kernel(settings.kernel_size).to(device),
                torch.tensor(len(schedule) - 1, device=device),
@@ -275,7 +328,7 @@ def _manifest(settings: ExportSettings, frame: Frame, schedule: Schedule,
         "height": frame.height, "width": frame.width, "grid_height": frame.grid_h,
         "grid_width": frame.grid_w, "top": frame.top, "left": frame.left,
         "masked": int(frame.masked), "sigma_min": LEAST_SIGMA, "sigma_max": MAX_SIGMA,
-        "sigma_floor": MIN_SIGMA, "sigma_estimator": "haar-mad (noise.estimate_noise)",
+        "sigma_estimator": "haar-mad (noise.estimate_noise, in observe.pt2)",
         "fastem_ops": " ".join(fused),
         "initial_kernel": initial_kernel(settings.kernel_size).flatten().tolist(),
     }
@@ -303,10 +356,9 @@ def torch_release(version: str) -> str:
 # What Package.run and load_package read from a manifest: the counts (with their least
 # values, checked as the C++ API checks them) and the rest.
 COUNT_KEYS = {"height": MIN_SIDE, "width": MIN_SIDE, "grid_height": MIN_SIDE,
-              "grid_width": MIN_SIDE, "top": 0, "left": 0, "kernel_size": 1, "particles": 1,
-              "steps": 1, "restarts": 1}
-RUN_KEYS = frozenset(COUNT_KEYS) | {"device", "fastem_ops", "masked", "initial_kernel",
-                                    "guidance_scale"}
+              "grid_width": MIN_SIDE, "kernel_size": 1, "particles": 1, "steps": 1,
+              "restarts": 1}
+RUN_KEYS = frozenset(COUNT_KEYS) | {"device", "fastem_ops", "initial_kernel", "guidance_scale"}
 
 
 def load_package(path: str | os.PathLike) -> Package:
@@ -317,10 +369,10 @@ def load_package(path: str | os.PathLike) -> Package:
     machine lacks.
     """
     folder = Path(path)
-    manifest_path, step_path = folder / MANIFEST_FILE, folder / STEP_FILE
-    if not manifest_path.is_file() or not step_path.is_file():
-        raise ValueError(f"not a fastem package (needs {MANIFEST_FILE} and {STEP_FILE}): "
-                         f"{folder}")
+    manifest_path = folder / MANIFEST_FILE
+    needed = [MANIFEST_FILE, *map(program_file, PROGRAMS)]
+    if not all((folder / file).is_file() for file in needed):
+        raise ValueError(f"not a fastem package (needs {', '.join(needed)}): {folder}")
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -346,21 +398,28 @@ def load_package(path: str | os.PathLike) -> Package:
         _backend.load_extension()
     from torch._inductor import aoti_load_package  # heavy: on use only
 
-    try:
-        program = aoti_load_package(str(step_path))
-    except RuntimeError as err:  # a truncated or foreign step.pt2
-        raise ValueError(f"bad package step program {step_path}: {err}") from None
-    return Package(manifest, program)
+    programs = {}
+    for name in PROGRAMS:
+        file = folder / program_file(name)
+        try:
+            programs[name] = aoti_load_package(str(file))
+        except RuntimeError as err:  # a truncated or foreign program
+            raise ValueError(f"bad package {name} program {file}: {err}") from None
+    return Package(manifest, programs)
 
 
 class Package:
-    """A package in Python: its ``manifest`` and ``run``, the loop of the C++ API around the step
-    program ``step`` (compiled by ``load_package``, or ``trace``'s program uncompiled)."""
+    """A package in Python: its ``manifest`` and ``run``, the loop of the C++ API around its
+    ``programs`` (``PROGRAMS`` by name: compiled by ``load_package``, or ``trace``'s
+    uncompiled)."""
 
-    def __init__(self, manifest: dict[str, Any], step: Callable[..., Any]) -> None:
+    def __init__(self, manifest: dict[str, Any], programs: dict[str, Callable[..., Any]]) -> None:
+        if sorted(programs) != sorted(PROGRAMS):
+            raise ValueError(f"a package needs the programs {', '.join(PROGRAMS)}, got "
+                             f"{', '.join(sorted(programs)) or 'none'}")
         self.manifest = manifest
         self.device = torch.device(manifest["device"])
-        self._step = step
+        self._programs = programs
 
     def run(self, blurry: object, sigma: float | None = None, *, seed: int = 0) -> Result:
         """Deblur ``blurry`` (as ``run()`` takes it; the package's size) with σ given or
@@ -373,19 +432,15 @@ class Package:
             raise ValueError(f"blurry is {image.shape[-2]}x{image.shape[-1]}; the package is "
                              f"for {m['height']}x{m['width']} photos")
         seed = check_int("seed", seed, low=0, high=SEEDS - 1)
+        colour = image.expand(CHANNELS, -1, -1) if image.shape[0] == 1 else image
+        y, mask, level = self._programs["observe"](colour.to(self.device).contiguous())
         estimated = sigma is None
         sigma = check_sigma(ESTIMATED_SIGMA if estimated else "sigma",
-                            estimate_noise(image) if estimated else sigma)
-        frame = Frame(m["height"], m["width"], m["top"], m["left"], m["grid_height"],
-                      m["grid_width"], bool(m["masked"]))
-        colour = image.expand(CHANNELS, -1, -1) if image.shape[0] == 1 else image
-        y, mask = frame.pad(colour.to(self.device))
-        if mask is None:
-            mask = torch.ones(1, frame.grid_h, frame.grid_w, device=self.device)
+                            float(level) if estimated else sigma)
         size = m["kernel_size"]
         kernel = torch.tensor(m["initial_kernel"], device=self.device).reshape(size, size)
         sigma_t = torch.tensor(sigma, device=self.device)
-        shape = (m["particles"], CHANNELS, frame.grid_h, frame.grid_w)
+        shape = (m["particles"], CHANNELS, m["grid_height"], m["grid_width"])
         sampling = time.perf_counter()
 
         def restart(stream: int) -> tuple[float, tuple[Tensor, Tensor, Tensor]]:
@@ -394,14 +449,13 @@ class Package:
             for i in reversed(range(m["steps"])):
                 noise = torch.randn(shape, generator=generator, device=self.device)
                 step = torch.tensor(i, device=self.device)
-                x, k = self._step(x, k, step, noise, y, mask, sigma_t)
+                x, k = self._programs["step"](x, k, step, noise, y, mask, sigma_t)
             check_finite_result(x, k, m["guidance_scale"])  # as run(): no NaN or inf leaves
-            # as run() for a blind method: the kernel's centre of mass onto its centre
-            k, samples, moved = recentre(k, to_image(x.clamp(-1.0, 1.0)))
-            return total_variation(frame.crop(samples)), (k, samples, moved)
+            # as run() for a blind method: re-centred, scored on the frame
+            restored, k, moved, score = self._programs["finish"](x, k)
+            return float(score), (k, restored, moved)
 
-        (kernel, samples, moved), restarts = keep_least(seed, m["restarts"], restart)
-        restored = frame.crop(samples)
+        (kernel, restored, moved), restarts = keep_least(seed, m["restarts"], restart)
         if image.shape[0] == 1:
             restored = restored.mean(dim=1, keepdim=True)
         restored, kernel = restored.float().cpu(), kernel.float().cpu()

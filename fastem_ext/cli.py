@@ -162,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(demo)
     export = commands.add_parser(
         "export", help="compile a package for deblurring from C++ (csrc/api/fastem.h)",
-        description="Compile the guided step ahead of time (AOTInductor) for one photo size "
-        "and the settings below into a package folder: step.pt2 and manifest.json. Minutes "
-        "for the natural prior on a CPU.")
+        description="Compile the deblur's programs ahead of time (AOTInductor) for one photo "
+        "size and the settings below into a package folder: observe.pt2, step.pt2, finish.pt2 "
+        "and manifest.json. Minutes for the natural prior on a CPU.")
     export.add_argument("output", help="the package folder to create (must not exist)")
     export.add_argument("--size", required=True, metavar="HxW",
                         help="the photos' size in pixels, e.g. 256x256")

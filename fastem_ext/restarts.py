@@ -98,6 +98,12 @@ def keep_least(seed: int, count: int,
 def total_variation(images: Tensor) -> float:
     """The mean absolute difference of neighbouring pixels, across and down, of ``images``
     ``[..., C, H, W]`` (each particle's own, averaged), in the images' units per pixel."""
+    return float(variation(images))
+
+
+def variation(images: Tensor) -> Tensor:
+    """``total_variation`` as a 0-d tensor in the images' dtype, with no host read: the form an
+    exported package traces (``aot``)."""
     across = (images[..., :, 1:] - images[..., :, :-1]).abs().mean()
     down = (images[..., 1:, :] - images[..., :-1, :]).abs().mean()
-    return float(across + down)
+    return across + down

@@ -1,8 +1,9 @@
-"""The exported step (``fastem_ext.aot``): the traced program in the C++ API's loop gives
-``run()``'s result for the same photo, σ and seed; packages are checked before use.
+"""The exported programs (``fastem_ext.aot``): the traced observe, step and finish programs in
+the C++ API's loop give ``run()``'s result for the same photo, σ and seed; packages are checked
+before use.
 
 The AOTInductor compilation takes minutes and runs in CI only (tests/test_aot_cpp.py); here the
-exported program runs uncompiled (``Package(manifest, program.module())``).
+exported programs run uncompiled (``Package(manifest, modules(programs))``).
 """
 
 import json
@@ -14,7 +15,9 @@ from ops_helpers import NO_EXT
 
 from fastem_ext import aot, run
 from fastem_ext.api import WORKING_SIZE
+from fastem_ext.boundary import Frame
 from fastem_ext.cli import main
+from fastem_ext.noise import estimate_noise
 from fastem_ext.restarts import default_restarts
 
 SETTINGS = dict(prior="gaussian", steps="5", kernel_size=9)
@@ -27,9 +30,9 @@ SETTINGS = dict(prior="gaussian", steps="5", kernel_size=9)
 def test_the_exported_step_reproduces_run(method, boundary, channels, sigma):
     """Particles and kernel within 1e-5 of ``run()``, with σ given (not the traced example's
     10/255: a σ frozen by tracing would fail) or estimated, RGB or grey, two particles."""
-    program, manifest = aot.trace(24, 32, method=method, boundary=boundary, particles=2,
-                                  **SETTINGS)
-    package = aot.Package(manifest, program.module())
+    programs, manifest = aot.trace(24, 32, method=method, boundary=boundary, particles=2,
+                                   **SETTINGS)
+    package = aot.Package(manifest, aot.modules(programs))
     photo = torch.rand(channels, 24, 32, generator=torch.Generator().manual_seed(1))
     got = package.run(photo, sigma, seed=3)
     want = run(photo, sigma, method=method, boundary=boundary, particles=2, seed=3,
@@ -47,21 +50,28 @@ def test_the_exported_step_reproduces_run(method, boundary, channels, sigma):
 
 @pytest.fixture(scope="module")
 def traced():
-    """The default method's program for 24×32 photos, and its manifest."""
-    return aot.trace(24, 32, **SETTINGS)
+    """The default method's programs for 24×32 photos, uncompiled, and its manifest."""
+    programs, manifest = aot.trace(24, 32, **SETTINGS)
+    return programs, aot.modules(programs), manifest
 
 
-def test_the_manifest_describes_the_program(traced):
-    program, manifest = traced
+def _inputs(program):
+    return [spec.arg.name for spec in program.graph_signature.input_specs
+            if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+
+
+def test_the_manifest_describes_the_programs(traced):
+    programs, _, manifest = traced
+    assert list(programs) == list(aot.PROGRAMS)
     assert (manifest["height"], manifest["width"]) == (24, 32)
     assert (manifest["grid_height"], manifest["grid_width"]) == (32, 40)  # + K//2 on each side
     assert manifest["steps"] == 5 and manifest["torch_version"] == torch.__version__
     assert manifest["path"] == "whole image"
     assert len(manifest["initial_kernel"]) == 81
     assert sum(manifest["initial_kernel"]) == pytest.approx(1.0)
-    names = [spec.arg.name for spec in program.graph_signature.input_specs
-             if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
-    assert len(names) == 7
+    assert [len(_inputs(programs[name])) for name in aot.PROGRAMS] == [1, 7, 2]
+    assert [len(programs[name].graph_signature.output_specs) for name in aot.PROGRAMS] \
+        == [3, 2, 4]
     if not NO_EXT:  # the fused ops stay calls by name, for AOTInductor's proxy executor
         assert set(manifest["fastem_ops"].split()) == {"ddpm_update", "kernel_project",
                                                         "predict_x0", "spectral_sums"}
@@ -72,7 +82,8 @@ def test_the_manifest_describes_the_program(traced):
 
 def _fake_package(folder, **changes):
     folder.mkdir()
-    (folder / aot.STEP_FILE).write_bytes(b"not a program")
+    for name in aot.PROGRAMS:
+        (folder / aot.program_file(name)).write_bytes(b"not a program")
     manifest = {**dict.fromkeys(aot.RUN_KEYS, 8), "format": aot.FORMAT,
                 "torch_version": torch.__version__, "device": "cpu", "fastem_ops": "", **changes}
     (folder / aot.MANIFEST_FILE).write_text(json.dumps(manifest))
@@ -88,7 +99,7 @@ def test_load_package_refuses_bad_packages(tmp_path):
     assert f"made by torch 2.4.0+cpu; this is torch {torch.__version__}" in str(refused.value)
     release = aot.torch_release(torch.__version__)
     for build in (release + "+cu999", release + "a0+git1234", release):  # the release matches
-        with pytest.raises(ValueError, match="bad package step program"):  # "not a program"
+        with pytest.raises(ValueError, match="bad package observe program"):  # not one
             aot.load_package(_fake_package(tmp_path / build, torch_version=build))
     lacking = _fake_package(tmp_path / "lacking")
     manifest = json.loads((lacking / aot.MANIFEST_FILE).read_text())
@@ -107,6 +118,38 @@ def test_load_package_refuses_bad_packages(tmp_path):
     (broken / aot.MANIFEST_FILE).write_text("{")
     with pytest.raises(ValueError, match="bad package manifest"):
         aot.load_package(broken)
+    lost = _fake_package(tmp_path / "lost")
+    (lost / aot.program_file("finish")).unlink()  # a format-3 package had only step.pt2
+    with pytest.raises(ValueError, match="needs manifest.json, observe.pt2, step.pt2, finish"):
+        aot.load_package(lost)
+
+
+def test_a_package_needs_its_three_programs(traced):
+    _, modules, manifest = traced
+    with pytest.raises(ValueError, match="needs the programs observe, step, finish, got step"):
+        aot.Package(manifest, {"step": modules["step"]})
+
+
+@pytest.mark.parametrize("height, width, channels, boundary", [
+    (37, 53, 3, "valid"), (41, 29, 1, "valid"), (9, 8, 1, "valid"), (32, 48, 1, "circular"),
+])
+def test_the_observe_program_is_the_padding_and_noise_estimate_of_run(height, width, channels,
+                                                                      boundary):
+    """Odd and even sizes, grey (repeated on three channels, as the loop passes it) and colour:
+    the grid, the mask and exactly ``estimate_noise``'s σ of the photo as it is."""
+    programs, manifest = aot.trace(height, width, prior="gaussian", steps="2", kernel_size=3,
+                                   boundary=boundary)
+    photo = torch.rand(channels, height, width, generator=torch.Generator().manual_seed(height))
+    colour = photo.expand(3, -1, -1).contiguous()
+    y, mask, level = programs["observe"].module()(colour)
+    assert float(level) == estimate_noise(photo) and level.dtype == torch.float64
+    m = manifest
+    frame = Frame(height, width, m["top"], m["left"], m["grid_height"], m["grid_width"],
+                  bool(m["masked"]))
+    want_y, want_mask = frame.pad(colour)
+    assert torch.equal(y, want_y)
+    assert torch.equal(mask, torch.ones_like(y[:1]) if want_mask is None else want_mask)
+    assert mask.shape == (1, manifest["grid_height"], manifest["grid_width"])
 
 
 def test_the_torch_release_ignores_local_and_development_parts():
@@ -118,34 +161,35 @@ def test_the_torch_release_ignores_local_and_development_parts():
 
 def test_a_package_run_refuses_non_finite_results(traced):
     """As ``run()``: a step that diverges is a RuntimeError, not NaN in the result."""
-    _, manifest = traced
+    _, modules, manifest = traced
 
     def diverging(x, kernel, *rest):
         return x * float("nan"), kernel
 
     with pytest.raises(RuntimeError, match="sampling produced NaN or infinite values"):
-        aot.Package(manifest, diverging).run(torch.rand(3, 24, 32), 0.05)
+        aot.Package(manifest, {**modules, "step": diverging}).run(torch.rand(3, 24, 32), 0.05)
 
     def bad_kernel(x, kernel, *rest):
         return x, kernel * float("inf")
 
     with pytest.raises(RuntimeError, match="kernel with NaN or infinite values"):
-        aot.Package(manifest, bad_kernel).run(torch.rand(3, 24, 32), 0.05)
+        aot.Package(manifest, {**modules, "step": bad_kernel}).run(torch.rand(3, 24, 32), 0.05)
 
 
 def test_a_package_run_leaves_out_a_diverging_restart_as_run_does(traced):
     """Restart 1 of 3 diverges (the step counts its calls, 5 a restart): the package keeps the
     best of the others and reports it, as ``run()``."""
-    program, manifest = traced
+    _, modules, manifest = traced
     calls = []
 
     def second_diverges(*args):
         calls.append(1)
-        x, kernel = program.module()(*args)
+        x, kernel = modules["step"](*args)
         return (x * float("nan") if (len(calls) - 1) // manifest["steps"] == 1 else x), kernel
 
     with pytest.warns(RuntimeWarning, match=r"restarts \[1\] of 3 diverged"):
-        got = aot.Package(manifest, second_diverges).run(torch.rand(3, 24, 32), 0.05, seed=2)
+        got = aot.Package(manifest, {**modules, "step": second_diverges}).run(
+            torch.rand(3, 24, 32), 0.05, seed=2)
     report = got.info["restarts"]
     assert report["diverged"] == [1] and report["kept"] in (0, 2)
     assert report["total_variation"][1] is None and bool(torch.isfinite(got.particles).all())
@@ -190,9 +234,9 @@ def test_export_checks_its_arguments(tmp_path):
 
 
 def test_a_package_runs_photos_of_its_size_only(traced):
-    program, manifest = traced
+    _, modules, manifest = traced
     with pytest.raises(ValueError, match="package is for 24x32 photos"):
-        aot.Package(manifest, program.module()).run(torch.rand(3, 32, 24), 0.05)
+        aot.Package(manifest, modules).run(torch.rand(3, 32, 24), 0.05)
 
 
 @pytest.mark.parametrize("size", ["64", "64x", "axb", "64x64x3"])

@@ -189,24 +189,6 @@ def test_the_api_check_passes_with_a_failing_program(manifest, tmp_path):
     assert "a failing step program throws a one-line fastem::Error" in done.stdout
 
 
-@needs_binary
-@pytest.mark.parametrize("seed, shape", [(1, (3, 37, 53)), (2, (1, 41, 29)), (3, (3, 64, 64)),
-                                         (4, (1, 9, 8))])
-def test_the_cpp_noise_estimate_is_pythons(seed, shape):
-    """The C++ copy of ``estimate_noise`` (the C++ side estimates σ without Python) on the same
-    random draw, odd and even sizes, grey and colour: the same float64 number."""
-    from fastem_ext.noise import estimate_noise
-
-    check = Path(BINARY).with_name("fastem_api_check")
-    if not check.is_file():
-        pytest.skip(f"{check} is not built")
-    done = subprocess.run([str(check), "--noise", str(seed), *map(str, shape)],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    image = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
-    assert float(done.stdout) == pytest.approx(estimate_noise(image), rel=1e-12, abs=0)
-
-
 def _read_until(process: subprocess.Popen, marker: bytes, timeout: float) -> bytes:
     """The process's stderr up to ``marker`` (fails after ``timeout`` seconds or at its end)."""
     seen, deadline = b"", time.monotonic() + timeout

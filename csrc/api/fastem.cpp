@@ -1,5 +1,7 @@
 // The C++ API of csrc/api/fastem.h: the loop of Python's fastem_ext.aot
-// Package.run around the exported step program.
+// Package.run around the exported programs (observe, step, finish). Whatever
+// the loop computes from images is in a program, traced from Python's own
+// functions: no copy of them here.
 #include "fastem.h"
 
 #include <ATen/ATen.h>
@@ -20,9 +22,9 @@
 namespace fastem {
 namespace {
 
-constexpr int kFormat = 3; // aot.FORMAT
+constexpr int kFormat = 4; // aot.FORMAT
 constexpr int64_t kChannels = 3; // the network's; grey photos are repeated
-constexpr double kMadToStd = 0.6744897501960817; // median(|N(0, 1)|)
+constexpr const char* kPrograms[] = {"observe", "step", "finish"}; // aot.PROGRAMS
 
 std::string entry(
     const std::map<std::string, std::string>& manifest,
@@ -163,67 +165,6 @@ at::Generator seeded_generator(const c10::Device& device, uint64_t seed) {
   return generator;
 }
 
-// fastem_ext.centring: the centre of mass of `kernel` [K, K] minus its centre
-// (K/2, K/2), as a float64 tensor [dy, dx].
-at::Tensor centroid_offset(const at::Tensor& kernel) {
-  const int64_t size = kernel.size(-1);
-  const at::Tensor index =
-      at::arange(size, kernel.options().dtype(at::kDouble)) - size / 2;
-  const at::Tensor total = kernel.sum();
-  return at::stack(
-             {(kernel.sum(1) * index).sum(), (kernel.sum(0) * index).sum()}) /
-      total;
-}
-
-// centring.shift: `images` [..., H, W] (float64) moved by `offset` [dy, dx] by
-// a Fourier phase ramp on the circular grid.
-at::Tensor shift(const at::Tensor& images, const at::Tensor& offset) {
-  const auto real = images.options().dtype(at::kDouble);
-  const at::Tensor fy =
-      at::fft_fftfreq(images.size(-2), 1.0, real).unsqueeze(1);
-  const at::Tensor fx =
-      at::fft_fftfreq(images.size(-1), 1.0, real).unsqueeze(0);
-  const at::Tensor ramp = at::polar(
-      at::ones_like(fy * fx), -2 * M_PI * (fy * offset[0] + fx * offset[1]));
-  return at::real(at::fft_ifft2(at::fft_fft2(images) * ramp));
-}
-
-constexpr int64_t kKernelPad = 2; // centring.KERNEL_PAD
-constexpr int64_t kImagePad = 16; // centring.IMAGE_PAD
-
-// centring.recentre: the kernel moved so that its centre of mass is its centre
-// pixel, `images` [n, C, H, W] in [0, 1] moved the opposite way; returns the
-// offset the images moved.
-at::Tensor recentre(at::Tensor& kernel, at::Tensor& images) {
-  const at::Tensor weights = kernel.to(at::kDouble);
-  const at::Tensor offset = centroid_offset(weights);
-  const int64_t size = weights.size(-1);
-  const at::Tensor moved =
-      shift(at::constant_pad_nd(
-                weights, {kKernelPad, kKernelPad, kKernelPad, kKernelPad}),
-            -offset)
-          .slice(0, kKernelPad, kKernelPad + size)
-          .slice(1, kKernelPad, kKernelPad + size)
-          .clamp_min(0.0);
-  kernel = (moved / moved.sum()).to(kernel.scalar_type());
-  const int64_t height = images.size(-2), width = images.size(-1);
-  const int64_t pad = std::min({kImagePad, height - 1, width - 1});
-  const at::Tensor flat = at::reflection_pad2d(
-      images.reshape({-1, 1, height, width}).to(at::kDouble),
-      {pad, pad, pad, pad});
-  std::vector<at::Tensor> shifted;
-  for (int64_t i = 0; i < flat.size(0); ++i) { // one at a time: 16 B/pixel
-    shifted.push_back(shift(flat[i], offset)
-                          .slice(1, pad, pad + height)
-                          .slice(2, pad, pad + width));
-  }
-  images = at::stack(shifted)
-               .clamp(0.0, 1.0)
-               .reshape(images.sizes())
-               .to(images.scalar_type());
-  return offset.to(at::kCPU);
-}
-
 constexpr uint64_t kSeeds = uint64_t{1} << 63; // restarts.SEEDS
 
 // restarts.restart_seed: the seed of restart `index` of `count`, seed·count +
@@ -233,49 +174,18 @@ uint64_t restart_seed(uint64_t seed, int64_t index, int64_t count) {
       kSeeds;
 }
 
-// restarts.total_variation of `images` [..., H, W].
-double total_variation(const at::Tensor& images) {
-  const int64_t height = images.size(-2), width = images.size(-1);
-  const at::Tensor across = (images.slice(-1, 1, width) -
-                             images.slice(-1, 0, width - 1))
-                                .abs()
-                                .mean();
-  const at::Tensor down = (images.slice(-2, 1, height) -
-                           images.slice(-2, 0, height - 1))
-                              .abs()
-                              .mean();
-  return (across + down).item<double>();
-}
-
 } // namespace
-
-double estimate_noise(const at::Tensor& image, double floor) {
-  // As fastem_ext.noise.estimate_noise: tests/test_aot_cpp.py compares the two
-  // on the same random draws (grey and colour, odd and even sizes).
-  const int64_t height = image.size(-2) / 2 * 2;
-  const int64_t width = image.size(-1) / 2 * 2;
-  const at::Tensor x =
-      image.slice(-2, 0, height).slice(-1, 0, width).to(at::kDouble);
-  const auto even = [](const at::Tensor& t, int64_t dim, int64_t start) {
-    return t.slice(dim, start, c10::nullopt, 2);
-  };
-  const at::Tensor top = even(x, -2, 0), bottom = even(x, -2, 1);
-  const at::Tensor diagonal = (even(top, -1, 0) - even(top, -1, 1) -
-                               even(bottom, -1, 0) + even(bottom, -1, 1)) /
-      2;
-  const double sigma = diagonal.abs().median().item<double>() / kMadToStd;
-  return std::max(sigma, floor);
-}
 
 struct Deblurrer::State {
   std::map<std::string, std::string> manifest;
   c10::Device device{c10::kCPU};
-  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> program;
-  int64_t height = 0, width = 0, top = 0, left = 0, grid_height = 0,
+  // aot.PROGRAMS: the photo onto the grid and its noise level; one step; a
+  // restart's result re-centred, cropped and scored.
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> observe, step, finish;
+  int64_t height = 0, width = 0, grid_height = 0,
           grid_width = 0, particles = 0, kernel_size = 0, steps = 0,
           restarts = 0;
-  bool masked = false;
-  double sigma_min = 0.0, sigma_max = 0.0, sigma_floor = 0.0;
+  double sigma_min = 0.0, sigma_max = 0.0;
   at::Tensor initial_kernel; // [K, K] on the device
   // The observation on the grid (set_observation).
   at::Tensor y, mask;
@@ -292,11 +202,18 @@ Deblurrer::Deblurrer(const std::string& path, const std::string& device)
 void Deblurrer::load(const std::string& path, const std::string& device) {
   State& s = *state_;
   const std::filesystem::path folder(path);
-  const std::filesystem::path step = folder / "step.pt2";
-  if (!std::filesystem::is_regular_file(folder / "manifest.json") ||
-      !std::filesystem::is_regular_file(step)) {
+  const auto file = [&](const std::string& program) {
+    return folder / (program + ".pt2"); // aot.program_file
+  };
+  const std::filesystem::path step = file("step");
+  bool complete = std::filesystem::is_regular_file(folder / "manifest.json");
+  for (const char* program : kPrograms) {
+    complete = complete && std::filesystem::is_regular_file(file(program));
+  }
+  if (!complete) {
     throw PackageError(
-        "not a fastem package (needs manifest.json and step.pt2): " + path);
+        "not a fastem package (needs manifest.json, observe.pt2, step.pt2, "
+        "finish.pt2): " + path);
   }
   std::unordered_map<std::string, std::string> metadata;
   try {
@@ -334,8 +251,6 @@ void Deblurrer::load(const std::string& path, const std::string& device) {
   }
   s.height = integer(s.manifest, "height");
   s.width = integer(s.manifest, "width");
-  s.top = integer(s.manifest, "top");
-  s.left = integer(s.manifest, "left");
   s.grid_height = integer(s.manifest, "grid_height");
   s.grid_width = integer(s.manifest, "grid_width");
   s.particles = integer(s.manifest, "particles");
@@ -347,22 +262,25 @@ void Deblurrer::load(const std::string& path, const std::string& device) {
         "bad package " + path + ": restarts must be at least 1, got " +
         std::to_string(s.restarts));
   }
-  s.masked = integer(s.manifest, "masked") != 0;
   s.sigma_min = real(s.manifest, "sigma_min");
   s.sigma_max = real(s.manifest, "sigma_max");
-  s.sigma_floor = real(s.manifest, "sigma_floor");
   const std::vector<float> kernel = reals(
       s.manifest, "initial_kernel", s.kernel_size * s.kernel_size);
   s.initial_kernel =
       at::tensor(kernel).reshape({s.kernel_size, s.kernel_size}).to(s.device);
-  try {
-    s.program = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
-        step.string(), "model", false, 1, s.device.index());
-  } catch (const std::exception& err) {
-    throw PackageError(
-        "bad package " + path + ": cannot load step.pt2: " +
-        first_line(err.what()));
-  }
+  const auto loaded = [&](const std::string& program) {
+    try {
+      return std::make_unique<torch::inductor::AOTIModelPackageLoader>(
+          file(program).string(), "model", false, 1, s.device.index());
+    } catch (const std::exception& err) {
+      throw PackageError(
+          "bad package " + path + ": cannot load " + program +
+          ".pt2: " + first_line(err.what()));
+    }
+  };
+  s.observe = loaded("observe");
+  s.step = loaded("step");
+  s.finish = loaded("finish");
 }
 
 Deblurrer::State& Deblurrer::state() const {
@@ -427,8 +345,14 @@ void Deblurrer::observe(
       photo.max().item<float>() > 1) {
     throw InputError("image must hold finite values in [0, 1]");
   }
+  // The program: the photo on the grid, its mask, its noise level (float64).
+  const at::Tensor colour =
+      photo.size(0) == 1 ? photo.expand({kChannels, -1, -1}) : photo;
+  std::vector<at::Tensor> observed = guarded("the observe program failed: ", [&] {
+    return s.observe->run({colour.to(s.device).contiguous()});
+  });
   const double level =
-      sigma.has_value() ? *sigma : estimate_noise(photo, s.sigma_floor);
+      sigma.has_value() ? *sigma : observed.at(2).item<double>();
   if (!std::isfinite(level) || level < s.sigma_min || level > s.sigma_max) {
     std::ostringstream message;
     message << (sigma.has_value() ? "sigma" : "the estimated noise level (pass sigma)")
@@ -436,26 +360,8 @@ void Deblurrer::observe(
             << "] in [0, 1] units, got " << level;
     throw InputError(message.str());
   }
-  // boundary.Frame.pad: edge replication around the frame, and its mask.
-  const at::Tensor colour =
-      photo.size(0) == 1 ? photo.expand({kChannels, -1, -1}) : photo;
-  const at::Tensor on_device = colour.to(s.device);
-  if (s.masked) {
-    const int64_t bottom = s.grid_height - s.height - s.top;
-    const int64_t right = s.grid_width - s.width - s.left;
-    s.y = at::pad(
-              on_device.unsqueeze(0),
-              {s.left, right, s.top, bottom},
-              "replicate")
-              .squeeze(0)
-              .contiguous();
-  } else {
-    s.y = on_device.contiguous();
-  }
-  s.mask = at::zeros({1, s.grid_height, s.grid_width}, s.y.options());
-  s.mask.slice(1, s.top, s.top + s.height)
-      .slice(2, s.left, s.left + s.width)
-      .fill_(1.0);
+  s.y = std::move(observed.at(0));
+  s.mask = std::move(observed.at(1));
   s.channels = photo.size(0);
   s.sigma = level;
   s.sigma_estimated = !sigma.has_value();
@@ -494,10 +400,6 @@ Result Deblurrer::sample(
           std::to_string(total) + " steps");
     }
   };
-  const auto frame = [&](const at::Tensor& images) {
-    return images.slice(2, s.top, s.top + s.height)
-        .slice(3, s.left, s.left + s.width);
-  };
   Result result;
   double best = 0.0;
   bool kept = false;
@@ -519,7 +421,7 @@ Result Deblurrer::sample(
       const at::Tensor step = at::scalar_tensor(i, options.dtype(at::kLong));
       // e.g. out of memory, or a program that refuses its inputs
       std::vector<at::Tensor> out = guarded("the step program failed: ", [&] {
-        return s.program->run({x, kernel, step, noise, s.y, s.mask, sigma});
+        return s.step->run({x, kernel, step, noise, s.y, s.mask, sigma});
       });
       x = std::move(out.at(0));
       kernel = std::move(out.at(1));
@@ -548,17 +450,20 @@ Result Deblurrer::sample(
       result.diverged.push_back(restart);
       continue;
     }
-    // schedule.to_image of the clamped particles, re-centred with the kernel
-    // (every exported method is blind: as Python's run()).
-    at::Tensor images = (x.clamp(-1.0, 1.0) + 1.0) / 2.0;
-    const at::Tensor moved = recentre(kernel, images);
-    const double score = total_variation(frame(images));
+    // The program: the particles in [0, 1] re-centred with the kernel (every
+    // exported method is blind: as Python's run()), cropped to the frame, and
+    // the restart's score.
+    std::vector<at::Tensor> finished = guarded("the finish program failed: ", [&] {
+      return s.finish->run({x, kernel});
+    });
+    const double score = finished.at(3).item<double>();
     if (!kept || score < best) {
       kept = true;
       best = score;
       result.restart = restart;
-      result.particles = frame(images).clone(); // not a view of the whole grid
-      result.kernel = kernel;
+      result.particles = std::move(finished.at(0));
+      result.kernel = std::move(finished.at(1));
+      const at::Tensor moved = finished.at(2).to(at::kCPU);
       result.recentred_dy = moved[0].item<double>();
       result.recentred_dx = moved[1].item<double>();
     }

@@ -5,11 +5,13 @@
 //   deblurrer.set_observation(image);                // [C, H, W] float32, [0, 1]
 //   fastem::Result result = deblurrer.run(/*seed=*/0, on_progress, &cancel);
 //
-// A package holds the guided step compiled by AOTInductor for one prior,
-// image size, particle count, method and device (step.pt2) and its settings
-// (manifest.json; the C++ side reads the same entries from step.pt2's
-// metadata). The loop here is Python's run(): the same seed gives the same
-// result (float32, CPU: within 1e-4; the CI compares them).
+// A package holds three programs compiled by AOTInductor for one prior,
+// image size, particle count, method and device (observe.pt2: the photo onto
+// the computation grid and its noise estimate; step.pt2: the guided step;
+// finish.pt2: a restart's result re-centred, cropped and scored) and its
+// settings (manifest.json; the C++ side reads the same entries from
+// step.pt2's metadata). The loop here is Python's run(): the same seed gives
+// the same result (float32, CPU: within 1e-4; the CI compares them).
 //
 // Errors: every failure throws a fastem::Error (a std::runtime_error) whose
 // what() names the cause in one line; the subclasses say which kind (a failure
@@ -110,8 +112,8 @@ class Deblurrer {
 
   // The blurry photo: [C, H, W] (C = 1 grey or 3 RGB) float32 in [0, 1], on
   // any device. `sigma`: its noise level in [0, 1] units (10/255 = 0.039);
-  // none estimates it as Python's run() does (estimate_noise). Throws
-  // InputError.
+  // none estimates it as Python's run() does (estimate_noise, in the
+  // package's observe program). Throws InputError.
   void set_observation(
       const at::Tensor& image,
       std::optional<double> sigma = std::nullopt);
@@ -142,9 +144,5 @@ class Deblurrer {
       const std::atomic<bool>* cancel);
   std::unique_ptr<State> state_;
 };
-
-// Python's fastem_ext.estimate_noise: the median absolute finest diagonal
-// Haar coefficient over 0.6745, at least `floor`. image: [C, H, W] in [0, 1].
-double estimate_noise(const at::Tensor& image, double floor);
 
 } // namespace fastem

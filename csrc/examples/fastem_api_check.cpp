@@ -6,12 +6,8 @@
 // With FAILING, a package whose step program refuses its inputs (made by
 // tests/test_aot_cpp.py: its metadata's grid size edited), run() must throw a
 // fastem::Error of one line (AOTInductor's own errors are multi-line).
-// With --noise, prints fastem::estimate_noise (no floor) of at::rand({C, H, W})
-// drawn from a CPU generator seeded SEED: tests/test_aot_cpp.py compares it
-// with Python's estimate_noise on the same draw (odd sizes, grey and colour).
 //
 //   fastem_api_check PACKAGE [FAILING]   exit status 0 when every check passes
-//   fastem_api_check --noise SEED C H W
 #include "../api/fastem.h"
 
 #include <ATen/ATen.h>
@@ -47,22 +43,9 @@ bool throws(Call&& call) {
 
 } // namespace
 
-int noise(char** argv) {
-  const auto number = [](const char* text) { return std::stoll(text); };
-  auto generator = at::detail::createCPUGenerator(number(argv[2]));
-  const at::Tensor image =
-      at::rand({number(argv[3]), number(argv[4]), number(argv[5])}, generator);
-  std::printf("%.17g\n", fastem::estimate_noise(image, 0.0));
-  return 0;
-}
-
 int main(int argc, char** argv) {
-  if (argc == 6 && std::string(argv[1]) == "--noise") {
-    return noise(argv);
-  }
   if (argc != 2 && argc != 3) {
-    std::fprintf(stderr,
-                 "usage: fastem_api_check PACKAGE [FAILING] | --noise SEED C H W\n");
+    std::fprintf(stderr, "usage: fastem_api_check PACKAGE [FAILING]\n");
     return 2;
   }
   const std::string package = argv[1];
