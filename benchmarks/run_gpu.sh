@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (issues 7, 8 and 14), for a lent H100/H200 via the device tool:
+# The one prepared GPU check (issues 7, 8, 14 and 17), for a lent H100/H200 via the device tool:
 #   run: bash benchmarks/run_gpu.sh        (timeout_s 600; results under $OUT)
 # Builds the CUDA extension, runs every `cuda` test, then the op and engine benchmarks. Each stage
 # has its own time limit so one slow stage cannot take the others' results with it (the last
@@ -36,6 +36,9 @@ echo "group norm: $((SECONDS - start)) s"
 timeout 150 python3 benchmarks/bench_engine.py --device cuda --model natural --no-dps --particles 1 \
     --engines reference fast fused compiled --reference-steps 10 --out "$OUT/bench_natural.json" 2>&1
 echo "natural: $((SECONDS - start)) s"
+# Issues 12/17: run()'s three restarts one after another vs as one batch (kernel groups).
+timeout 100 python3 benchmarks/bench_restarts.py --device cuda --out "$OUT/bench_restarts.json" 2>&1
+echo "restarts: $((SECONDS - start)) s"
 left=$((${FASTEM_GPU_BUDGET_S:-540} - (SECONDS - start)))
 if [ "$left" -lt 30 ]; then
     echo "engine (FFHQ): skipped, only $left s of the budget left"

@@ -38,6 +38,7 @@ from .restarts import (
     Diverged,
     default_restarts,
     keep_least,
+    restart_seed,
     total_variation,
 )
 from .samplers import Runner, SamplerOutput, StepCallback, diffusion_em, fast_em, nonblind, sample
@@ -45,6 +46,7 @@ from .schedule import Schedule
 
 METHODS = ("fastem-pigdm", "fastem-dps", "diffem-pigdm", "pigdm", "dps")
 BLIND = ("fastem-pigdm", "fastem-dps", "diffem-pigdm")
+GROUPED = ("fastem-pigdm", "fastem-dps")  # one run of one step: restarts can be kernel groups
 DEFAULT_STEPS = {"fastem-pigdm": "100", "fastem-dps": "1000", "diffem-pigdm": "100",
                  "pigdm": "100", "dps": "1000"}
 MAX_PARTICLES = 256
@@ -84,7 +86,8 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         compile: bool = False, mstep: HQSConfig | None = None,
         callback: StepCallback | None = None, working_size: int = WORKING_SIZE, crops: int = 3,
         max_batch: int | None = None, tile_steps: str | int | None = None, fast: bool = False,
-        full_diffusion: bool = False, restarts: int | None = None) -> Result:
+        full_diffusion: bool = False, restarts: int | None = None,
+        batch_restarts: bool = False) -> Result:
     """Blind (or non-blind) deblurring of one photo.
 
     blurry: a path, PIL image, ``H×W(×C)`` numpy array (uint8, uint16 or float in [0, 1]) or a
@@ -114,7 +117,13 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     was kept, ``None`` for non-blind methods); the callback sees every restart's steps, ``i``
     counting down again at each. A restart that diverges (NaN or inf) is left out with a
     ``RestartsDiverged`` warning (its score ``None``, its index in ``info["restarts"]
-    ["diverged"]``); ``Diverged`` is raised when every restart did.
+    ["diverged"]``); ``Diverged`` is raised when every restart did. ``batch_restarts=True``
+    runs a Fast EM method's restarts as one batch (kernel groups, ``step``): one network call
+    per step for all of them, each restart drawing its own random stream as it would alone
+    (the same results up to the float rounding of a larger batch, which a chaotic blind loop
+    can amplify); whole-image path only (the crops path runs its restarts one after another;
+    ``info["restarts"]["batched"]`` says which ran); the callback then sees every restart at
+    once (``x̂0`` of all, the kernels ``[R, K, K]``).
 
     A photo larger than ``working_size`` (pixels, default 256) on either side takes the crops
     path (``photo``): the blind method runs on its ``crops`` most informative windows as one
@@ -148,6 +157,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     elif method not in BLIND:
         raise ValueError(f"method {method!r} is non-blind: pass kernel= (a [K, K] tensor)")
     restarts = check_restarts(restarts, method)
+    check_batch_restarts(batch_restarts, method)
     kernel_size = check_kernel_size("kernel_size", kernel_size_or_default(kernel_size),
                                     tuple(image.shape[-2:]))
     estimated = sigma is None
@@ -199,7 +209,9 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     if kernel is None:
         kernel = initial_kernel(kernel_size)
     kernel = (kernel / kernel.sum()).to(device)
-    total = len(schedule) * (rounds if method == "diffem-pigdm" else 1) * restarts
+    batched = batch_restarts and restarts > 1
+    total = len(schedule) * (rounds if method == "diffem-pigdm" else 1) * (
+        1 if batched else restarts)
     reporter = StepProgress(total, obs, enabled=progress, desc=method)
     step_callback = reporter
     if callback is not None:
@@ -214,10 +226,13 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     compile_times = []  # per restart: the fast engine's compilation, or None
 
     def restart(stream: int) -> tuple[float, tuple[Tensor, Tensor, Tensor | None, bool]]:
-        generator = torch.Generator(device=device).manual_seed(stream)
-        out = _sample(method, net_prior.model, obs, kernel, schedule, particles, generator,
-                      mstep, rounds, guidance_scale, step_callback, runner)
-        compile_times.append(out.compile_seconds)  # paid even when the restart diverged
+        if batched:
+            out = together[stream]
+        else:
+            generator = torch.Generator(device=device).manual_seed(stream)
+            out = _sample(method, net_prior.model, obs, kernel, schedule, particles, generator,
+                          mstep, rounds, guidance_scale, step_callback, runner)
+            compile_times.append(out.compile_seconds)  # paid even when the restart diverged
         _check_finite(out, guidance_scale)
         samples, final_kernel, moved = out.particles, out.kernel, None
         if method in BLIND:  # the kernel's centre of mass onto its centre, the images along
@@ -226,6 +241,15 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
                                                       out.fused_norms)
 
     try:
+        if batched:  # every restart in one run of kernel groups, then each one's result
+            streams = [restart_seed(seed, index, restarts) for index in range(restarts)]
+            generators = [torch.Generator(device=device).manual_seed(s) for s in streams]
+            out = _sample(method, net_prior.model, (obs,) * restarts,
+                          kernel.expand(restarts, -1, -1).contiguous(), schedule, particles,
+                          generators, mstep, rounds, guidance_scale, step_callback, runner)
+            compile_times.append(out.compile_seconds)
+            together = {stream: replace(out, particles=part, kernel=k) for stream, part, k in
+                        zip(streams, out.particles.chunk(restarts), out.kernel, strict=True)}
         (samples, final_kernel, moved, fused), restarts_report = keep_least(seed, restarts,
                                                                             restart)
     finally:
@@ -248,7 +272,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         "sigma": sigma, "sigma_estimated": estimated, "kernel_size": kernel_size,
         "boundary": boundary, "grid": [frame.grid_h, frame.grid_w], "regularizer": mstep.kind,
         "r2": r2, "seed": seed,
-        "restarts": restarts_report if method in BLIND else None,
+        "restarts": {**restarts_report, "batched": batched} if method in BLIND else None,
         "engine": engine,
         "precision": precision if engine == "fast" else "fp32", "fused_norms": fused,
         "compiled": compile_seconds is not None, "device": describe_device(device),
@@ -320,7 +344,8 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
                 _check_kernel_finite(estimate)
                 return score, (estimate, boxes, generator)
 
-            (kernel, boxes, generator), info["restarts"] = keep_least(seed, restarts, restart)
+            (kernel, boxes, generator), report = keep_least(seed, restarts, restart)
+            info["restarts"] = {**report, "batched": False}
             kernel, _, moved = recentre(kernel)  # the tiles then restore the frame in place
             stages["crops"] = {"boxes": [list(box) for box in boxes],
                                "window": list(crop_window(height, width, working_size,
@@ -376,6 +401,16 @@ def check_restarts(restarts: int | None, method: str) -> int:
         raise ValueError(f"restarts applies to the blind methods; {method!r} is non-blind and "
                          "runs once")
     return restarts
+
+
+def check_batch_restarts(batch_restarts: object, method: str) -> None:
+    """``batch_restarts``: a boolean, and only for the methods whose run is one loop of one
+    step (``GROUPED``)."""
+    if not isinstance(batch_restarts, bool):
+        raise ValueError(f"batch_restarts must be True or False, got {batch_restarts!r}")
+    if batch_restarts and method not in GROUPED:
+        raise ValueError(f"batch_restarts applies to {' and '.join(GROUPED)}; {method!r} runs "
+                         "its restarts one after another")
 
 
 def check_path_flags(fast: object, full_diffusion: object, boundary: str) -> None:

@@ -26,6 +26,7 @@ from .api import (
     DEFAULT_STEPS,
     MAX_CROPS,
     MAX_PARTICLES,
+    check_batch_restarts,
     check_crops_path,
     check_path_flags,
     check_restarts,
@@ -82,8 +83,8 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
               sigma: float | None = None, *, method: str = "fastem-pigdm",
               prior: object = "natural", particles: int = 1, steps: str | int | None = None,
               kernel_size: int = DEFAULT_KERNEL_SIZE, seed: int = 0, restarts: int | None = None,
-              device: str | None = None, boundary: str = "valid", regularizer: str = "pnp",
-              working_size: int = 256,
+              batch_restarts: bool = False, device: str | None = None, boundary: str = "valid",
+              regularizer: str = "pnp", working_size: int = 256,
               crops: int = 3, max_batch: int | None = None, tile_steps: str | int | None = None,
               fast: bool = False, full_diffusion: bool = False,
               progress: bool = True) -> BatchResult:
@@ -109,6 +110,7 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
         "kernel_size": check_int("kernel_size", kernel_size, low=3),
         "seed": check_int("seed", seed, low=0, high=SEEDS - 1),
         "restarts": check_restarts(restarts, method),
+        "batch_restarts": batch_restarts,  # checked below
         "boundary": check_choice("boundary", boundary, BOUNDARIES),
         "regularizer": check_choice("regularizer", regularizer, REGULARIZERS),
         "sigma": None if sigma is None else check_sigma("sigma", sigma),
@@ -125,6 +127,7 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
     Schedule(settings["steps"])
     tile_schedule_of(settings["tile_steps"], method)
     check_path_flags(fast, full_diffusion, settings["boundary"])
+    check_batch_restarts(batch_restarts, method)
     if settings["boundary"] == "valid" and not full_diffusion:  # any image may take it
         check_crops_path(method, settings["kernel_size"], settings["working_size"],
                          settings["crops"], settings["particles"], settings["max_batch"], fast)
@@ -225,7 +228,8 @@ class _Job:
         s = self.settings
         result = run(loaded.image, s["sigma"], method=s["method"], prior=self.prior,
                      particles=s["particles"], steps=s["steps"], kernel_size=s["kernel_size"],
-                     seed=s["seed"], restarts=s["restarts"], device=self.device,
+                     seed=s["seed"], restarts=s["restarts"],
+                     batch_restarts=s["batch_restarts"], device=self.device,
                      progress=False,
                      boundary=s["boundary"], regularizer=s["regularizer"],
                      working_size=s["working_size"], crops=s["crops"], max_batch=s["max_batch"],

@@ -68,6 +68,10 @@ def _common(parser: argparse.ArgumentParser, methods: tuple[str, ...] = METHODS,
                         "of seed SEED·R + r; the one whose result has the least total "
                         "variation is kept (default 3 for fastem-pigdm, 1 for the other blind "
                         "methods; non-blind methods run once)")
+    parser.add_argument("--batch-restarts", action="store_true",
+                        help="run fastem-pigdm's or fastem-dps's restarts as one batch (one "
+                        "network call per step for all; whole-image path only): faster where "
+                        "the device has room to spare, as a GPU may")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: OMP_NUM_THREADS if set, else "
@@ -272,7 +276,8 @@ def _deblur(args: argparse.Namespace) -> None:
          "--kernel-preview": ((3, 256, 256), 8)})
     result = run(loaded.image, sigma, method=args.method, prior=args.prior,
                  particles=args.particles, steps=args.steps, kernel_size=args.kernel_size,
-                 seed=args.seed, restarts=args.restarts, device=args.device,
+                 seed=args.seed, restarts=args.restarts,
+                 batch_restarts=args.batch_restarts, device=args.device,
                  progress=not args.quiet, boundary=args.boundary,
                  regularizer=args.regularizer, kernel=kernel,
                  working_size=args.working_size, crops=args.crops, max_batch=args.max_batch,
@@ -317,7 +322,8 @@ def _batch(args: argparse.Namespace) -> int:
     result = run_batch(args.inputs, args.output_dir, _sigma(args.sigma), method=args.method,
                        prior=args.prior, particles=args.particles, steps=args.steps,
                        kernel_size=kernel_size_or_default(args.kernel_size), seed=args.seed,
-                       restarts=args.restarts, device=args.device, boundary=args.boundary,
+                       restarts=args.restarts, batch_restarts=args.batch_restarts,
+                       device=args.device, boundary=args.boundary,
                        regularizer=args.regularizer,
                        working_size=args.working_size, crops=args.crops,
                        max_batch=args.max_batch, tile_steps=args.tile_steps, fast=args.fast,

@@ -73,7 +73,8 @@ def run_demo(args: argparse.Namespace) -> str:
     blind = args.method in BLIND  # a non-blind method restores with the true kernel
     result = run(blurry, sigma, method=args.method, prior=args.prior, particles=args.particles,
                  steps=args.steps, kernel_size=kernel_size, seed=seed,
-                 restarts=args.restarts, kernel=None if blind else kernel,
+                 restarts=args.restarts, batch_restarts=args.batch_restarts,
+                 kernel=None if blind else kernel,
                  device=args.device, progress=not args.quiet, regularizer=args.regularizer)
     scores = {
         "blurry": float(psnr(blurry, sharp)),

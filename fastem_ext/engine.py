@@ -26,16 +26,16 @@ import contextlib
 import copy
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .observation import Observation
-from .samplers import SamplerOutput, StepCallback
+from .samplers import SamplerOutput, StepCallback, first_generator
 from .schedule import Schedule, to_image
-from .step import EpsModel, StepConfig, guided_step, plan_step
+from .step import EpsModel, Generators, StepConfig, guided_step, plan_step, standard_normal
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -142,15 +142,17 @@ def autocast_model(eps_model: EpsModel, device: torch.device, precision: str) ->
     return wrapped
 
 
-def graphed_sample(eps_model: EpsModel, obs: Observation | None, *, schedule: Schedule,
-                   shape: tuple[int, int, int, int], generator: torch.Generator,
+def graphed_sample(eps_model: EpsModel, obs: Observation | Sequence[Observation] | None, *,
+                   schedule: Schedule, shape: tuple[int, int, int, int], generator: Generators,
                    guidance: str | None = "pigdm", kernel: Tensor | None = None,
                    mstep=None, guidance_scale: float = 1.0,
                    callback: StepCallback | None = None,
                    engine: EngineConfig = EngineConfig()) -> SamplerOutput:
-    """Drop-in for ``samplers.sample`` (same arguments, same random stream)."""
-    dtype = obs.y.dtype if obs is not None else torch.float32
-    x = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+    """Drop-in for ``samplers.sample`` (same arguments, kernel groups included; same random
+    stream)."""
+    first = obs[0] if isinstance(obs, Sequence) and obs else obs
+    dtype = first.y.dtype if isinstance(first, Observation) else torch.float32
+    x = standard_normal(shape, generator, first_generator(generator).device, dtype)
     loop = GraphedLoop(eps_model, obs, schedule, StepConfig(guidance, mstep, guidance_scale),
                        generator, x, kernel, engine.validate())
     return loop.run(callback)
@@ -163,8 +165,8 @@ class GraphedLoop:
     state.
     """
 
-    def __init__(self, eps_model: EpsModel, obs: Observation | None, schedule: Schedule,
-                 config: StepConfig, generator: torch.Generator, x_init: Tensor,
+    def __init__(self, eps_model: EpsModel, obs: Observation | Sequence[Observation] | None,
+                 schedule: Schedule, config: StepConfig, generator: Generators, x_init: Tensor,
                  kernel: Tensor | None, engine: EngineConfig) -> None:
         self.device = x_init.device
         if engine.fused_norms:
@@ -178,6 +180,8 @@ class GraphedLoop:
             self.model = autocast_model(compiled, self.device, engine.precision)
         self.compile_seconds: float | None = None  # set by run() when the network is compiled
         self.generator, self.engine = generator, engine
+        self.generators = ([] if generator is None else [generator]
+                           if isinstance(generator, torch.Generator) else list(generator))
         tables = schedule.tables(self.device, x_init.dtype)
         self.plan = plan_step(obs, tables, config)  # outside any graph
         self.steps = len(tables)
@@ -243,7 +247,8 @@ class GraphedLoop:
             torch.cuda.current_stream(self.device).wait_stream(stream)
             self._restore(saved)
             graph = torch.cuda.CUDAGraph()
-            _register_generator(graph, self.generator)
+            for generator in self.generators:
+                _register_generator(graph, generator)
             with torch.cuda.graph(graph):
                 self._step()
             self._restore(saved)  # capture records kernels but must not count as a step
@@ -255,17 +260,18 @@ class GraphedLoop:
                           "running the steps eagerly", RuntimeWarning, stacklevel=3)
             return None
 
-    def _snapshot(self) -> tuple[Tensor, Tensor | None, Tensor]:
+    def _snapshot(self) -> tuple[Tensor, Tensor | None, list[Tensor]]:
         kernel = None if self.kernel is None else self.kernel.clone()
-        return self.x.clone(), kernel, self.generator.get_state()
+        return self.x.clone(), kernel, [g.get_state() for g in self.generators]
 
-    def _restore(self, saved: tuple[Tensor, Tensor | None, Tensor]) -> None:
-        x, kernel, rng = saved
+    def _restore(self, saved: tuple[Tensor, Tensor | None, list[Tensor]]) -> None:
+        x, kernel, states = saved
         self.x.copy_(x)
         if kernel is not None:
             self.kernel.copy_(kernel)
         self.index.fill_(self.steps - 1)
-        self.generator.set_state(rng)
+        for generator, state in zip(self.generators, states, strict=True):
+            generator.set_state(state)
 
 
 def _register_generator(graph: torch.cuda.CUDAGraph, generator: torch.Generator) -> None:

@@ -15,7 +15,8 @@ from .physics import psf2otf
 
 
 class StepProgress:
-    """Callable ``(i, x0 [n, C, H, W] in [0, 1], kernel [K, K] or None)`` for the samplers."""
+    """Callable ``(i, x0 [n, C, H, W] in [0, 1], kernel [K, K] or None)`` for the samplers; in
+    kernel groups (``kernel`` ``[G, K, K]``) the bar shows the first group's residual."""
 
     def __init__(self, total: int, obs: Observation, *, enabled: bool, desc: str) -> None:
         from tqdm.auto import tqdm
@@ -47,6 +48,8 @@ class StepProgress:
         self.bar.update(1)
 
     def _residual(self, x0: Tensor, kernel: Tensor) -> Tensor:
+        if kernel.dim() == 3:  # kernel groups (step): the first group's
+            x0, kernel = x0[: x0.shape[0] // len(kernel)], kernel[0]
         residual = self.obs.residual(torch.fft.rfft2(x0), psf2otf(kernel, x0.shape[-2:]))
         if self.obs.mask is None:
             return residual.square().mean().sqrt()

@@ -8,7 +8,7 @@ fast engine (``engine``), which replays the same step as a CUDA graph.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -17,15 +17,17 @@ from torch import Tensor
 from .mstep import HQSConfig, hqs, kernel_spectra
 from .observation import Observation
 from .schedule import Schedule, to_image
-from .step import EpsModel, StepConfig, guided_step, plan_step
+from .step import EpsModel, Generators, StepConfig, guided_step, plan_step, standard_normal
 
 StepCallback = Callable[[int, Tensor, Tensor | None], None]
-"""``callback(i, x0 [n, C, H, W] in [0, 1], kernel [K, K] or None)``; device tensors, no sync."""
+"""``callback(i, x0 [n, C, H, W] in [0, 1], kernel [K, K] ([G, K, K] in kernel groups) or
+None)``; device tensors, no sync."""
 
 
 @dataclass
 class SamplerOutput:
-    """particles: ``[n, C, H, W]`` in [0, 1]; kernel: ``[K, K]`` (sum 1) or ``None``;
+    """particles: ``[n, C, H, W]`` in [0, 1]; kernel: ``[K, K]`` (sum 1; ``[G, K, K]`` in
+    kernel groups) or ``None``;
     compile_seconds: the fast engine's network compilation (its first step), or ``None``;
     fused_norms: whether the fast engine ran the network's UNet norms as the fused op."""
 
@@ -35,21 +37,24 @@ class SamplerOutput:
     fused_norms: bool = False
 
 
-def sample(eps_model: EpsModel, obs: Observation | None, *, schedule: Schedule,
-           shape: tuple[int, int, int, int], generator: torch.Generator,
+def sample(eps_model: EpsModel, obs: Observation | Sequence[Observation] | None, *,
+           schedule: Schedule, shape: tuple[int, int, int, int], generator: Generators,
            guidance: str | None = "pigdm", kernel: Tensor | None = None,
            mstep: HQSConfig | None = None, guidance_scale: float = 1.0,
            callback: StepCallback | None = None) -> SamplerOutput:
     """The eager loop. ``obs=None``/``guidance=None`` samples the prior unconditionally.
 
     shape: ``(n, C, H, W)``; kernel: ``[K, K]`` — fixed (non-blind) or the initial kernel when
-    ``mstep`` is given (Fast EM). ``mstep`` must be validated.
+    ``mstep`` is given (Fast EM). ``mstep`` must be validated. Kernel groups (``step``'s
+    docstring): ``obs`` one observation per group, ``kernel`` ``[G, K, K]``, ``generator`` one
+    per group (each group's particles then draw what its run alone would draw).
     """
-    device = generator.device
-    dtype = obs.y.dtype if obs is not None else torch.float32
+    device = first_generator(generator).device
+    first = obs[0] if isinstance(obs, Sequence) and obs else obs
+    dtype = first.y.dtype if isinstance(first, Observation) else torch.float32
     tables = schedule.tables(device, dtype)
     plan = plan_step(obs, tables, StepConfig(guidance, mstep, guidance_scale))
-    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    x = standard_normal(shape, generator, device, dtype)
     index = torch.full((), len(tables) - 1, dtype=torch.int64, device=device)
     for i in reversed(range(len(tables))):
         x, kernel, x0 = guided_step(eps_model, plan, index, x, kernel, generator)
@@ -59,18 +64,33 @@ def sample(eps_model: EpsModel, obs: Observation | None, *, schedule: Schedule,
     return SamplerOutput(to_image(x.clamp(-1.0, 1.0)), kernel)
 
 
+def particle_shape(obs: Observation | Sequence[Observation],
+                   particles: int) -> tuple[int, int, int, int]:
+    """The shape of ``particles`` samples of ``obs``, or of each of the kernel groups' observations
+    (``Observation.particle_shape``), the groups one after another."""
+    groups = obs if isinstance(obs, Sequence) else (obs,)
+    shapes = [group.particle_shape(particles) for group in groups]
+    return (sum(shape[0] for shape in shapes), *shapes[0][1:])
+
+
+def first_generator(generator: Generators) -> torch.Generator:
+    """The generator, or the first of one per group (whose device the run is on)."""
+    return generator if isinstance(generator, torch.Generator) else generator[0]
+
+
 Runner = Callable[..., SamplerOutput]
 """A loop executor with the signature of ``sample``."""
 
 
-def fast_em(eps_model: EpsModel, obs: Observation, kernel_init: Tensor, *, schedule: Schedule,
-            particles: int, generator: torch.Generator, guidance: str = "pigdm",
-            mstep: HQSConfig, guidance_scale: float = 1.0,
+def fast_em(eps_model: EpsModel, obs: Observation | Sequence[Observation],
+            kernel_init: Tensor, *, schedule: Schedule, particles: int, generator: Generators,
+            guidance: str = "pigdm", mstep: HQSConfig, guidance_scale: float = 1.0,
             callback: StepCallback | None = None, runner: Runner = sample) -> SamplerOutput:
-    """Fast EM (Algorithm 2): one guided run with an M-step folded into every step.
+    """Fast EM (Algorithm 2): one guided run with an M-step folded into every step; in kernel
+    groups (``sample``), ``particles`` per group.
 
     ``runner`` executes the loop: ``sample`` (eager) or ``engine.graphed_sample``."""
-    shape = obs.particle_shape(particles)
+    shape = particle_shape(obs, particles)
     return runner(eps_model, obs, schedule=schedule, shape=shape, generator=generator,
                   guidance=guidance, kernel=kernel_init, mstep=mstep,
                   guidance_scale=guidance_scale, callback=callback)
@@ -81,7 +101,7 @@ def nonblind(eps_model: EpsModel, obs: Observation, kernel: Tensor, *, schedule:
              guidance_scale: float = 1.0, callback: StepCallback | None = None,
              runner: Runner = sample) -> SamplerOutput:
     """Non-blind ΠGDM/DPS (Algorithm 1) with a known kernel."""
-    shape = obs.particle_shape(particles)
+    shape = particle_shape(obs, particles)
     return runner(eps_model, obs, schedule=schedule, shape=shape, generator=generator,
                   guidance=guidance, kernel=kernel, guidance_scale=guidance_scale,
                   callback=callback)

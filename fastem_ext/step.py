@@ -4,7 +4,7 @@ loop (``samplers.sample``), the fast engine (``engine``, which replays it as a C
 benchmarks all run this step.
 
 Per respaced step ``i`` (from ``S−1`` down to 0), for the ``n`` particles as one batch sharing one
-kernel:
+kernel (or in kernel **groups**, below):
 
 1. ``ε̂ = ε_θ(x_t, t_i)``; ``x̂0 = to_image(clamp((x_t − √(1−ᾱ) ε̂)/√ᾱ, −1, 1))`` in [0, 1]
    (``ops.predict_x0``);
@@ -20,6 +20,15 @@ kernel:
    ``x_{t−1} = μ̃(x̂0, x_t) + √β̃ z + w_i g`` (``ops.ddpm_update``; ``z`` from the caller's
    generator, ``w_i`` from the schedule's tables: ΠGDM ``√ᾱ r² (1+β̃)^{-1/2}``, DPS ``scale·ζ``).
 
+**Groups.** ``plan_step`` may take a sequence of ``G`` observations and the step a kernel
+``[G, K, K]``: the particles are then ``G`` equal consecutive groups, group ``g`` observing its own
+``obs[g]`` with its own kernel ``kernel[g]`` (its own M-step and guidance), while the network runs
+once over all of them (step 1) and the update is one op (step 4). Independent runs batched into
+one network call: ``run()``'s restarts (``batch_restarts``), or different photos of one size. The
+noise can come from one generator per group (``standard_normal``), so that each group draws what
+its run alone would draw. With one group (a single observation, a ``[K, K]`` kernel) the step is
+exactly the ungrouped one.
+
 ``x_t`` and ``ε̂`` are in the network's units; what the step hands to the M-step and the guidance
 is in image units (``schedule`` converts, ``to_image`` and the image-unit tables). Graph-safe: the
 step index is a 0-d int64 device tensor, every per-step scalar a gather from a device table, and
@@ -33,7 +42,7 @@ fastem_ext loads no op (their Triton kernels and torch.compile hooks cost a seco
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +55,8 @@ from .physics import psf2otf
 from .schedule import StepTables, at, to_image, tweedie_x0
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""One generator for all particles, or one per kernel group (module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -63,11 +74,12 @@ class StepConfig:
 class StepPlan:
     """What every step of one run reads, built once by ``plan_step`` outside any captured region.
 
-    coefs: ``ops.ddpm_coefficients`` ``[6, S]``; ridge: the M-step's ΠGDM ridge ``[S]`` in image
-    units or ``None``; weight: the M-step's per-frequency weight ``[H, W//2+1]`` or ``None``.
+    groups: the observation of each kernel group (``(None,)`` unconditional); coefs:
+    ``ops.ddpm_coefficients`` ``[6, S]``; ridge: the M-step's ΠGDM ridge ``[S]`` in image units or
+    ``None``; weight: the M-step's per-frequency weight ``[H, W//2+1]`` or ``None``.
     """
 
-    obs: Observation | None
+    groups: tuple[Observation | None, ...]
     tables: StepTables
     config: StepConfig
     coefs: Tensor
@@ -75,30 +87,54 @@ class StepPlan:
     weight: Tensor | None
 
 
-def plan_step(obs: Observation | None, tables: StepTables, config: StepConfig) -> StepPlan:
-    """The device tables of one run (``StepPlan``); also computes ``obs.spec_y`` and
+def plan_step(obs: Observation | Sequence[Observation] | None, tables: StepTables,
+              config: StepConfig) -> StepPlan:
+    """The device tables of one run (``StepPlan``); ``obs``: one observation, or one per kernel
+    group (module docstring: all on one grid). Also computes each ``obs.spec_y`` and
     ``obs.guidance_weight`` once."""
     from . import ops  # lazily (module docstring)
 
+    groups = tuple(obs) if isinstance(obs, Sequence) else (obs,)
+    if not groups or (len(groups) > 1 and any(
+            g is None or g.y.shape[-2:] != groups[0].y.shape[-2:] for g in groups)):
+        raise ValueError("kernel groups need one observation each, all on one grid")
+    first = groups[0]
     mstep, ridge, weight = config.mstep, None, None
     if mstep is not None:
         if config.guidance == "pigdm" and mstep.ridge > 0:
             ridge = (tables.x0_var * mstep.ridge).contiguous()
         if mstep.gradient:
-            weight = gradient_weight(obs.y.shape[-2:], obs.y.device, obs.y.dtype)
-    if obs is not None:
-        _ = obs.spec_y, obs.guidance_weight
-    return StepPlan(obs, tables, config, ops.ddpm_coefficients(tables, config.guidance), ridge,
-                    weight)
+            weight = gradient_weight(first.y.shape[-2:], first.y.device, first.y.dtype)
+    for group in groups:
+        if group is not None:
+            _ = group.spec_y, group.guidance_weight
+    return StepPlan(groups, tables, config, ops.ddpm_coefficients(tables, config.guidance),
+                    ridge, weight)
+
+
+def standard_normal(shape: Sequence[int], generator: Generators, device: torch.device,
+                    dtype: torch.dtype) -> Tensor:
+    """A standard normal tensor of ``shape`` (``[n, ...]``) from ``generator``, or, given one
+    generator per kernel group, group ``g``'s ``n/G`` rows from generator ``g``: what each
+    group's run alone would draw."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    count = len(generator)
+    if count < 1 or shape[0] % count:
+        raise ValueError(f"{shape[0]} particles cannot be split into {count} groups")
+    rows = (shape[0] // count, *shape[1:])
+    return torch.cat([torch.randn(rows, generator=g, device=device, dtype=dtype)
+                      for g in generator])
 
 
 def guided_step(eps_model: EpsModel, plan: StepPlan, step: Tensor, x: Tensor,
                 kernel: Tensor | None,
-                generator: torch.Generator | None) -> tuple[Tensor, Tensor | None, Tensor]:
+                generator: Generators) -> tuple[Tensor, Tensor | None, Tensor]:
     """One step from ``x_t`` (``[n, C, H, W]``, network units) at the respaced index ``step``
-    (0-d int64 on ``x``'s device), its noise drawn from ``generator`` (one ``randn`` of ``x``'s
-    shape per step). Returns ``(x_{t−1}, kernel, x̂0 in [0, 1])``, all detached."""
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    (0-d int64 on ``x``'s device), its noise drawn from ``generator`` (one draw of ``x``'s shape
+    per step, ``standard_normal``). Returns ``(x_{t−1}, kernel, x̂0 in [0, 1])``, all
+    detached."""
+    noise = standard_normal(x.shape, generator, x.device, x.dtype)
     return step_with_noise(eps_model, plan, step, x, kernel, noise)
 
 
@@ -106,7 +142,8 @@ def step_with_noise(eps_model: EpsModel, plan: StepPlan, step: Tensor, x: Tensor
                     kernel: Tensor | None,
                     noise: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
     """``guided_step`` with the step's standard normal ``noise`` (``[n, C, H, W]``) given: the
-    form an exported program traces (``export``), where the caller draws the noise."""
+    form an exported program traces (``export``), where the caller draws the noise. ``kernel``:
+    ``[K, K]``, or ``[G, K, K]`` for ``G`` kernel groups (module docstring)."""
     from . import ops  # lazily (module docstring)
 
     config, tables = plan.config, plan.tables
@@ -120,23 +157,41 @@ def step_with_noise(eps_model: EpsModel, plan: StepPlan, step: Tensor, x: Tensor
     eps = eps.detach()
     x0 = ops.predict_x0(x.detach(), eps, plan.coefs, step)
     spec_x = torch.fft.rfft2(x0)
-    if config.mstep is not None:
-        kernel = _mstep(plan, spec_x, kernel, step)
+    count = len(plan.groups)
+    grouped = count > 1
+    if grouped and (kernel is None or kernel.dim() != 3 or len(kernel) != count
+                    or x.shape[0] % count):
+        got = None if kernel is None else tuple(kernel.shape)
+        raise ValueError(f"{count} kernel groups need a [{count}, K, K] kernel and particles "
+                         f"in {count} equal groups, got kernel {got} and {x.shape[0]} particles")
+    rows = x.shape[0] // count
+    kernels, vectors = [], []
+    for g, obs in enumerate(plan.groups):
+        part = spec_x[g * rows:(g + 1) * rows] if grouped else spec_x
+        k = kernel[g] if grouped else kernel
+        if config.mstep is not None:
+            k = _mstep(plan, obs, part, k, step)
+        kernels.append(k)
+        if guided:
+            otf = psf2otf(k, x.shape[-2:])
+            if config.guidance == "pigdm":
+                vectors.append(pigdm_vector(obs, part, otf, tables.x0_var, step))
+            else:
+                vectors.append(dps_vector(obs, part, otf))
+    kernel = torch.stack(kernels) if grouped else kernels[0]
     grad = None
     if guided:
-        otf = psf2otf(kernel, x.shape[-2:])
-        if config.guidance == "pigdm":
-            v = pigdm_vector(plan.obs, spec_x, otf, tables.x0_var, step)
-        else:
-            v = dps_vector(plan.obs, spec_x, otf)
+        v = torch.cat(vectors) if grouped else vectors[0]
         (grad,) = torch.autograd.grad(unclamped, x_t, grad_outputs=v)
     x_prev, _ = ops.ddpm_update(x.detach(), eps, plan.coefs, step, noise, grad, config.scale)
     return x_prev, kernel, x0
 
 
-def _mstep(plan: StepPlan, spec_x: Tensor, kernel: Tensor, step: Tensor) -> Tensor:
-    """The M-step from ``x̂0``'s half spectrum: the new kernel."""
-    obs, mstep = plan.obs, plan.config.mstep
+def _mstep(plan: StepPlan, obs: Observation, spec_x: Tensor, kernel: Tensor,
+           step: Tensor) -> Tensor:
+    """The M-step of one kernel group from its particles' ``x̂0`` half spectrum: the new
+    kernel."""
+    mstep = plan.config.mstep
     spectra = kernel_spectra(obs.target_spectrum(spec_x, kernel), spec_x, plan.weight)
     return hqs(spectra, kernel, obs.sigma, mstep, tuple(obs.y.shape[-2:]), ridge_r2=plan.ridge,
                step=step)

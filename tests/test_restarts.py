@@ -164,3 +164,19 @@ def test_restarts_on_the_captured_engine_are_its_single_runs_and_agree_with_the_
     assert reference.info["restarts"]["total_variation"] == pytest.approx(
         report["total_variation"], abs=1e-4)
     torch.testing.assert_close(fast.particles, reference.particles, rtol=0, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_batched_restarts_on_the_captured_engine_are_the_restarts_one_after_another():
+    """On a GPU the three restarts as kernel groups are one captured step with three registered
+    generators (a capture failure, which falls back with a warning, fails the test): the same
+    numbers as the restarts one after another (the Gaussian prior treats every sample alone)."""
+    options = dict(FAST, seed=4, device="cuda", restarts=3, engine="fast", precision="fp32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        together = run(_photo(), 0.05, batch_restarts=True, **options)
+    one_by_one = run(_photo(), 0.05, **options)
+    assert together.info["restarts"]["batched"] and together.info["engine"] == "fast"
+    assert together.info["restarts"]["kept"] == one_by_one.info["restarts"]["kept"]
+    torch.testing.assert_close(together.particles, one_by_one.particles, rtol=0, atol=1e-5)
+    torch.testing.assert_close(together.kernel, one_by_one.kernel, rtol=0, atol=1e-6)
