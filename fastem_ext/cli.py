@@ -205,16 +205,18 @@ def _size(text: str) -> tuple[int, int]:
 @contextlib.contextmanager
 def _one_line_warnings(*categories: type[Warning]) -> Iterator[None]:
     """The project's own warnings (``categories``) as one line each, ``fastem: warning: …``,
-    as the command's errors, every time (a batch job warns per image); others as Python
-    shows them."""
+    as the command's errors, every time (a batch job warns per image), written above an open
+    progress bar (``tqdm.write``); others as Python shows them."""
     with warnings.catch_warnings():
         for category in categories:
             warnings.simplefilter("always", category)
         shown = warnings.showwarning
 
         def show(message, category, *args, **kwargs):
-            if issubclass(category, categories):
-                print(f"fastem: warning: {message}", file=sys.stderr)
+            if issubclass(category, categories):  # above a progress bar, not through it
+                from tqdm import tqdm
+
+                tqdm.write(f"fastem: warning: {message}", file=sys.stderr)
             else:
                 shown(message, category, *args, **kwargs)
 

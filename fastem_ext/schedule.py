@@ -65,7 +65,7 @@ def space_timesteps(num_timesteps: int, spacing: str | int | list[int]) -> list[
             wanted = int(text[4:])
         except ValueError:
             raise ValueError(f"steps {spacing!r}: expected 'ddimN' with an integer N") from None
-        for stride in range(1, num_timesteps):
+        for stride in range(1, num_timesteps + 1):  # the last: one step, t = 0, as "1"
             if len(range(0, num_timesteps, stride)) == wanted:
                 return list(range(0, num_timesteps, stride))
         raise ValueError(f"steps {spacing!r}: no integer stride gives exactly {wanted} steps")

@@ -24,6 +24,7 @@ def test_space_timesteps_100_matches_guided_diffusion_rounding():
 
 def test_space_timesteps_sections_and_ddim():
     assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
+    assert space_timesteps(1000, "ddim1") == space_timesteps(1000, "1") == [0]
     steps = space_timesteps(1000, "10,5")
     assert steps[:10] == [round(j * 499 / 9) for j in range(10)]
     assert steps[10:] == [500 + round(j * 499 / 4) for j in range(5)]
