@@ -1,7 +1,8 @@
 """Restarts one after another vs as one batch (``run(..., batch_restarts=True)``, kernel groups):
 the wall time of a default blind run, one device, interleaved repeats.
 
-GPU (the bundled prior at 256×256, 100 steps, three restarts; about a minute on an H100):
+GPU (the bundled prior at 256×256, 100 steps, three restarts; a stage of run_gpu.sh, not yet
+run on a GPU):
 
     python benchmarks/bench_restarts.py --device cuda --out $OUT/bench_restarts.json
 

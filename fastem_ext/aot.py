@@ -370,9 +370,9 @@ def load_package(path: str | os.PathLike) -> Package:
     """
     folder = Path(path)
     manifest_path = folder / MANIFEST_FILE
-    needed = [MANIFEST_FILE, *map(program_file, PROGRAMS)]
-    if not all((folder / file).is_file() for file in needed):
-        raise ValueError(f"not a fastem package (needs {', '.join(needed)}): {folder}")
+    if not manifest_path.is_file() or not (folder / STEP_FILE).is_file():
+        raise ValueError(f"not a fastem package (needs {MANIFEST_FILE} and {STEP_FILE}): "
+                         f"{folder}")
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -383,6 +383,9 @@ def load_package(path: str | os.PathLike) -> Package:
     if torch_release(str(manifest.get("torch_version"))) != torch_release(torch.__version__):
         raise ValueError(f"package {folder} was made by torch {manifest.get('torch_version')}; "
                          f"this is torch {torch.__version__}: export it again with this version")
+    lost = [file for file in map(program_file, PROGRAMS) if not (folder / file).is_file()]
+    if lost:  # checked after the format: an older package has step.pt2 alone
+        raise ValueError(f"bad package {folder}: {', '.join(lost)} missing")
     missing = sorted(RUN_KEYS - manifest.keys())
     if missing:
         raise ValueError(f"bad package manifest {manifest_path}: {', '.join(missing)} missing")

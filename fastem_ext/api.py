@@ -119,11 +119,11 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     ``RestartsDiverged`` warning (its score ``None``, its index in ``info["restarts"]
     ["diverged"]``); ``Diverged`` is raised when every restart did. ``batch_restarts=True``
     runs a Fast EM method's restarts as one batch (kernel groups, ``step``): one network call
-    per step for all of them, each restart drawing its own random stream as it would alone
-    (the same results up to the float rounding of a larger batch, which a chaotic blind loop
-    can amplify); whole-image path only (the crops path runs its restarts one after another;
-    ``info["restarts"]["batched"]`` says which ran); the callback then sees every restart at
-    once (``x̂0`` of all, the kernels ``[R, K, K]``).
+    per step for all of them (on the crops path: crops × particles × restarts inputs, above
+    ``max_batch``), each restart drawing its own random stream as it would alone (the same
+    results up to the float rounding of a larger batch, which a chaotic blind loop can
+    amplify; ``info["restarts"]["batched"]``); the callback then sees every restart at once
+    (``x̂0`` of all, the kernels ``[R, K, K]``).
 
     A photo larger than ``working_size`` (pixels, default 256) on either side takes the crops
     path (``photo``): the blind method runs on its ``crops`` most informative windows as one
@@ -199,7 +199,8 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
             tile_schedule=tile_schedule, particles=particles, seed=seed, device=device,
             progress=progress, mstep=mstep, rounds=rounds, guidance_scale=guidance_scale,
             callback=callback, runner=runner, working_size=working_size, crops=crops,
-            max_batch=max_batch, fast=fast, restarts=restarts, info={
+            max_batch=max_batch, fast=fast, restarts=restarts,
+            batch_restarts=batch_restarts, info={
                 "restarts": None, "r2": r2, "engine": engine,
                 "precision": precision if engine == "fast" else "fp32", "regularizer": mstep.kind})
     frame = Frame.plan(*image.shape[-2:], kernel_size, net_prior.size_multiple, boundary)
@@ -210,8 +211,8 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         kernel = initial_kernel(kernel_size)
     kernel = (kernel / kernel.sum()).to(device)
     batched = batch_restarts and restarts > 1
-    total = len(schedule) * (rounds if method == "diffem-pigdm" else 1) * (
-        1 if batched else restarts)
+    run_steps = len(schedule) * (rounds if method == "diffem-pigdm" else 1) * restarts
+    total = run_steps // restarts if batched else run_steps  # the steps the loop takes
     reporter = StepProgress(total, obs, enabled=progress, desc=method)
     step_callback = reporter
     if callback is not None:
@@ -279,7 +280,8 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         "source": loaded.source, "bits": loaded.bits,
         "reblur_rmse": reblur_rmse, "recentred": as_pixels(moved),
         "seconds_total": time.perf_counter() - started, "seconds_sampling": sample_seconds,
-        "seconds_per_step": (sample_seconds - (compile_seconds or 0.0)) / total,
+        # per step of one restart (batched: a share of the batch's step), comparable either way
+        "seconds_per_step": (sample_seconds - (compile_seconds or 0.0)) / run_steps,
         "seconds_compile": compile_seconds,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
         if device.type == "cuda" else None, "path": "whole image",
@@ -293,7 +295,7 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
                   device: torch.device, progress: bool, mstep: HQSConfig, rounds: int,
                   guidance_scale: float, callback: StepCallback | None, runner: Runner,
                   working_size: int, crops: int, max_batch: int, fast: bool, restarts: int,
-                  info: dict[str, Any]) -> Result:
+                  batch_restarts: bool, info: dict[str, Any]) -> Result:
     """``run()``'s crops path (``photo``): the kernel from crops (blind methods), then the
     frame by tiles or, ``fast``, by TV deconvolution. Arguments are checked by ``run()``."""
     height, width = image.shape[-2:]
@@ -302,7 +304,9 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
     multiple = net_prior.size_multiple
     plan = None if fast else tile_plan(height, width, working_size, kernel_size)
     crop_steps = len(schedule) * (rounds if method == "diffem-pigdm" else 1)
-    total = (crop_steps * restarts if blind else 0) + (0 if fast else len(tile_schedule) * -(
+    batched = batch_restarts and restarts > 1
+    total = (crop_steps * (1 if batched else restarts) if blind else 0) + (
+        0 if fast else len(tile_schedule) * -(
         -len(plan) // max(1, max_batch // particles)))
     generator = torch.Generator(device=device).manual_seed(seed)
     reporter = StepProgress(total, Observation(colour, sigma), enabled=progress, desc=method)
@@ -320,9 +324,9 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
             _probe_prior(net_prior, shape, sched, device)
             probed.add(shape)
 
-    def sample(which: str, obs: Observation, k: Tensor, sched: Schedule,
-               n: int) -> SamplerOutput:
-        observe(obs, sched)
+    def sample(which: str, obs: Observation | tuple[Observation, ...], k: Tensor,
+               sched: Schedule, n: int) -> SamplerOutput:
+        observe(obs[0] if isinstance(obs, tuple) else obs, sched)
         return _sample(which, net_prior.model, obs, k, sched, n, generator, mstep, rounds,
                        guidance_scale, step_callback, runner)
 
@@ -336,16 +340,29 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
 
             def restart(stream: int) -> tuple[float, tuple[Tensor, list, torch.Generator]]:
                 nonlocal generator  # sample() draws from it; the tiles go on with the kept one
-                generator = torch.Generator(device=device).manual_seed(stream)
-                estimate, boxes, score = estimate_on_crops(
-                    colour, sample, method, initial, schedule, count=crops,
-                    working_size=working_size, multiple=multiple, sigma=sigma,
-                    particles=particles)
+                if batched:
+                    estimate, boxes, score, generator = together[stream]
+                else:
+                    generator = torch.Generator(device=device).manual_seed(stream)
+                    estimate, boxes, (score,) = estimate_on_crops(
+                        colour, sample, method, initial, schedule, count=crops,
+                        working_size=working_size, multiple=multiple, sigma=sigma,
+                        particles=particles)
                 _check_kernel_finite(estimate)
                 return score, (estimate, boxes, generator)
 
+            if batched:  # every restart in one run of kernel groups, each its own generator
+                streams = [restart_seed(seed, index, restarts) for index in range(restarts)]
+                generators = [torch.Generator(device=device).manual_seed(s) for s in streams]
+                generator = generators
+                estimates, boxes, scores = estimate_on_crops(
+                    colour, sample, method, initial.expand(restarts, -1, -1).contiguous(),
+                    schedule, count=crops, working_size=working_size, multiple=multiple,
+                    sigma=sigma, particles=particles)
+                together = {stream: (k, boxes, score, g) for stream, k, score, g in
+                            zip(streams, estimates, scores, generators, strict=True)}
             (kernel, boxes, generator), report = keep_least(seed, restarts, restart)
-            info["restarts"] = {**report, "batched": False}
+            info["restarts"] = {**report, "batched": batched}
             kernel, _, moved = recentre(kernel)  # the tiles then restore the frame in place
             stages["crops"] = {"boxes": [list(box) for box in boxes],
                                "window": list(crop_window(height, width, working_size,
@@ -409,8 +426,9 @@ def check_batch_restarts(batch_restarts: object, method: str) -> None:
     if not isinstance(batch_restarts, bool):
         raise ValueError(f"batch_restarts must be True or False, got {batch_restarts!r}")
     if batch_restarts and method not in GROUPED:
-        raise ValueError(f"batch_restarts applies to {' and '.join(GROUPED)}; {method!r} runs "
-                         "its restarts one after another")
+        why = ("runs its restarts one after another" if method in BLIND
+               else "is non-blind and runs once")
+        raise ValueError(f"batch_restarts applies to {' and '.join(GROUPED)}; {method!r} {why}")
 
 
 def check_path_flags(fast: object, full_diffusion: object, boundary: str) -> None:

@@ -23,8 +23,8 @@ without and with ``recentre``): mean gain over the blurry input +0.12 ± 0.08 dB
 (``observation.OUTSIDE_WEIGHT``) at σ = 10/255: +0.25 ± 0.11 dB (17 of 24), 1.61e-5 → 1.39e-5
 (``python/results/ablation-tune-outside/``).
 
-Everything runs in float64 on the tensors' device; the C++ API (csrc/api/fastem.cpp) does the
-same steps.
+Everything runs in float64 on the tensors' device; an exported package runs this code as its
+finish program (``aot``), which is how the C++ API re-centres.
 """
 
 from __future__ import annotations

@@ -70,8 +70,8 @@ def _common(parser: argparse.ArgumentParser, methods: tuple[str, ...] = METHODS,
                         "methods; non-blind methods run once)")
     parser.add_argument("--batch-restarts", action="store_true",
                         help="run fastem-pigdm's or fastem-dps's restarts as one batch (one "
-                        "network call per step for all; whole-image path only): faster where "
-                        "the device has room to spare, as a GPU may")
+                        "network call per step for all): faster where the device has room to "
+                        "spare, as a GPU may; slower on a small CPU")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: OMP_NUM_THREADS if set, else "

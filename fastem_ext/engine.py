@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .observation import Observation
-from .samplers import SamplerOutput, StepCallback, first_generator
+from .samplers import SamplerOutput, StepCallback, first_generator, observation_dtype
 from .schedule import Schedule, to_image
 from .step import EpsModel, Generators, StepConfig, guided_step, plan_step, standard_normal
 
@@ -150,9 +150,8 @@ def graphed_sample(eps_model: EpsModel, obs: Observation | Sequence[Observation]
                    engine: EngineConfig = EngineConfig()) -> SamplerOutput:
     """Drop-in for ``samplers.sample`` (same arguments, kernel groups included; same random
     stream)."""
-    first = obs[0] if isinstance(obs, Sequence) and obs else obs
-    dtype = first.y.dtype if isinstance(first, Observation) else torch.float32
-    x = standard_normal(shape, generator, first_generator(generator).device, dtype)
+    x = standard_normal(shape, generator, first_generator(generator).device,
+                        observation_dtype(obs))
     loop = GraphedLoop(eps_model, obs, schedule, StepConfig(guidance, mstep, guidance_scale),
                        generator, x, kernel, engine.validate())
     return loop.run(callback)

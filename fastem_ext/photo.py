@@ -35,7 +35,8 @@ from .schedule import Schedule, to_image
 from .step import EpsModel, StepConfig, plan_step, step_with_noise
 from .tiles import TileBlend, TilePlan
 
-Sampler = Callable[[str, Observation, Tensor, Schedule, int], SamplerOutput]
+Sampler = Callable[[str, Observation | tuple[Observation, ...], Tensor, Schedule, int],
+                   SamplerOutput]
 
 
 def crop_window(height: int, width: int, working_size: int, kernel_size: int) -> tuple[int, int]:
@@ -63,18 +64,25 @@ def batched_observation(windows: Tensor, frame: Frame, sigma: float,
 
 def estimate_on_crops(image: Tensor, sample: Sampler, method: str, kernel: Tensor,
                       schedule: Schedule, *, count: int, working_size: int, multiple: int,
-                      sigma: float, particles: int) -> tuple[Tensor, list[tuple[int, ...]], float]:
+                      sigma: float,
+                      particles: int) -> tuple[Tensor, list[tuple[int, ...]], list[float]]:
     """The blind method on the best ``count`` crops of ``image`` ``[3, H, W]`` (on the run's
-    device) as one batch of ``count·particles``. Returns the kernel ``[K, K]``, the crops
-    ``(top, left, height, width)`` and the restored crops' total variation (``restarts``)."""
+    device) as one batch of ``count·particles``; with a kernel ``[R, K, K]``, ``R`` such runs
+    at once as kernel groups (``step``; ``sample`` then gets ``R`` observations and draws from
+    one generator per run). Returns the kernel (``[K, K]`` or ``[R, K, K]``), the crops
+    ``(top, left, height, width)`` and each run's restored crops' total variation
+    (``restarts``)."""
     size = kernel.shape[-1]
     window = crop_window(*image.shape[-2:], working_size, size)
     boxes = choose_crops(image, window, count, margin=size // 2)
     frame = Frame.plan(*window, size, multiple, "valid")
     windows = torch.stack([image[:, t : t + h, lf : lf + w] for t, lf, h, w in boxes])
     obs = batched_observation(windows, frame, sigma, particles)
-    out = sample(method, obs, kernel, schedule, len(boxes) * particles)
-    return out.kernel, boxes, total_variation(frame.crop(out.particles))
+    runs = 1 if kernel.dim() == 2 else len(kernel)
+    out = sample(method, obs if kernel.dim() == 2 else (obs,) * runs, kernel, schedule,
+                 len(boxes) * particles)
+    return out.kernel, boxes, [total_variation(part)
+                               for part in frame.crop(out.particles).chunk(runs)]
 
 
 def restore_tiles(image: Tensor, model: EpsModel, guidance: str, kernel: Tensor,

@@ -50,8 +50,7 @@ def sample(eps_model: EpsModel, obs: Observation | Sequence[Observation] | None,
     per group (each group's particles then draw what its run alone would draw).
     """
     device = first_generator(generator).device
-    first = obs[0] if isinstance(obs, Sequence) and obs else obs
-    dtype = first.y.dtype if isinstance(first, Observation) else torch.float32
+    dtype = observation_dtype(obs)
     tables = schedule.tables(device, dtype)
     plan = plan_step(obs, tables, StepConfig(guidance, mstep, guidance_scale))
     x = standard_normal(shape, generator, device, dtype)
@@ -71,6 +70,12 @@ def particle_shape(obs: Observation | Sequence[Observation],
     groups = obs if isinstance(obs, Sequence) else (obs,)
     shapes = [group.particle_shape(particles) for group in groups]
     return (sum(shape[0] for shape in shapes), *shapes[0][1:])
+
+
+def observation_dtype(obs: Observation | Sequence[Observation] | None) -> torch.dtype:
+    """The dtype a run over ``obs`` (one observation, one per group, or none) samples in."""
+    first = obs[0] if isinstance(obs, Sequence) and obs else obs
+    return first.y.dtype if isinstance(first, Observation) else torch.float32
 
 
 def first_generator(generator: Generators) -> torch.Generator:

@@ -158,7 +158,7 @@ def step_with_noise(eps_model: EpsModel, plan: StepPlan, step: Tensor, x: Tensor
     x0 = ops.predict_x0(x.detach(), eps, plan.coefs, step)
     spec_x = torch.fft.rfft2(x0)
     count = len(plan.groups)
-    grouped = count > 1
+    grouped = count > 1 or (kernel is not None and kernel.dim() == 3)  # [1, K, K]: one group
     if grouped and (kernel is None or kernel.dim() != 3 or len(kernel) != count
                     or x.shape[0] % count):
         got = None if kernel is None else tuple(kernel.shape)

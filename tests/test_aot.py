@@ -119,9 +119,14 @@ def test_load_package_refuses_bad_packages(tmp_path):
     with pytest.raises(ValueError, match="bad package manifest"):
         aot.load_package(broken)
     lost = _fake_package(tmp_path / "lost")
-    (lost / aot.program_file("finish")).unlink()  # a format-3 package had only step.pt2
-    with pytest.raises(ValueError, match="needs manifest.json, observe.pt2, step.pt2, finish"):
+    (lost / aot.program_file("finish")).unlink()
+    with pytest.raises(ValueError, match="lost: finish.pt2 missing"):
         aot.load_package(lost)
+    older = _fake_package(tmp_path / "older", format=3)  # step.pt2 alone, as format 3 had
+    for name in ("observe", "finish"):
+        (older / aot.program_file(name)).unlink()
+    with pytest.raises(ValueError, match=f"format is not {aot.FORMAT} .*export it again"):
+        aot.load_package(older)
 
 
 def test_a_package_needs_its_three_programs(traced):

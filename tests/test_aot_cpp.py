@@ -147,7 +147,14 @@ def test_the_cpp_example_fails_cleanly(manifest, photos, tmp_path):
     other = _with_metadata(Path(PACKAGE), tmp_path / "other", torch_version="2.4.0+cpu")
     bigger = str(manifest["grid_height"] + 8)  # the program's inputs then have the wrong shape
     failing = _with_metadata(Path(PACKAGE), tmp_path / "failing", grid_height=bigger)
+    older = _with_metadata(Path(PACKAGE), tmp_path / "older", format="3")
+    for name in ("observe.pt2", "finish.pt2"):  # format 3 had step.pt2 alone
+        (older / name).unlink()
+    lost = Path(shutil.copytree(PACKAGE, tmp_path / "lost"))
+    (lost / "finish.pt2").unlink()
     cases = [
+        ((older, photos["rgb16"], out), "format is not 4 (made by another fastem"),
+        ((lost, photos["rgb16"], out), "finish.pt2 missing"),
         ((PACKAGE, small, out), f"the package is for {height}x{width} photos"),
         ((tmp_path, photos["rgb16"], out), "not a fastem package"),
         ((other, photos["rgb16"], out), "made by torch 2.4.0+cpu; this program runs libtorch"),

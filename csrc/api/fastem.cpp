@@ -206,14 +206,10 @@ void Deblurrer::load(const std::string& path, const std::string& device) {
     return folder / (program + ".pt2"); // aot.program_file
   };
   const std::filesystem::path step = file("step");
-  bool complete = std::filesystem::is_regular_file(folder / "manifest.json");
-  for (const char* program : kPrograms) {
-    complete = complete && std::filesystem::is_regular_file(file(program));
-  }
-  if (!complete) {
+  if (!std::filesystem::is_regular_file(folder / "manifest.json") ||
+      !std::filesystem::is_regular_file(step)) {
     throw PackageError(
-        "not a fastem package (needs manifest.json, observe.pt2, step.pt2, "
-        "finish.pt2): " + path);
+        "not a fastem package (needs manifest.json and step.pt2): " + path);
   }
   std::unordered_map<std::string, std::string> metadata;
   try {
@@ -229,6 +225,12 @@ void Deblurrer::load(const std::string& path, const std::string& device) {
     throw PackageError(
         "bad package " + path + ": format is not " + std::to_string(kFormat) +
         " (made by another fastem: export it again with this one)");
+  }
+  for (const char* program : kPrograms) { // after the format: format 3 had step.pt2 alone
+    if (!std::filesystem::is_regular_file(file(program))) {
+      throw PackageError(
+          "bad package " + path + ": " + program + ".pt2 missing");
+    }
   }
   const std::string made_by = entry(s.manifest, "torch_version");
   if (release(made_by) != release(TORCH_VERSION)) { // as fastem_ext.aot
