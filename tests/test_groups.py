@@ -92,20 +92,25 @@ def test_each_group_draws_its_own_stream():
         standard_normal((5, 3), generators, torch.device("cpu"), torch.float32)
 
 
-@pytest.mark.parametrize("engine", ["reference", "fast"])
-def test_a_grouped_run_is_each_groups_own_run(engine):
+@pytest.mark.parametrize("engine", ["reference", "fast", "fast, undone first step"])
+def test_a_grouped_run_is_each_groups_own_run(engine, monkeypatch):
     """The whole loop (Fast EM, 6 steps): groups with one generator each = each group's run
-    alone, on the reference loop and on the fast engine's step (eager on the CPU)."""
+    alone, on the reference loop and on the fast engine's step (eager on the CPU). The third
+    case compiles first (``torch.compile`` stubbed out): a step run and undone, the path a CUDA
+    capture's warm-up also takes, so every group's generator must be saved and restored."""
+    monkeypatch.setattr(torch, "compile", lambda model: model)
     observations, kernels, _, _ = _groups(True)
     mstep = HQSConfig(regularizer="none", iters=3).validate(3)
     schedule = Schedule("6")
+    config = EngineConfig(precision="fp32", compile=engine.endswith("step"))
     runner = sample if engine == "reference" else (
-        lambda *a, **k: graphed_sample(*a, engine=EngineConfig(precision="fp32"), **k))
+        lambda *a, **k: graphed_sample(*a, engine=config, **k))
     seeds = (11, 12, 13)
     got = runner(eps_model, observations, schedule=schedule,
                  shape=(GROUPS * PER_GROUP, C, *HW),
                  generator=[torch.Generator().manual_seed(s) for s in seeds],
                  kernel=kernels, mstep=mstep)
+    assert (got.compile_seconds is not None) == config.compile
     for index, obs in enumerate(observations):
         want = sample(eps_model, obs, schedule=schedule, shape=(PER_GROUP, C, *HW),
                       generator=torch.Generator().manual_seed(seeds[index]),
@@ -125,28 +130,6 @@ def test_one_group_given_as_groups_is_the_plain_step():
     want = step_with_noise(eps_model, plan_step(observations[0], tables, config), step, x[rows],
                            kernels[0], noise[rows])
     assert torch.equal(got[0], want[0]) and torch.equal(got[1][0], want[1])
-
-
-def test_the_engine_saves_and_restores_every_groups_generator(monkeypatch):
-    """The fast engine's undone first step (here: its compile step, ``torch.compile`` stubbed
-    out, the path a CUDA capture's warm-up also takes) restores all the groups' generators:
-    the run is still each group's own."""
-    monkeypatch.setattr(torch, "compile", lambda model: model)
-    observations, kernels, _, _ = _groups(False)
-    mstep = HQSConfig(regularizer="none", iters=3).validate(3)
-    schedule, seeds = Schedule("4"), (21, 22, 23)
-    got = graphed_sample(eps_model, observations, schedule=schedule,
-                         shape=(GROUPS * PER_GROUP, C, *HW),
-                         generator=[torch.Generator().manual_seed(s) for s in seeds],
-                         kernel=kernels, mstep=mstep,
-                         engine=EngineConfig(precision="fp32", compile=True))
-    assert got.compile_seconds is not None  # the undone step ran
-    for index, obs in enumerate(observations):
-        want = sample(eps_model, obs, schedule=schedule, shape=(PER_GROUP, C, *HW),
-                      generator=torch.Generator().manual_seed(seeds[index]),
-                      kernel=kernels[index], mstep=mstep)
-        rows = slice(index * PER_GROUP, (index + 1) * PER_GROUP)
-        torch.testing.assert_close(got.particles[rows], want.particles, rtol=0, atol=1e-5)
 
 
 def test_batched_restarts_on_the_crops_path_are_the_restarts_one_after_another():
