@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the same names, for type checkers and tests/test_layers.py's import walk
     from . import metrics
     from .aot import export, load_package
-    from .api import METHODS, Result, run
+    from .api import Result, run
     from .batch import BatchResult, run_batch
     from .motion import motion_kernel, motion_kernels
     from .mstep import HQSConfig, estimate_kernel
@@ -17,11 +17,12 @@ if TYPE_CHECKING:  # the same names, for type checkers and tests/test_layers.py'
     from .physics import blur, blur_adjoint, dirac_kernel, gaussian_kernel, otf2psf, psf2otf
     from .restarts import Diverged
     from .schedule import Schedule
+    from .settings import METHODS
 
 # The public names, imported on first use (PEP 562): ``import fastem_ext`` and the ``fastem``
 # command's start-up import nothing heavy until a name is used, so Ctrl-C there can be caught.
 _EXPORTS = {
-    "METHODS": ".api", "Result": ".api", "run": ".api",
+    "METHODS": ".settings", "Result": ".api", "run": ".api",
     "BatchResult": ".batch", "run_batch": ".batch",
     "export": ".aot", "load_package": ".aot",
     "motion_kernel": ".motion", "motion_kernels": ".motion",

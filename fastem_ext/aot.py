@@ -63,18 +63,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .api import (
-    DEFAULT_KERNEL_SIZE,
-    DEFAULT_STEPS,
-    MAX_GUIDANCE_SCALE,
-    MAX_PARTICLES,
-    WORKING_SIZE,
-    Result,
-    check_finite_result,
-    check_restarts,
-    mstep_config,
-    resolve_device,
-)
+from .api import Result, check_finite_result
 from .boundary import BOUNDARIES, Frame
 from .centring import as_pixels, recentre
 from .checks import (
@@ -95,6 +84,16 @@ from .physics import initial_kernel
 from .priors import load_prior
 from .restarts import SEEDS, keep_least, variation
 from .schedule import R2_RULES, Schedule, to_image
+from .settings import (
+    DEFAULT_KERNEL_SIZE,
+    DEFAULT_STEPS,
+    MAX_GUIDANCE_SCALE,
+    MAX_PARTICLES,
+    WORKING_SIZE,
+    check_restarts,
+    mstep_config,
+    resolve_device,
+)
 from .step import StepConfig, plan_step, step_with_noise
 
 FORMAT = 4  # 2 (2026-11-29): the guidance weighs the frame's outside; re-centred results;
@@ -144,7 +143,7 @@ def export(path: str | os.PathLike, height: int, width: int, *, prior: str = "na
     ``EXPORT_METHODS``), its whole-image run (``full_diffusion=True``: a larger photo's default
     crops + tiles path is not exported); ``prior`` is a name or a weights path (not a module:
     the package records it by name; the manifest's ``"path"`` is ``"whole image"``). A photo
-    larger than ``run()``'s working size (``api.WORKING_SIZE``) on either side gets a
+    larger than ``run()``'s working size (``settings.WORKING_SIZE``) on either side gets a
     ``UserWarning``: the package then matches ``run(..., full_diffusion=True)``, not ``run()``'s
     default crops + tiles path. Takes minutes for the natural prior on a CPU. The folder
     appears only when complete. Returns the manifest, with ``export_seconds``.

@@ -20,22 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .api import (
-    BLIND,
-    DEFAULT_KERNEL_SIZE,
-    DEFAULT_STEPS,
-    MAX_CROPS,
-    MAX_PARTICLES,
-    check_batch_restarts,
-    check_crops_path,
-    check_path_flags,
-    check_restarts,
-    check_working_multiple,
-    resolve_device,
-    resolve_max_batch,
-    run,
-    tile_schedule_of,
-)
+from .api import run
 from .batch_plan import BatchItem, expand_inputs, plan_items
 from .boundary import BOUNDARIES
 from .checks import check_choice, check_int, check_sigma
@@ -54,6 +39,21 @@ from .mstep import REGULARIZERS
 from .priors import Prior, load_prior
 from .restarts import SEEDS
 from .schedule import Schedule
+from .settings import (
+    BLIND,
+    DEFAULT_KERNEL_SIZE,
+    DEFAULT_STEPS,
+    MAX_CROPS,
+    MAX_PARTICLES,
+    check_batch_restarts,
+    check_crops_path,
+    check_path_flags,
+    check_restarts,
+    check_working_multiple,
+    resolve_device,
+    resolve_max_batch,
+    tile_schedule_of,
+)
 
 IMAGE_ERRORS = (ValueError, RuntimeError, OSError)  # one image fails; the job goes on
 UNKNOWN_VERSION = "unknown"  # the settings' version where the package metadata is missing

@@ -19,7 +19,7 @@ from typing import NoReturn
 import torch
 
 from .aot import EXPORT_METHODS, WholeImageWarning
-from .api import BLIND, DEFAULT_KERNEL_SIZE, METHODS, kernel_size_or_default, run
+from .api import run
 from .boundary import BOUNDARIES
 from .checks import LEAST_SIGMA, MAX_SIGMA, check_int, check_kernel, check_kernel_size
 from .hardware import default_threads
@@ -36,6 +36,7 @@ from .io import (
 )
 from .mstep import REGULARIZERS
 from .restarts import RestartsDiverged
+from .settings import BLIND, DEFAULT_KERNEL_SIZE, METHODS, kernel_size_or_default
 
 SOME_FAILED = 3  # exit status of a batch job that finished with failed images
 DESCRIPTION = ("Blind deblurring with a diffusion prior (Fast Diffusion EM): estimate the "

@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .api import BLIND, kernel_size_or_default, run
+from .api import run
 from .checks import check_int
 from .io import atomic_write, center_crop, check_outputs, kernel_tile, load_image
 from .metrics import kernel_mse, psnr
 from .motion import SEED_LIMIT, motion_kernel
 from .physics import blur
 from .restarts import SEEDS
+from .settings import BLIND, kernel_size_or_default
 
 
 def sample_image(size: int = 256, seed: int = 0) -> Tensor:

@@ -14,11 +14,11 @@ import torch
 from ops_helpers import NO_EXT
 
 from fastem_ext import aot, run
-from fastem_ext.api import WORKING_SIZE
 from fastem_ext.boundary import Frame
 from fastem_ext.cli import main
 from fastem_ext.noise import estimate_noise
 from fastem_ext.restarts import default_restarts
+from fastem_ext.settings import WORKING_SIZE
 
 SETTINGS = dict(prior="gaussian", steps="5", kernel_size=9)
 

@@ -20,7 +20,8 @@ LAYERS = [
     ("ops", {"ops"}),
     ("algorithms", {"mstep", "guidance", "deconv"}),
     ("sampling", {"step", "samplers", "engine", "progress", "priors"}),
-    ("interface", {"api", "aot", "batch", "cli", "demo", "launch", "photo", ""}),  # "": __init__
+    ("interface", {"settings", "api", "aot", "batch", "cli", "demo", "launch", "photo", ""}),
+    # "": __init__
 ]
 
 
