@@ -379,12 +379,12 @@ def load_package(path: str | os.PathLike) -> Package:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"bad package manifest {manifest_path}: format is not {FORMAT} "
                          "(made by another fastem: export it again with this one)")
+    lost = [file for file in map(program_file, PROGRAMS) if not (folder / file).is_file()]
+    if lost:  # checked after the format, as the C++ API does: format 3 had step.pt2 alone
+        raise ValueError(f"bad package {folder}: {', '.join(lost)} missing")
     if torch_release(str(manifest.get("torch_version"))) != torch_release(torch.__version__):
         raise ValueError(f"package {folder} was made by torch {manifest.get('torch_version')}; "
                          f"this is torch {torch.__version__}: export it again with this version")
-    lost = [file for file in map(program_file, PROGRAMS) if not (folder / file).is_file()]
-    if lost:  # checked after the format: an older package has step.pt2 alone
-        raise ValueError(f"bad package {folder}: {', '.join(lost)} missing")
     missing = sorted(RUN_KEYS - manifest.keys())
     if missing:
         raise ValueError(f"bad package manifest {manifest_path}: {', '.join(missing)} missing")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -63,6 +64,7 @@ from .settings import (
     resolve_max_batch,
     tile_schedule_of,
 )
+from .step import Generators
 
 
 @dataclass
@@ -185,13 +187,15 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
 
     working_size = check_int("working_size", working_size, low=32)
     crops = check_int("crops", crops, low=1, high=MAX_CROPS)
-    max_batch = resolve_max_batch(max_batch, method, crops, particles)
+    runs = restarts if batch_restarts and restarts > 1 else 1  # crops stage: one call for all
+    max_batch = resolve_max_batch(max_batch, method, crops, particles, runs)
     tile_schedule = tile_schedule_of(tile_steps, method, r2)
     check_path_flags(fast, full_diffusion, boundary)
     large = max(image.shape[-2:]) > working_size
     on_crops = boundary == "valid" and not full_diffusion and (large or fast)
     if on_crops:
-        check_crops_path(method, kernel_size, working_size, crops, particles, max_batch, fast)
+        check_crops_path(method, kernel_size, working_size, crops, particles, max_batch, fast,
+                         runs)
 
     net_prior = load_prior(prior, device)
     if on_crops:
@@ -426,9 +430,9 @@ def _reblur_rmse(restored: Tensor, blurry: Tensor, kernel: Tensor) -> float:
     return float((reblur - blurry).square().mean().sqrt())
 
 
-def _sample(method: str, model, obs: Observation, kernel: Tensor, schedule: Schedule,
-            particles: int, generator: torch.Generator, mstep: HQSConfig, rounds: int,
-            scale: float, callback, runner: Runner) -> SamplerOutput:
+def _sample(method: str, model, obs: Observation | Sequence[Observation], kernel: Tensor,
+            schedule: Schedule, particles: int, generator: Generators, mstep: HQSConfig,
+            rounds: int, scale: float, callback, runner: Runner) -> SamplerOutput:
     guidance = "dps" if method.endswith("dps") else "pigdm"
     common = dict(schedule=schedule, particles=particles, generator=generator,
                   guidance=guidance, guidance_scale=scale, callback=callback, runner=runner)

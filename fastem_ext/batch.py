@@ -110,7 +110,7 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
         "kernel_size": check_int("kernel_size", kernel_size, low=3),
         "seed": check_int("seed", seed, low=0, high=SEEDS - 1),
         "restarts": check_restarts(restarts, method),
-        "batch_restarts": batch_restarts,  # checked below
+        "batch_restarts": batch_restarts,
         "boundary": check_choice("boundary", boundary, BOUNDARIES),
         "regularizer": check_choice("regularizer", regularizer, REGULARIZERS),
         "sigma": None if sigma is None else check_sigma("sigma", sigma),
@@ -121,16 +121,18 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
         "full_diffusion": full_diffusion,
         "version": fastem_version(),
     }
+    check_batch_restarts(batch_restarts, method)
+    runs = settings["restarts"] if batch_restarts and settings["restarts"] > 1 else 1
     settings["max_batch"] = resolve_max_batch(max_batch, method, settings["crops"],
-                                              settings["particles"])
+                                              settings["particles"], runs)
     # errors that every image would raise are errors of the job, not of each image
     Schedule(settings["steps"])
     tile_schedule_of(settings["tile_steps"], method)
     check_path_flags(fast, full_diffusion, settings["boundary"])
-    check_batch_restarts(batch_restarts, method)
     if settings["boundary"] == "valid" and not full_diffusion:  # any image may take it
         check_crops_path(method, settings["kernel_size"], settings["working_size"],
-                         settings["crops"], settings["particles"], settings["max_batch"], fast)
+                         settings["crops"], settings["particles"], settings["max_batch"], fast,
+                         runs)
     ranks = ranks_from_env()
     device = resolve_device(rank_device(device, ranks))
     with ProcessGroup(ranks, device) as group:

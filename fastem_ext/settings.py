@@ -70,17 +70,20 @@ def check_path_flags(fast: object, full_diffusion: object, boundary: str) -> Non
         raise ValueError("fast=True works on real photos: it needs boundary='valid'")
 
 
-def resolve_max_batch(max_batch: int | None, method: str, crops: int, particles: int) -> int:
+def resolve_max_batch(max_batch: int | None, method: str, crops: int, particles: int,
+                      runs: int = 1) -> int:
     """``max_batch`` checked, or by default (``None``) at least ``DEFAULT_MAX_BATCH`` and room
-    for one call of the crops stage (crops × particles) or of one tile's particles."""
+    for one call of the crops stage (crops × particles × ``runs``, the restarts batched
+    together) or of one tile's particles."""
     if max_batch is None:
-        return max(DEFAULT_MAX_BATCH, crops * particles if method in BLIND else particles)
+        return max(DEFAULT_MAX_BATCH, crops * particles * runs if method in BLIND else particles)
     return check_int("max_batch", max_batch, low=1, high=MAX_PARTICLES)
 
 
 def check_crops_path(method: str, kernel_size: int, working_size: int, crops: int,
-                     particles: int, max_batch: int, fast: bool) -> None:
-    """What the crops path needs beyond each argument's own range."""
+                     particles: int, max_batch: int, fast: bool, runs: int = 1) -> None:
+    """What the crops path needs beyond each argument's own range (``runs``: the restarts
+    batched together, ``batch_restarts``)."""
     if working_size < 4 * kernel_size:  # room for a crop's blur footprint
         raise ValueError(f"working_size must be at least 4 × kernel_size = {4 * kernel_size} "
                          f"for the crops and tiles, got {working_size}")
@@ -90,11 +93,13 @@ def check_crops_path(method: str, kernel_size: int, working_size: int, crops: in
         raise ValueError(f"working_size {working_size} is too small for kernel_size "
                          f"{kernel_size}: {err}") from None
     blind = method in BLIND
-    needed = crops * particles if blind else (0 if fast else particles)  # fast: no tiles
+    needed = crops * particles * runs if blind else (0 if fast else particles)  # fast: no tiles
     if max_batch < needed:
+        batched = " × restarts (batch_restarts)" if blind and runs > 1 else ""
         raise ValueError(f"max_batch (--max-batch) must hold the {'crops × ' if blind else ''}"
-                         f"particles of one network call ({needed}), got {max_batch}; raise it "
-                         f"or lower {'crops (--crops) or ' if blind else ''}particles")
+                         f"particles{batched} of one network call ({needed}), got {max_batch}; "
+                         f"raise it or lower {'crops (--crops) or ' if blind else ''}particles"
+                         f"{' or restarts' if batched else ''}")
 
 
 def tile_schedule_of(tile_steps: str | int | None, method: str,

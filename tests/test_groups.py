@@ -221,3 +221,16 @@ def test_the_cli_batches_restarts_and_batch_refuses_them_for_diffusion_em(tmp_pa
                  "--batch-restarts", *fast]) == 2
     assert "batch_restarts applies to fastem-pigdm and fastem-dps" in capsys.readouterr().err
     assert not (tmp_path / "job").exists()
+
+
+def test_batched_restarts_on_the_crops_path_count_against_max_batch():
+    """crops × particles × restarts inputs in one call: ``max_batch`` must hold them (its
+    default makes room)."""
+    photo = torch.rand(3, 40, 52, generator=torch.Generator().manual_seed(3))
+    settings = dict(SMALL, working_size=32, kernel_size=5, tile_steps="2", prior="gaussian")
+    with pytest.raises(ValueError, match=r"crops × particles × restarts \(batch_restarts\) of "
+                                         r"one network call \(9\), got 8"):
+        run(photo, 0.05, batch_restarts=True, max_batch=8, **settings)
+    assert run(photo, 0.05, max_batch=8, **settings).info["stages"]["tiles"]["max_batch"] == 8
+    default = run(photo, 0.05, batch_restarts=True, **settings)
+    assert default.info["stages"]["tiles"]["max_batch"] == 9
