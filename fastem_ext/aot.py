@@ -100,7 +100,14 @@ FORMAT = 4  # 2 (2026-11-29): the guidance weighs the frame's outside; re-centre
 # 3 (2026-11-29): restarts, the one with the least total variation kept; 4 (2026-11-29): the
 # observation and the finish are programs of the package
 PROGRAMS = ("observe", "step", "finish")
-STEP_FILE = "step.pt2"  # the program that carries the manifest as metadata
+
+
+def program_file(name: str) -> str:
+    """The file of the program ``name`` in a package folder."""
+    return f"{name}.pt2"
+
+
+STEP_FILE = program_file("step")  # the program that carries the manifest as metadata
 MANIFEST_FILE = "manifest.json"
 EXPORT_METHODS = ("fastem-pigdm", "fastem-dps")  # the blind methods whose loop is one step
 CHANNELS = 3  # the network's; a grey photo is repeated on the three
@@ -168,11 +175,10 @@ def export(path: str | os.PathLike, height: int, width: int, *, prior: str = "na
     staging = Path(tempfile.mkdtemp(prefix=".fastem-", dir=target.parent))
     try:
         for name, program in programs.items():
-            file = program_file(name)
             aoti_compile_and_package(
-                program, package_path=str(staging / file),
+                program, package_path=str(staging / program_file(name)),
                 inductor_configs={"aot_inductor.metadata": _metadata(manifest)}
-                if file == STEP_FILE else {})
+                if name == "step" else {})
         manifest["export_seconds"] = round(time.perf_counter() - started, 1)
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's folder is private
@@ -216,11 +222,6 @@ def trace(height: int, width: int, *, prior: str = "natural", method: str = "fas
 def modules(programs: dict[str, torch.export.ExportedProgram]) -> dict[str, Callable[..., Any]]:
     """``trace``'s programs as callables (uncompiled), for ``Package``."""
     return {name: program.module() for name, program in programs.items()}
-
-
-def program_file(name: str) -> str:
-    """The file of the program ``name`` in a package folder."""
-    return f"{name}.pt2"
 
 
 def _observe_program(frame: Frame) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:

@@ -53,7 +53,7 @@ from .settings import (
     METHODS,
     NONBLIND,
     WORKING_SIZE,
-    check_batch_restarts,
+    batched_restarts,
     check_crops_path,
     check_path_flags,
     check_restarts,
@@ -162,7 +162,8 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     elif method not in BLIND:
         raise ValueError(f"method {method!r} is non-blind: pass kernel= (a [K, K] tensor)")
     restarts = check_restarts(restarts, method)
-    check_batch_restarts(batch_restarts, method)
+    runs = batched_restarts(batch_restarts, method, restarts)  # one network call for them
+    batched = runs > 1
     kernel_size = check_kernel_size("kernel_size", kernel_size_or_default(kernel_size),
                                     tuple(image.shape[-2:]))
     estimated = sigma is None
@@ -187,7 +188,6 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
 
     working_size = check_int("working_size", working_size, low=32)
     crops = check_int("crops", crops, low=1, high=MAX_CROPS)
-    runs = restarts if batch_restarts and restarts > 1 else 1  # crops stage: one call for all
     max_batch = resolve_max_batch(max_batch, method, crops, particles, runs)
     tile_schedule = tile_schedule_of(tile_steps, method, r2)
     check_path_flags(fast, full_diffusion, boundary)
@@ -207,7 +207,7 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
             progress=progress, mstep=mstep, rounds=rounds, guidance_scale=guidance_scale,
             callback=callback, runner=runner, working_size=working_size, crops=crops,
             max_batch=max_batch, fast=fast, restarts=restarts,
-            batch_restarts=batch_restarts, info={
+            batched=batched, info={
                 "restarts": None, "r2": r2, "engine": engine,
                 "precision": precision if engine == "fast" else "fp32", "regularizer": mstep.kind})
     frame = Frame.plan(*image.shape[-2:], kernel_size, net_prior.size_multiple, boundary)
@@ -217,7 +217,6 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     if kernel is None:
         kernel = initial_kernel(kernel_size)
     kernel = (kernel / kernel.sum()).to(device)
-    batched = batch_restarts and restarts > 1
     run_steps = len(schedule) * (rounds if method == "diffem-pigdm" else 1) * restarts
     total = run_steps // restarts if batched else run_steps  # the steps the loop takes
     reporter = StepProgress(total, obs, enabled=progress, desc=method)
@@ -250,14 +249,14 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
 
     try:
         if batched:  # every restart in one run of kernel groups, then each one's result
-            streams = [restart_seed(seed, index, restarts) for index in range(restarts)]
-            generators = [torch.Generator(device=device).manual_seed(s) for s in streams]
+            generators = _restart_generators(seed, restarts, device)
             out = _sample(method, net_prior.model, (obs,) * restarts,
                           kernel.expand(restarts, -1, -1).contiguous(), schedule, particles,
-                          generators, mstep, rounds, guidance_scale, step_callback, runner)
+                          list(generators.values()), mstep, rounds, guidance_scale,
+                          step_callback, runner)
             compile_times.append(out.compile_seconds)
             together = {stream: replace(out, particles=part, kernel=k) for stream, part, k in
-                        zip(streams, out.particles.chunk(restarts), out.kernel, strict=True)}
+                        zip(generators, out.particles.chunk(restarts), out.kernel, strict=True)}
         (samples, final_kernel, moved, fused), restarts_report = keep_least(seed, restarts,
                                                                             restart)
     finally:
@@ -302,7 +301,7 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
                   device: torch.device, progress: bool, mstep: HQSConfig, rounds: int,
                   guidance_scale: float, callback: StepCallback | None, runner: Runner,
                   working_size: int, crops: int, max_batch: int, fast: bool, restarts: int,
-                  batch_restarts: bool, info: dict[str, Any]) -> Result:
+                  batched: bool, info: dict[str, Any]) -> Result:
     """``run()``'s crops path (``photo``): the kernel from crops (blind methods), then the
     frame by tiles or, ``fast``, by TV deconvolution. Arguments are checked by ``run()``."""
     height, width = image.shape[-2:]
@@ -311,7 +310,6 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
     multiple = net_prior.size_multiple
     plan = None if fast else tile_plan(height, width, working_size, kernel_size)
     crop_steps = len(schedule) * (rounds if method == "diffem-pigdm" else 1)
-    batched = batch_restarts and restarts > 1
     total = (crop_steps * (1 if batched else restarts) if blind else 0) + (
         0 if fast else len(tile_schedule) * -(
         -len(plan) // max(1, max_batch // particles)))
@@ -359,15 +357,14 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
                 return score, (estimate, boxes, generator)
 
             if batched:  # every restart in one run of kernel groups, each its own generator
-                streams = [restart_seed(seed, index, restarts) for index in range(restarts)]
-                generators = [torch.Generator(device=device).manual_seed(s) for s in streams]
-                generator = generators
+                generators = _restart_generators(seed, restarts, device)
+                generator = list(generators.values())
                 estimates, boxes, scores = estimate_on_crops(
                     colour, sample, method, initial.expand(restarts, -1, -1).contiguous(),
                     schedule, count=crops, working_size=working_size, multiple=multiple,
                     sigma=sigma, particles=particles)
-                together = {stream: (k, boxes, score, g) for stream, k, score, g in
-                            zip(streams, estimates, scores, generators, strict=True)}
+                together = {stream: (k, boxes, score, g) for (stream, g), k, score in
+                            zip(generators.items(), estimates, scores, strict=True)}
             (kernel, boxes, generator), report = keep_least(seed, restarts, restart)
             info["restarts"] = {**report, "batched": batched}
             kernel, _, moved = recentre(kernel)  # the tiles then restore the frame in place
@@ -413,6 +410,14 @@ def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started:
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
         if device.type == "cuda" else None})
     return Result(restored[0], final_kernel, restored, restored.mean(0), info)
+
+
+def _restart_generators(seed: int, restarts: int,
+                        device: torch.device) -> dict[int, torch.Generator]:
+    """Each restart's seed (``restarts.restart_seed``) and a generator seeded with it, in
+    restart order: what ``keep_least`` gives each restart when they run one by one."""
+    streams = (restart_seed(seed, index, restarts) for index in range(restarts))
+    return {stream: torch.Generator(device=device).manual_seed(stream) for stream in streams}
 
 
 def _elapsed(clock: float, device: torch.device) -> float:

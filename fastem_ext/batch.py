@@ -45,7 +45,7 @@ from .settings import (
     DEFAULT_STEPS,
     MAX_CROPS,
     MAX_PARTICLES,
-    check_batch_restarts,
+    batched_restarts,
     check_crops_path,
     check_path_flags,
     check_restarts,
@@ -121,8 +121,7 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
         "full_diffusion": full_diffusion,
         "version": fastem_version(),
     }
-    check_batch_restarts(batch_restarts, method)
-    runs = settings["restarts"] if batch_restarts and settings["restarts"] > 1 else 1
+    runs = batched_restarts(batch_restarts, method, settings["restarts"])
     settings["max_batch"] = resolve_max_batch(max_batch, method, settings["crops"],
                                               settings["particles"], runs)
     # errors that every image would raise are errors of the job, not of each image

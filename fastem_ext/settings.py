@@ -47,15 +47,16 @@ def check_restarts(restarts: int | None, method: str) -> int:
     return restarts
 
 
-def check_batch_restarts(batch_restarts: object, method: str) -> None:
-    """``batch_restarts``: a boolean, and only for the methods whose run is one loop of one
-    step (``GROUPED``)."""
+def batched_restarts(batch_restarts: object, method: str, restarts: int) -> int:
+    """How many restarts run as one batch: ``restarts`` with ``batch_restarts`` (a boolean,
+    only for the methods whose run is one loop of one step, ``GROUPED``), else 1."""
     if not isinstance(batch_restarts, bool):
         raise ValueError(f"batch_restarts must be True or False, got {batch_restarts!r}")
     if batch_restarts and method not in GROUPED:
         why = ("runs its restarts one after another" if method in BLIND
                else "is non-blind and runs once")
         raise ValueError(f"batch_restarts applies to {' and '.join(GROUPED)}; {method!r} {why}")
+    return restarts if batch_restarts else 1
 
 
 def check_path_flags(fast: object, full_diffusion: object, boundary: str) -> None:
