@@ -12,6 +12,12 @@ measurement to ``--out`` (wall times, PSNR, kernel MSE, peak RSS, load average, 
     OMP_NUM_THREADS=1 nice python python/evaluate_photo.py --stage fast12mp
     OMP_NUM_THREADS=1 nice python python/evaluate_photo.py --stage tiles12mp
     OMP_NUM_THREADS=1 nice python python/evaluate_photo.py --stage full12mp
+    OMP_NUM_THREADS=1 nice python python/evaluate_photo.py --stage midsize --split tune \
+        --size 256x384 --images 4 --out python/results/photo-midsize-tune
+
+``midsize``: photos just above the working size, where ``run()``'s path is a choice: per image,
+the default run (crops + tiles) and ``full_diffusion=True`` (whole image), same blur and seed.
+``--split tune`` takes ``natural/train`` images (TUNE-seed kernels), ``val`` Kodak (EVAL seeds).
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from prior_common import train_files, val_files
 
 from fastem_ext import metrics, motion_kernel, run
 from fastem_ext.io import read_image
-from fastem_ext.motion import EVAL_SEEDS
+from fastem_ext.motion import EVAL_SEEDS, TUNE_SEEDS
 from fastem_ext.photo import restore_tiles, tile_plan
 from fastem_ext.physics import blur
 from fastem_ext.priors import load_prior
@@ -181,16 +188,58 @@ def tiles12mp(args, out: Path) -> None:
         "extrapolated_full_frame_tile_seconds": seconds / len(plan) * len(full)})
 
 
+def midsize_cases(split: str, size: tuple[int, int], images: int):
+    """``images`` photos of ``split`` large enough for a ``size`` window plus the blur's margin,
+    evenly spaced in name order (turned to landscape when ``size`` is); yields ``(name, sharp,
+    kernel, blurry)``: the centre window blurred like ``evaluate.py``'s valid cases, σ 10/255."""
+    height, width = size
+    files = train_files() if split == "tune" else val_files()
+    seeds = TUNE_SEEDS if split == "tune" else EVAL_SEEDS
+    fitting = []
+    for path in files:
+        image = read_image(path)[0]
+        if (image.shape[-2] > image.shape[-1]) != (height > width):
+            image = image.transpose(-2, -1)
+        if image.shape[-2] >= height + 32 and image.shape[-1] >= width + 32:
+            fitting.append((path, image))
+    if len(fitting) < images:
+        raise SystemExit(f"only {len(fitting)} {split} images fit a {height}x{width} window")
+    chosen = fitting[:: len(fitting) // images][:images]
+    for index, (path, image) in enumerate(chosen):
+        kernel = motion_kernel(33, seed=seeds.start + index)
+        top, left = (image.shape[-2] - height - 32) // 2, (image.shape[-1] - width - 32) // 2
+        scene = image[:, top : top + height + 32, left : left + width + 32]
+        noise = torch.randn((3, height, width),
+                            generator=torch.Generator().manual_seed(10_000 * index + 10))
+        yield (path.stem, scene[:, 16:-16, 16:-16], kernel,
+               blur(scene, kernel, "valid") + 10 / 255 * noise)
+
+
+def midsize(args, out: Path) -> None:
+    size = tuple(int(side) for side in args.size.split("x"))
+    for name, sharp, kernel, y in midsize_cases(args.split, size, args.images):
+        record(out, f"{name}_blurry", blurry_scores(y, sharp))
+        for path, options in (("crops", {}), ("whole", {"full_diffusion": True})):
+            clock = time.perf_counter()
+            res = run(y, 10 / 255, kernel_size=33, seed=0, progress=False, **options)
+            record(out, f"{name}_{path}",
+                   scores(res, sharp, kernel, time.perf_counter() - clock))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", required=True,
-                        choices=("kodak", "kodak-known", "fast12mp", "tiles12mp", "full12mp"))
+                        choices=("kodak", "kodak-known", "fast12mp", "tiles12mp", "full12mp",
+                                 "midsize"))
     parser.add_argument("--kernel-seed", type=int, default=0)
+    parser.add_argument("--split", choices=("tune", "val"), default="tune", help="midsize")
+    parser.add_argument("--size", default="256x384", help="midsize: HxW")
+    parser.add_argument("--images", type=int, default=4, help="midsize")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results/photo")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     stages = {"kodak": kodak, "kodak-known": kodak_known, "fast12mp": fast12mp,
-              "tiles12mp": tiles12mp, "full12mp": full12mp}
+              "tiles12mp": tiles12mp, "full12mp": full12mp, "midsize": midsize}
     stages[args.stage](args, args.out)
 
 
