@@ -36,9 +36,10 @@ echo "group norm: $((SECONDS - start)) s"
 timeout 150 python3 benchmarks/bench_engine.py --device cuda --model natural --no-dps --particles 1 \
     --engines reference fast fused compiled --reference-steps 10 --out "$OUT/bench_natural.json" 2>&1
 echo "natural: $((SECONDS - start)) s"
-# Issues 12/17: run()'s three restarts one after another vs as one batch (kernel groups).
-timeout 100 python3 benchmarks/bench_restarts.py --device cuda --out "$OUT/bench_restarts.json" 2>&1
-echo "restarts: $((SECONDS - start)) s"
+# Issues 12/17: one photo at a time vs its three restarts, four photos, or both in one network
+# call (kernel groups): run(batch_restarts=True), run_together (fastem batch --batch-images).
+timeout 150 python3 benchmarks/bench_batching.py --device cuda --out "$OUT/bench_batching.json" 2>&1
+echo "batching: $((SECONDS - start)) s"
 left=$((${FASTEM_GPU_BUDGET_S:-540} - (SECONDS - start)))
 if [ "$left" -lt 30 ]; then
     echo "engine (FFHQ): skipped, only $left s of the budget left"

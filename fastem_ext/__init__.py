@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the same names, for type checkers and tests/test_layers.py's import walk
     from . import metrics
     from .aot import export, load_package
-    from .api import Result, run
+    from .api import Result, run, run_together
     from .batch import BatchResult, run_batch
     from .motion import motion_kernel, motion_kernels
     from .mstep import HQSConfig, estimate_kernel
@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and tests/test_layers.py'
 # The public names, imported on first use (PEP 562): ``import fastem_ext`` and the ``fastem``
 # command's start-up import nothing heavy until a name is used, so Ctrl-C there can be caught.
 _EXPORTS = {
-    "METHODS": ".settings", "Result": ".api", "run": ".api",
+    "METHODS": ".settings", "Result": ".api", "run": ".api", "run_together": ".api",
     "BatchResult": ".batch", "run_batch": ".batch",
     "export": ".aot", "load_package": ".aot",
     "motion_kernel": ".motion", "motion_kernels": ".motion",
@@ -71,4 +71,5 @@ __all__ = [
     "psf2otf",
     "run",
     "run_batch",
+    "run_together",
 ]

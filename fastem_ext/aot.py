@@ -85,6 +85,7 @@ from .priors import load_prior
 from .restarts import SEEDS, keep_least, variation
 from .schedule import R2_RULES, Schedule, to_image
 from .settings import (
+    DEFAULT_CROPS,
     DEFAULT_KERNEL_SIZE,
     DEFAULT_STEPS,
     MAX_GUIDANCE_SCALE,
@@ -92,6 +93,7 @@ from .settings import (
     WORKING_SIZE,
     check_restarts,
     mstep_config,
+    on_crops_path,
     resolve_device,
 )
 from .step import StepConfig, plan_step, step_with_noise
@@ -115,7 +117,7 @@ MAX_SIDE = 8192
 
 
 class WholeImageWarning(UserWarning):
-    """``export`` of a photo size above ``run()``'s working size: the package runs the
+    """``export`` of a photo size that ``run()`` restores by crops + tiles: the package runs the
     whole-image diffusion (``run(..., full_diffusion=True)``), not the crops + tiles path."""
 
 
@@ -150,7 +152,7 @@ def export(path: str | os.PathLike, height: int, width: int, *, prior: str = "na
     ``EXPORT_METHODS``), its whole-image run (``full_diffusion=True``: a larger photo's default
     crops + tiles path is not exported); ``prior`` is a name or a weights path (not a module:
     the package records it by name; the manifest's ``"path"`` is ``"whole image"``). A photo
-    larger than ``run()``'s working size (``settings.WORKING_SIZE``) on either side gets a
+    that ``run()`` would restore by crops + tiles (``settings.on_crops_path``) gets a
     ``UserWarning``: the package then matches ``run(..., full_diffusion=True)``, not ``run()``'s
     default crops + tiles path. Takes minutes for the natural prior on a CPU. The folder
     appears only when complete. Returns the manifest, with ``export_seconds``.
@@ -165,11 +167,13 @@ def export(path: str | os.PathLike, height: int, width: int, *, prior: str = "na
                                steps=steps, kernel_size=kernel_size, boundary=boundary,
                                regularizer=regularizer, r2=r2, guidance_scale=guidance_scale,
                                restarts=restarts, device=device)
-    if max(manifest["height"], manifest["width"]) > WORKING_SIZE:
+    if on_crops_path((manifest["height"], manifest["width"]), working_size=WORKING_SIZE,
+                     crops=DEFAULT_CROPS, kernel_size=manifest["kernel_size"],
+                     boundary=manifest["boundary"], full_diffusion=False, fast=False):
         warnings.warn(f"a {manifest['height']}x{manifest['width']} package runs the whole-image "
                       "diffusion: it matches run(..., full_diffusion=True), not run()'s default "
-                      f"crops + tiles path for photos larger than {WORKING_SIZE} pixels on a side",
-                      WholeImageWarning, stacklevel=2)
+                      "crops + tiles path for a photo of this size", WholeImageWarning,
+                      stacklevel=2)
     from torch._inductor import aoti_compile_and_package  # heavy: on use only
 
     staging = Path(tempfile.mkdtemp(prefix=".fastem-", dir=target.parent))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -25,7 +27,7 @@ from .checks import (
 from .deconv import deconvolve_tv
 from .engine import EngineConfig, fused_norms_pay, graphed_sample
 from .hardware import describe_device
-from .io import load_image
+from .io import LoadedImage, load_image
 from .mstep import REGULARIZERS, HQSConfig
 from .noise import estimate_noise
 from .observation import Observation
@@ -44,8 +46,10 @@ from .samplers import Runner, SamplerOutput, StepCallback, diffusion_em, fast_em
 from .schedule import Schedule
 from .settings import (
     BLIND,
+    DEFAULT_CROPS,
     DEFAULT_STEPS,
     ENGINES,
+    GROUPED,
     MAX_CROPS,
     MAX_GUIDANCE_SCALE,
     MAX_PARTICLES,
@@ -60,6 +64,7 @@ from .settings import (
     check_working_multiple,
     kernel_size_or_default,
     mstep_config,
+    on_crops_path,
     resolve_device,
     resolve_max_batch,
     tile_schedule_of,
@@ -89,7 +94,8 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         regularizer: str = "pnp", rounds: int = 10, r2: str = "reference",
         guidance_scale: float = 1.0, engine: str = "auto", precision: str = "bf16",
         compile: bool = False, mstep: HQSConfig | None = None,
-        callback: StepCallback | None = None, working_size: int = WORKING_SIZE, crops: int = 3,
+        callback: StepCallback | None = None, working_size: int = WORKING_SIZE,
+        crops: int = DEFAULT_CROPS,
         max_batch: int | None = None, tile_steps: str | int | None = None, fast: bool = False,
         full_diffusion: bool = False, restarts: int | None = None,
         batch_restarts: bool = False) -> Result:
@@ -130,22 +136,116 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     amplify; ``info["restarts"]["batched"]``); the callback then sees every restart at once
     (``x̂0`` of all, the kernels ``[R, K, K]``).
 
-    A photo larger than ``working_size`` (pixels, default 256) on either side takes the crops
-    path (``photo``): the blind method runs on its ``crops`` most informative windows as one
-    batch sharing the kernel, then the full frame is restored with that kernel by non-blind
-    ΠGDM/DPS over overlapping tiles (``tile_steps``: default 25 for ΠGDM, 1000 for DPS; at
-    most ``max_batch`` network inputs, tiles × particles, per call; default 8, or crops ×
-    particles where that is more, since the crops share one call), or, with ``fast=True``
+    A photo larger than ``working_size`` (pixels, default 256) on either side, with more pixels
+    than its crops would cover (``crops`` windows of ``working_size − 2⌊K/2⌋`` squared;
+    ``settings.on_crops_path``), takes the crops path (``photo``): the blind method runs on its
+    ``crops`` most informative windows as one batch sharing the kernel, then the full frame is
+    restored with that kernel by non-blind ΠGDM/DPS over overlapping tiles (``tile_steps``:
+    default 25 for ΠGDM, 1000 for DPS; at most ``max_batch`` network inputs, tiles ×
+    particles, per call; default 8, or crops × particles where that is more, since the crops
+    share one call), or, with ``fast=True``
     (this path at any size), by a TV deconvolution (``deconv``: no diffusion; one image).
     Non-blind methods skip the crops. ``full_diffusion=True`` keeps the whole-image run. On the
     crops path ``callback`` sees each batch's ``x̂0`` on its computation grids (crops or tiles
     × particles, window-major, the unobserved borders included) instead of the frame.
     ``info["path"]`` says which path ran; ``info["stages"]`` gives each stage's crops or tiles,
-    steps and seconds.
+    steps and seconds. Several photos with the same settings: ``run_together``.
     """
+    options = {name: value for name, value in locals().items() if name not in ("blurry", "sigma")}
+    (result,) = _run_images([blurry], sigma, **options)
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+RUN_OPTIONS = {name: parameter.default for name, parameter in inspect.signature(run).parameters
+               .items() if parameter.kind is inspect.Parameter.KEYWORD_ONLY}
+IMAGE_ERRORS = (ValueError, RuntimeError, OSError)  # one image fails; the others go on
+
+
+def run_together(blurries: Sequence[object], sigma: float | None = None,
+                 **options: Any) -> list[Result | Exception]:
+    """Several photos with the same settings (``options``: ``run()``'s keyword arguments), each
+    photo's result the one ``run()`` gives it alone, in the order given.
+
+    Photos of one size that take the whole-image path share every network call (Fast EM
+    methods: photos × restarts (with ``batch_restarts``) × particles inputs per call, each
+    photo drawing its own random streams), so their results equal their single runs up to the
+    float rounding of a larger batch, as with ``batch_restarts``; other photos run one after
+    another. A photo that cannot be read or restored (too small, NaN, every restart diverged)
+    gets its exception (``ValueError``, ``RuntimeError``, ``OSError``) in its place and the
+    others go on; when a shared call fails, its photos run again one by one, so that a failure
+    stays with its photo. Errors of the settings raise. The callback sees the photos of a
+    shared call at once (``x̂0`` of all, the kernels ``[G, K, K]``); ``info["images_together"]``
+    says how many photos shared the calls.
+    """
+    unknown = sorted(set(options) - set(RUN_OPTIONS))
+    if unknown:
+        raise TypeError(f"run_together() got unknown settings {unknown}")
+    if isinstance(blurries, (str, os.PathLike, Tensor)) or not isinstance(blurries, Sequence):
+        raise ValueError("blurries must be a list of photos (paths, arrays or tensors)")
+    return _run_images(list(blurries), sigma, **{**RUN_OPTIONS, **options})
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """``run()``'s settings once checked: what every photo of a call shares."""
+
+    method: str
+    particles: int
+    rounds: int
+    seed: int
+    guidance_scale: float
+    kernel: Tensor | None  # the given kernel (CPU, float32): blind methods start from it
+    kernel_size: int
+    restarts: int
+    batched: bool  # the restarts run as kernel groups
+    device: torch.device
+    engine: str
+    precision: str
+    runner: Runner
+    schedule: Schedule
+    r2: str
+    boundary: str
+    progress: bool
+    callback: StepCallback | None
+    working_size: int
+    crops: int
+    max_batch: int
+    tile_schedule: Schedule
+    fast: bool
+    net_prior: Prior | None = None
+    mstep: HQSConfig | None = None
+
+
+@dataclass(frozen=True)
+class _Photo:
+    """One photo of a call, read and checked: its noise level and path."""
+
+    loaded: LoadedImage
+    sigma: float
+    estimated: bool
+    on_crops: bool
+
+    @property
+    def image(self) -> Tensor:
+        return self.loaded.image
+
+
+def _run_images(blurries: list[object], sigma: float | None, *, method: str, prior: object,
+                particles: int, steps: str | int | None, kernel_size: int | None, seed: int,
+                device: str | torch.device | None, progress: bool, kernel: Tensor | None,
+                boundary: str, regularizer: str, rounds: int, r2: str, guidance_scale: float,
+                engine: str, precision: str, compile: bool, mstep: HQSConfig | None,
+                callback: StepCallback | None, working_size: int, crops: int,
+                max_batch: int | None, tile_steps: str | int | None, fast: bool,
+                full_diffusion: bool, restarts: int | None,
+                batch_restarts: bool) -> list[Result | Exception]:
+    """``run()`` and ``run_together()``: the settings checked (errors raise), then each photo
+    read and checked (its errors in its place), then the photos run: one whole-image run per
+    group of equal size (``_whole_image``), or each on the crops path."""
     started = time.perf_counter()
-    loaded = load_image(blurry)
-    image = loaded.image
+    loaded = [_attempt(load_image, blurry) for blurry in blurries]
     method = check_choice("method", method, METHODS)
     boundary = check_choice("boundary", boundary, BOUNDARIES)
     regularizer = check_choice("regularizer", regularizer, REGULARIZERS)
@@ -163,12 +263,9 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
         raise ValueError(f"method {method!r} is non-blind: pass kernel= (a [K, K] tensor)")
     restarts = check_restarts(restarts, method)
     runs = batched_restarts(batch_restarts, method, restarts)  # one network call for them
-    batched = runs > 1
-    kernel_size = check_kernel_size("kernel_size", kernel_size_or_default(kernel_size),
-                                    tuple(image.shape[-2:]))
-    estimated = sigma is None
-    sigma = check_sigma(ESTIMATED_SIGMA if estimated else "sigma",
-                        estimate_noise(image) if estimated else sigma)
+    kernel_size = kernel_size_or_default(kernel_size)
+    if sigma is not None:
+        sigma = check_sigma("sigma", sigma)
     device = resolve_device(device)
     engine = check_choice("engine", engine, ENGINES)
     if engine == "auto":
@@ -182,128 +279,230 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     runner = sample if engine == "reference" else partial(graphed_sample, engine=EngineConfig(
         precision=precision, compile=compile, fused_norms=fused_norms).validate())
     schedule = Schedule(DEFAULT_STEPS[method] if steps is None else steps, r2=r2)
-    mstep = mstep_config(regularizer, kernel_size, device, mstep)
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable, got {type(callback).__name__}")
-
     working_size = check_int("working_size", working_size, low=32)
     crops = check_int("crops", crops, low=1, high=MAX_CROPS)
     max_batch = resolve_max_batch(max_batch, method, crops, particles, runs)
     tile_schedule = tile_schedule_of(tile_steps, method, r2)
     check_path_flags(fast, full_diffusion, boundary)
-    large = max(image.shape[-2:]) > working_size
-    on_crops = boundary == "valid" and not full_diffusion and (large or fast)
-    if on_crops:
+    setup = _Setup(method, particles, rounds, seed, guidance_scale, kernel, kernel_size,
+                   restarts, runs > 1, device, engine, precision if engine == "fast" else "fp32",
+                   runner, schedule, r2, boundary, progress, callback, working_size, crops,
+                   max_batch, tile_schedule, fast)
+    photos = [read if isinstance(read, Exception) else _attempt(_photo, read, sigma, setup,
+                                                                 full_diffusion)
+              for read in loaded]
+    checked = [photo for photo in photos if isinstance(photo, _Photo)]
+    if not checked:
+        return photos
+    kernel_size = int(kernel_size)  # an integer: the photos checked it
+    if any(photo.on_crops for photo in checked):
         check_crops_path(method, kernel_size, working_size, crops, particles, max_batch, fast,
                          runs)
-
+    mstep = mstep_config(regularizer, kernel_size, device, mstep)
     net_prior = load_prior(prior, device)
-    if on_crops:
+    if any(photo.on_crops for photo in checked):
         check_working_multiple(working_size, net_prior)
-        return _run_on_crops(
-            loaded, image, sigma, estimated, started, method=method, net_prior=net_prior,
-            kernel=kernel, kernel_size=kernel_size, schedule=schedule,
-            tile_schedule=tile_schedule, particles=particles, seed=seed, device=device,
-            progress=progress, mstep=mstep, rounds=rounds, guidance_scale=guidance_scale,
-            callback=callback, runner=runner, working_size=working_size, crops=crops,
-            max_batch=max_batch, fast=fast, restarts=restarts,
-            batched=batched, info={
-                "restarts": None, "r2": r2, "engine": engine,
-                "precision": precision if engine == "fast" else "fp32", "regularizer": mstep.kind})
-    frame = Frame.plan(*image.shape[-2:], kernel_size, net_prior.size_multiple, boundary)
-    colour = image.expand(3, -1, -1) if image.shape[0] == 1 else image
-    grid, mask = frame.pad(colour.to(device))
-    obs = Observation(grid, sigma, mask)
-    if kernel is None:
-        kernel = initial_kernel(kernel_size)
-    kernel = (kernel / kernel.sum()).to(device)
-    run_steps = len(schedule) * (rounds if method == "diffem-pigdm" else 1) * restarts
-    total = run_steps // restarts if batched else run_steps  # the steps the loop takes
-    reporter = StepProgress(total, obs, enabled=progress, desc=method)
+    setup = replace(setup, kernel_size=kernel_size, net_prior=net_prior, mstep=mstep)
+    results: list[Result | Exception] = list(photos)
+    together: dict[object, list[int]] = {}  # photos of one size on the whole-image path
+    for index, photo in enumerate(photos):
+        if isinstance(photo, Exception):
+            continue
+        if photo.on_crops:
+            results[index] = _attempt(_run_on_crops, photo, setup, started)
+        else:
+            key = tuple(photo.image.shape[-2:]) if method in GROUPED else index
+            together.setdefault(key, []).append(index)
+    for indices in together.values():
+        group = [photos[index] for index in indices]
+        for index, result in zip(indices, _whole_images(group, setup, started), strict=True):
+            results[index] = result
+    return results
+
+
+def _attempt(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``, or the photo's error (``IMAGE_ERRORS``) in place of its result."""
+    try:
+        return function(*args)
+    except IMAGE_ERRORS as err:
+        return err
+
+
+def _photo(loaded: LoadedImage, sigma: float | None, setup: _Setup,
+           full_diffusion: bool) -> _Photo:
+    """A photo's own checks: the kernel fits it, its noise level (estimated when ``None``),
+    and its path (crops + tiles above the working size, or with ``fast``)."""
+    image = loaded.image
+    check_kernel_size("kernel_size", kernel_size_or_default(setup.kernel_size),
+                      tuple(image.shape[-2:]))
+    estimated = sigma is None
+    if estimated:
+        sigma = check_sigma(ESTIMATED_SIGMA, estimate_noise(image))
+    return _Photo(loaded, sigma, estimated, on_crops_path(
+        tuple(image.shape[-2:]), working_size=setup.working_size, crops=setup.crops,
+        kernel_size=int(setup.kernel_size), boundary=setup.boundary,
+        full_diffusion=full_diffusion, fast=setup.fast))
+
+
+def _whole_images(photos: list[_Photo], setup: _Setup,
+                  started: float) -> list[Result | Exception]:
+    """``_whole_image`` for photos of one size, together; when a shared call fails, each photo
+    alone, so that the failure stays with the photo that caused it."""
+    if len(photos) > 1:
+        try:
+            return _whole_image(photos, setup, started)
+        except IMAGE_ERRORS:
+            if setup.device.type == "cuda":
+                torch.cuda.empty_cache()  # after an out-of-memory error, for the photos alone
+    return [_attempt(lambda one: _whole_image([one], setup, started)[0], photo)
+            for photo in photos]
+
+
+def _whole_image(photos: list[_Photo], setup: _Setup,
+                 started: float) -> list[Result | Exception]:
+    """The whole-image path for photos of one size: each restart's sampling of every photo in
+    one run of kernel groups (photo-major; with ``batched`` restarts, every restart's too), then
+    each photo's kept restart (``keep_least``) and its result, or its error (every restart
+    diverged). Errors of the shared sampling raise."""
+    s = setup
+    height, width = photos[0].image.shape[-2:]
+    frame = Frame.plan(height, width, s.kernel_size, s.net_prior.size_multiple, s.boundary)
+    colours = [photo.image.expand(3, -1, -1) if photo.image.shape[0] == 1 else photo.image
+               for photo in photos]
+    observations = []
+    for colour, photo in zip(colours, photos, strict=True):
+        grid, mask = frame.pad(colour.to(s.device))
+        observations.append(Observation(grid, photo.sigma, mask))
+    kernel = initial_kernel(s.kernel_size) if s.kernel is None else s.kernel
+    kernel = (kernel / kernel.sum()).to(s.device)
+    streams = [restart_seed(s.seed, index, s.restarts) for index in range(s.restarts)]
+    run_steps = len(s.schedule) * (s.rounds if s.method == "diffem-pigdm" else 1) * s.restarts
+    total = run_steps // s.restarts if s.batched else run_steps  # the steps the loop takes
+    reporter = StepProgress(total, observations[0], enabled=s.progress, desc=s.method)
     step_callback = reporter
-    if callback is not None:
+    if s.callback is not None:
         def step_callback(i: int, x0: Tensor, k: Tensor | None) -> None:
             reporter(i, x0, k)
-            callback(i, frame.crop(x0), k)
+            s.callback(i, frame.crop(x0), k)
 
-    _probe_prior(net_prior, (particles, 3, frame.grid_h, frame.grid_w), schedule, device)
-    if torch.cuda.is_available() and device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    _probe_prior(s.net_prior, (s.particles, 3, frame.grid_h, frame.grid_w), s.schedule,
+                 s.device)
+    if torch.cuda.is_available() and s.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(s.device)
     sample_start = time.perf_counter()
-    compile_times = []  # per restart: the fast engine's compilation, or None
+    compile_times = []  # per call: the fast engine's compilation, or None
+    outputs: dict[tuple[int, int], SamplerOutput] = {}  # (photo, stream): its sampling
 
-    def restart(stream: int) -> tuple[float, tuple[Tensor, Tensor, Tensor | None, bool]]:
-        if batched:
-            out = together[stream]
-        else:
-            generator = torch.Generator(device=device).manual_seed(stream)
-            out = _sample(method, net_prior.model, obs, kernel, schedule, particles, generator,
-                          mstep, rounds, guidance_scale, step_callback, runner)
+    def sample_streams(chosen: list[int]) -> None:
+        """One sampling run of every photo × the ``chosen`` streams into ``outputs``."""
+        groups = [(index, stream) for index in range(len(photos)) for stream in chosen]
+        if len(groups) == 1:
+            out = _sample(s.method, s.net_prior.model, observations[0], kernel, s.schedule,
+                          s.particles, torch.Generator(device=s.device).manual_seed(chosen[0]),
+                          s.mstep, s.rounds, s.guidance_scale, step_callback, s.runner)
             compile_times.append(out.compile_seconds)  # paid even when the restart diverged
-        _check_finite(out, guidance_scale)
-        samples, final_kernel, moved = out.particles, out.kernel, None
-        if method in BLIND:  # the kernel's centre of mass onto its centre, the images along
-            final_kernel, samples, moved = recentre(out.kernel, samples)
-        return total_variation(frame.crop(samples)), (samples, final_kernel, moved,
-                                                      out.fused_norms)
+            outputs[groups[0]] = out
+            return
+        out = _sample(s.method, s.net_prior.model,
+                      tuple(observations[index] for index, _ in groups),
+                      kernel.expand(len(groups), -1, -1).contiguous(), s.schedule, s.particles,
+                      [torch.Generator(device=s.device).manual_seed(stream)
+                       for _, stream in groups],
+                      s.mstep, s.rounds, s.guidance_scale, step_callback, s.runner)
+        compile_times.append(out.compile_seconds)
+        for group, part, k in zip(groups, out.particles.chunk(len(groups)), out.kernel,
+                                  strict=True):
+            outputs[group] = replace(out, particles=part, kernel=k)
 
     try:
-        if batched:  # every restart in one run of kernel groups, then each one's result
-            generators = _restart_generators(seed, restarts, device)
-            out = _sample(method, net_prior.model, (obs,) * restarts,
-                          kernel.expand(restarts, -1, -1).contiguous(), schedule, particles,
-                          list(generators.values()), mstep, rounds, guidance_scale,
-                          step_callback, runner)
-            compile_times.append(out.compile_seconds)
-            together = {stream: replace(out, particles=part, kernel=k) for stream, part, k in
-                        zip(generators, out.particles.chunk(restarts), out.kernel, strict=True)}
-        (samples, final_kernel, moved, fused), restarts_report = keep_least(seed, restarts,
-                                                                            restart)
+        if s.batched:  # every restart of every photo in one run
+            sample_streams(streams)
+        elif len(photos) > 1:  # restart by restart, the photos together
+            for stream in streams:
+                sample_streams([stream])
+        kept = [_attempt(keep_least, s.seed, s.restarts, partial(
+            _whole_restart, photo=index, outputs=outputs, sample_streams=sample_streams,
+            frame=frame, setup=s)) for index in range(len(photos))]
     finally:
         reporter.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if s.device.type == "cuda":
+        torch.cuda.synchronize(s.device)
     sample_seconds = time.perf_counter() - sample_start
     compiled = [t for t in compile_times if t is not None]
     compile_seconds = sum(compiled) if compiled else None
-    reblur = frame.crop(blur_spectrum(samples.mean(0), psf2otf(final_kernel, grid.shape[-2:])))
-    reblur_rmse = float((reblur - colour.to(device)).square().mean().sqrt())
+    return [outcome if isinstance(outcome, Exception) else _whole_result(
+        photo, colour, *outcome, frame=frame, setup=s, started=started, together=len(photos),
+        sample_seconds=sample_seconds, compile_seconds=compile_seconds, run_steps=run_steps)
+        for photo, colour, outcome in zip(photos, colours, kept, strict=True)]
+
+
+def _whole_restart(stream: int, *, photo: int, outputs: dict, sample_streams, frame: Frame,
+                   setup: _Setup) -> tuple[float, tuple[Tensor, Tensor, Tensor | None, bool]]:
+    """One restart of one photo for ``keep_least``: its sampling (run now if not yet run: a
+    single photo's restarts one after another), checked, re-centred and scored."""
+    if (photo, stream) not in outputs:
+        sample_streams([stream])
+    out = outputs.pop((photo, stream))  # the kept one stays with keep_least only
+    _check_finite(out, setup.guidance_scale)
+    samples, final_kernel, moved = out.particles, out.kernel, None
+    if setup.method in BLIND:  # the kernel's centre of mass onto its centre, the images along
+        final_kernel, samples, moved = recentre(out.kernel, samples)
+    return total_variation(frame.crop(samples)), (samples, final_kernel, moved, out.fused_norms)
+
+
+def _whole_result(photo: _Photo, colour: Tensor, kept: tuple, report: dict, *, frame: Frame,
+                  setup: _Setup, started: float, together: int, sample_seconds: float,
+                  compile_seconds: float | None, run_steps: int) -> Result:
+    """A photo's ``Result`` from its kept restart (``_whole_image``)."""
+    s = setup
+    samples, final_kernel, moved, fused = kept
+    grid_hw = (frame.grid_h, frame.grid_w)
+    reblur = frame.crop(blur_spectrum(samples.mean(0), psf2otf(final_kernel, grid_hw)))
+    reblur_rmse = float((reblur - colour.to(s.device)).square().mean().sqrt())
     restored = frame.crop(samples)
-    if image.shape[0] == 1:
+    if photo.image.shape[0] == 1:
         restored = restored.mean(dim=1, keepdim=True)
     restored, final_kernel = restored.float().cpu(), final_kernel.float().cpu()
-    mean = restored.mean(0)
     info = {
-        "method": method, "prior": net_prior.name, "particles": particles,
-        "steps": len(schedule), "rounds": rounds if method == "diffem-pigdm" else 1,
-        "sigma": sigma, "sigma_estimated": estimated, "kernel_size": kernel_size,
-        "boundary": boundary, "grid": [frame.grid_h, frame.grid_w], "regularizer": mstep.kind,
-        "r2": r2, "seed": seed,
-        "restarts": {**restarts_report, "batched": batched} if method in BLIND else None,
-        "engine": engine,
-        "precision": precision if engine == "fast" else "fp32", "fused_norms": fused,
-        "compiled": compile_seconds is not None, "device": describe_device(device),
-        "source": loaded.source, "bits": loaded.bits,
+        "method": s.method, "prior": s.net_prior.name, "particles": s.particles,
+        "steps": len(s.schedule), "rounds": s.rounds if s.method == "diffem-pigdm" else 1,
+        "sigma": photo.sigma, "sigma_estimated": photo.estimated, "kernel_size": s.kernel_size,
+        "boundary": s.boundary, "grid": list(grid_hw), "regularizer": s.mstep.kind,
+        "r2": s.r2, "seed": s.seed,
+        "restarts": {**report, "batched": s.batched} if s.method in BLIND else None,
+        "engine": s.engine, "precision": s.precision, "fused_norms": fused,
+        "compiled": compile_seconds is not None, "device": describe_device(s.device),
+        "source": photo.loaded.source, "bits": photo.loaded.bits,
         "reblur_rmse": reblur_rmse, "recentred": as_pixels(moved),
+        "images_together": together,
         "seconds_total": time.perf_counter() - started, "seconds_sampling": sample_seconds,
-        # per step of one restart (batched: a share of the batch's step), comparable either way
-        "seconds_per_step": (sample_seconds - (compile_seconds or 0.0)) / run_steps,
+        # per step of one restart of one photo (batched or together: a share of the batch's
+        # step), comparable either way
+        "seconds_per_step": (sample_seconds - (compile_seconds or 0.0)) / (run_steps * together),
         "seconds_compile": compile_seconds,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
-        if device.type == "cuda" else None, "path": "whole image",
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(s.device)
+        if s.device.type == "cuda" else None, "path": "whole image",
     }
-    return Result(restored[0], final_kernel, restored, mean, info)
+    return Result(restored[0], final_kernel, restored, restored.mean(0), info)
 
 
-def _run_on_crops(loaded, image: Tensor, sigma: float, estimated: bool, started: float, *,
-                  method: str, net_prior: Prior, kernel: Tensor | None, kernel_size: int,
-                  schedule: Schedule, tile_schedule: Schedule, particles: int, seed: int,
-                  device: torch.device, progress: bool, mstep: HQSConfig, rounds: int,
-                  guidance_scale: float, callback: StepCallback | None, runner: Runner,
-                  working_size: int, crops: int, max_batch: int, fast: bool, restarts: int,
-                  batched: bool, info: dict[str, Any]) -> Result:
+def _run_on_crops(photo: _Photo, setup: _Setup, started: float) -> Result:
     """``run()``'s crops path (``photo``): the kernel from crops (blind methods), then the
-    frame by tiles or, ``fast``, by TV deconvolution. Arguments are checked by ``run()``."""
+    frame by tiles or, ``fast``, by TV deconvolution."""
+    loaded, image, sigma, estimated = photo.loaded, photo.image, photo.sigma, photo.estimated
+    method, net_prior, kernel, kernel_size = (setup.method, setup.net_prior, setup.kernel,
+                                              setup.kernel_size)
+    schedule, tile_schedule, particles, seed = (setup.schedule, setup.tile_schedule,
+                                                setup.particles, setup.seed)
+    device, progress, mstep, rounds = setup.device, setup.progress, setup.mstep, setup.rounds
+    guidance_scale, callback, runner = setup.guidance_scale, setup.callback, setup.runner
+    working_size, crops, max_batch, fast = (setup.working_size, setup.crops, setup.max_batch,
+                                            setup.fast)
+    restarts, batched = setup.restarts, setup.batched
+    info: dict[str, Any] = {"restarts": None, "r2": setup.r2, "engine": setup.engine,
+                            "precision": setup.precision, "regularizer": mstep.kind}
     height, width = image.shape[-2:]
     colour = (image.expand(3, -1, -1) if image.shape[0] == 1 else image).to(device)
     blind = method in BLIND

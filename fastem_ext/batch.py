@@ -2,11 +2,13 @@
 
 One process loads the prior once and calls ``run()`` for each of its images with the same
 settings and the same seed, so an image's result is the one ``run()`` / ``fastem deblur`` gives
-alone. Each finished image is one manifest line (``manifest``); a rerun skips an input whose
-bytes and settings (fastem version included) have an ``ok`` line and whose outputs exist, not
-empty, and redoes failed or changed ones. Under ``torchrun`` each process takes the inputs
-whose content hash modulo the world size is its rank, and rank 0 merges the processes'
-manifests once all have finished.
+alone; with ``batch_images`` above 1, up to that many images of one size on the whole-image
+path share each network call (``run_together``: the same results up to float rounding). Each
+finished image is one manifest line (``manifest``); a rerun skips an input whose bytes and
+settings (fastem version included) have an ``ok`` line and whose outputs exist, not empty, and
+redoes failed or changed ones. Under ``torchrun`` each process takes the inputs whose content
+hash modulo the world size is its rank, and rank 0 merges the processes' manifests once all
+have finished.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from .api import run
+from .api import IMAGE_ERRORS, Result, run, run_together
 from .batch_plan import BatchItem, expand_inputs, plan_items
 from .boundary import BOUNDARIES
 from .checks import check_choice, check_int, check_sigma
 from .distributed import ProcessGroup, Ranks, rank_device, ranks_from_env
-from .io import commit_files, encode_image, encode_kernel, load_image
+from .io import LoadedImage, commit_files, encode_image, encode_kernel, load_image
 from .manifest import (
     append_record,
     file_sha256,
@@ -41,8 +43,10 @@ from .restarts import SEEDS
 from .schedule import Schedule
 from .settings import (
     BLIND,
+    DEFAULT_CROPS,
     DEFAULT_KERNEL_SIZE,
     DEFAULT_STEPS,
+    GROUPED,
     MAX_CROPS,
     MAX_PARTICLES,
     batched_restarts,
@@ -50,12 +54,13 @@ from .settings import (
     check_path_flags,
     check_restarts,
     check_working_multiple,
+    on_crops_path,
     resolve_device,
     resolve_max_batch,
     tile_schedule_of,
 )
 
-IMAGE_ERRORS = (ValueError, RuntimeError, OSError)  # one image fails; the job goes on
+MAX_BATCH_IMAGES = 64
 UNKNOWN_VERSION = "unknown"  # the settings' version where the package metadata is missing
 
 
@@ -85,8 +90,9 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
               kernel_size: int = DEFAULT_KERNEL_SIZE, seed: int = 0, restarts: int | None = None,
               batch_restarts: bool = False, device: str | None = None, boundary: str = "valid",
               regularizer: str = "pnp", working_size: int = 256,
-              crops: int = 3, max_batch: int | None = None, tile_steps: str | int | None = None,
-              fast: bool = False, full_diffusion: bool = False,
+              crops: int = DEFAULT_CROPS, max_batch: int | None = None,
+              tile_steps: str | int | None = None,
+              fast: bool = False, full_diffusion: bool = False, batch_images: int = 1,
               progress: bool = True) -> BatchResult:
     """Deblur every image of ``inputs`` (files, folders, glob patterns) into ``out_dir``.
 
@@ -95,7 +101,10 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
     a content-hash suffix (``batch_plan``). Every image gets the same ``seed`` and settings,
     which are ``run()``'s (blind methods only; ``working_size`` … ``full_diffusion``: the crops
     + tiles path of photos larger than ``working_size``); ``sigma=None`` estimates each
-    image's noise level. A rerun redoes an image whose settings or fastem version differ. An
+    image's noise level. ``batch_images``: up to this many images of one size on the
+    whole-image path share each network call (Fast EM methods; ``run_together``), the images
+    batched as they come in input order (those in flight wait for their call: a killed job loses
+    them). A rerun redoes an image whose settings or fastem version differ. An
     image that cannot be read or restored (not an image, too small, NaN, a failed run) is
     recorded as failed and the job goes on; errors of the settings or the inputs' paths raise
     ``ValueError`` before any work. ``progress``: a bar over this process's images
@@ -121,6 +130,12 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
         "full_diffusion": full_diffusion,
         "version": fastem_version(),
     }
+    images = check_int("batch_images", batch_images, low=1, high=MAX_BATCH_IMAGES)
+    if images > 1:  # absent at 1, so the manifests of jobs before the option still match
+        if method not in GROUPED:
+            raise ValueError(f"batch_images applies to {' and '.join(GROUPED)}; {method!r} "
+                             "runs each image alone")
+        settings["batch_images"] = images
     runs = batched_restarts(batch_restarts, method, settings["restarts"])
     settings["max_batch"] = resolve_max_batch(max_batch, method, settings["crops"],
                                               settings["particles"], runs)
@@ -190,57 +205,129 @@ class _Job:
 
         desc = "batch" if self.ranks.world_size == 1 else f"rank {self.ranks.rank}"
         show = progress and self.ranks.rank == 0
+        together = self.settings.get("batch_images", 1)
+        waiting: dict[tuple[int, ...], list[tuple[BatchItem, LoadedImage]]] = {}
         failed = 0
-        with tqdm(items, desc=desc, unit="image", disable=not show, dynamic_ncols=True) as bar:
-            for item in bar:
-                record = self._one(item)
-                append_record(self.manifest, record)
-                if record["status"] != "ok":
-                    failed += 1
-                    if progress:
-                        bar.write(f"fastem: {item.path}: failed: {record['error']}",
-                                  file=sys.stderr)
-                    bar.set_postfix_str(f"{failed} failed", refresh=False)
+        with tqdm(total=len(items), desc=desc, unit="image", disable=not show,
+                  dynamic_ncols=True) as bar:
+            def finish(records: list[dict]) -> None:
+                nonlocal failed
+                for record in records:
+                    append_record(self.manifest, record)
+                    bar.update(1)
+                    if record["status"] != "ok":
+                        failed += 1
+                        if progress:
+                            bar.write(f"fastem: {record['input']}: failed: {record['error']}",
+                                      file=sys.stderr)
+                        bar.set_postfix_str(f"{failed} failed", refresh=False)
 
-    def _one(self, item: BatchItem) -> dict:
-        """Deblur one input and commit its outputs; its manifest record, ok or failed."""
-        started = time.perf_counter()
+            for item in items:
+                loaded = self._load(item) if together > 1 and item.error is None else None
+                if isinstance(loaded, LoadedImage) and not self._on_crops(loaded):
+                    group = waiting.setdefault(tuple(loaded.image.shape[-2:]), [])
+                    group.append((item, loaded))
+                    if len(group) == together:
+                        finish(self._together(waiting.pop(tuple(loaded.image.shape[-2:]))))
+                else:
+                    finish([self._one(item, loaded)])
+            for group in waiting.values():
+                finish(self._together(group))
+
+    def _record(self, item: BatchItem) -> dict:
+        """A record of ``item``, failed until its outputs are committed."""
         record = {"input": str(item.path), "sha256": item.sha256, "settings": self.key,
                   "status": "failed", "error": item.error, "rank": self.ranks.rank}
         if item.sha256 is not None:  # a failed image keeps its names reserved (batch_plan)
             record.update(output=item.output, kernel=item.kernel)
+        return record
+
+    def _one(self, item: BatchItem, loaded: LoadedImage | Exception | None = None) -> dict:
+        """Deblur one input (``loaded``: read already, or the error of reading it) and commit
+        its outputs; its manifest record, ok or failed."""
+        started = time.perf_counter()
+        record = self._record(item)
         if item.error is None:
             try:
-                record.update(self._restore(item))
+                if isinstance(loaded, Exception):
+                    raise loaded
+                loaded = self._load(item, raising=True) if loaded is None else loaded
+                record.update(self._commit(item, loaded, self._run(loaded)))
                 record["status"] = "ok"
             except IMAGE_ERRORS as err:
-                record["error"] = (str(err) if isinstance(err, ValueError)
-                                   else f"{type(err).__name__}: {err}")
+                record["error"] = _reason(err)
                 if self.device.startswith("cuda"):
                     torch.cuda.empty_cache()  # after an out-of-memory error, for the next one
         record["seconds"] = time.perf_counter() - started
         record["finished"] = time.time()
         return record
 
-    def _restore(self, item: BatchItem) -> dict:
-        loaded = load_image(item.path, name="input")
-        if file_sha256(item.path) != item.sha256:
-            raise ValueError("the file changed while the job ran; run the job again")
+    def _together(self, group: list[tuple[BatchItem, LoadedImage]]) -> list[dict]:
+        """Deblur images of one size in shared network calls (``run_together``); their
+        records, each ok or failed on its own. ``seconds``: the shared calls' wall time."""
+        started = time.perf_counter()
+        results = run_together([loaded.image for _, loaded in group], self.settings["sigma"],
+                               **self._options())
+        records = []
+        for (item, loaded), result in zip(group, results, strict=True):
+            record = self._record(item)
+            try:
+                if isinstance(result, Exception):
+                    raise result
+                record.update(self._commit(item, loaded, result))
+                record["status"] = "ok"
+            except IMAGE_ERRORS as err:
+                record["error"] = _reason(err)
+            record["seconds"] = time.perf_counter() - started
+            record["finished"] = time.time()
+            records.append(record)
+        return records
+
+    def _load(self, item: BatchItem, raising: bool = False) -> LoadedImage | Exception:
+        """The input read and checked against the hash it was planned with (or the error)."""
+        try:
+            loaded = load_image(item.path, name="input")
+            if file_sha256(item.path) != item.sha256:
+                raise ValueError("the file changed while the job ran; run the job again")
+            return loaded
+        except IMAGE_ERRORS as err:
+            if raising:
+                raise
+            return err
+
+    def _on_crops(self, loaded: LoadedImage) -> bool:
         s = self.settings
-        result = run(loaded.image, s["sigma"], method=s["method"], prior=self.prior,
-                     particles=s["particles"], steps=s["steps"], kernel_size=s["kernel_size"],
-                     seed=s["seed"], restarts=s["restarts"],
-                     batch_restarts=s["batch_restarts"], device=self.device,
-                     progress=False,
-                     boundary=s["boundary"], regularizer=s["regularizer"],
-                     working_size=s["working_size"], crops=s["crops"], max_batch=s["max_batch"],
-                     tile_steps=s["tile_steps"], fast=s["fast"],
-                     full_diffusion=s["full_diffusion"])
+        return on_crops_path(tuple(loaded.image.shape[-2:]), working_size=s["working_size"],
+                             crops=s["crops"], kernel_size=s["kernel_size"],
+                             boundary=s["boundary"], full_diffusion=s["full_diffusion"],
+                             fast=s["fast"])
+
+    def _options(self) -> dict:
+        """``run()``'s keyword arguments for this job's settings."""
+        s = self.settings
+        return dict(method=s["method"], prior=self.prior, particles=s["particles"],
+                    steps=s["steps"], kernel_size=s["kernel_size"], seed=s["seed"],
+                    restarts=s["restarts"], batch_restarts=s["batch_restarts"],
+                    device=self.device, progress=False, boundary=s["boundary"],
+                    regularizer=s["regularizer"], working_size=s["working_size"],
+                    crops=s["crops"], max_batch=s["max_batch"], tile_steps=s["tile_steps"],
+                    fast=s["fast"], full_diffusion=s["full_diffusion"])
+
+    def _run(self, loaded: LoadedImage) -> Result:
+        return run(loaded.image, self.settings["sigma"], **self._options())
+
+    def _commit(self, item: BatchItem, loaded: LoadedImage, result: Result) -> dict:
+        """Write the image and the kernel atomically; the record's fields of a success."""
         output, kernel = self.out_dir / item.output, self.out_dir / item.kernel
         commit_files({output: encode_image(output, result.image, loaded.bits, loaded.icc),
                       kernel: encode_kernel(kernel, result.kernel)})
         return {"sigma": result.info["sigma"], "sigma_estimated": result.info["sigma_estimated"],
                 "output": item.output, "kernel": item.kernel}
+
+
+def _reason(err: Exception) -> str:
+    """A failure's manifest text: a ``ValueError``'s message, else the type and message."""
+    return str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
 
 
 def _plan(inputs: list[str | os.PathLike], out_dir: Path) -> tuple | str:

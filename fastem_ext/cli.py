@@ -36,7 +36,7 @@ from .io import (
 )
 from .mstep import REGULARIZERS
 from .restarts import RestartsDiverged
-from .settings import BLIND, DEFAULT_KERNEL_SIZE, METHODS, kernel_size_or_default
+from .settings import BLIND, DEFAULT_CROPS, DEFAULT_KERNEL_SIZE, METHODS, kernel_size_or_default
 
 SOME_FAILED = 3  # exit status of a batch job that finished with failed images
 DESCRIPTION = ("Blind deblurring with a diffusion prior (Fast Diffusion EM): estimate the "
@@ -83,12 +83,13 @@ def _common(parser: argparse.ArgumentParser, methods: tuple[str, ...] = METHODS,
 def _large_photos(parser: argparse.ArgumentParser) -> None:
     """The options of issue 16's crops + tiles path, shared by ``deblur`` and ``batch``."""
     large = parser.add_argument_group(
-        "large photos", "above --working-size on either side: the kernel from crops, the frame "
-        "in tiles (or by --fast deconvolution)")
+        "large photos", "above --working-size on a side and with more pixels than the crops "
+        "cover (3 × 224² by default): the kernel from crops, the frame in tiles (or by --fast "
+        "deconvolution)")
     large.add_argument("--working-size", type=int, default=256,
                        help="side of one crop or tile's grid, in pixels (default 256)")
-    large.add_argument("--crops", type=int, default=3,
-                       help="crops the kernel is estimated on (default 3)")
+    large.add_argument("--crops", type=int, default=DEFAULT_CROPS,
+                       help=f"crops the kernel is estimated on (default {DEFAULT_CROPS})")
     large.add_argument("--max-batch", type=int, default=None,
                        help="network inputs per call (crops × particles, tiles × particles): "
                        "bounds the memory (default 8, or crops × particles if more)")
@@ -154,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "estimated per image)")
     batch.add_argument("--boundary", choices=BOUNDARIES, default="valid",
                        help="valid (default) or circular")
+    batch.add_argument("--batch-images", type=int, default=1, metavar="N",
+                       help="up to N images of one size on the whole-image path share each "
+                       "network call (fastem-pigdm, fastem-dps; default 1: one at a time, "
+                       "faster on a small CPU; see benchmarks/RESULTS.md)")
     _large_photos(batch)
     _common(batch, BLIND)
     demo = commands.add_parser("demo", help="blur a sample, restore it, write a comparison PNG")
@@ -330,7 +335,8 @@ def _batch(args: argparse.Namespace) -> int:
                        regularizer=args.regularizer,
                        working_size=args.working_size, crops=args.crops,
                        max_batch=args.max_batch, tile_steps=args.tile_steps, fast=args.fast,
-                       full_diffusion=args.full_diffusion, progress=not args.quiet)
+                       full_diffusion=args.full_diffusion, batch_images=args.batch_images,
+                       progress=not args.quiet)
     if ranks_from_env().rank != 0:
         return 0
     total, failed = len(result.records), result.failed

@@ -10,8 +10,8 @@ the rank files into ``manifest.jsonl`` atomically. A record (``dict``) has the k
 not be read), ``settings`` (``settings_hash``), ``status`` (``ok`` or ``failed``), ``sigma``
 ([0, 1] units) and ``sigma_estimated``, ``output`` and ``kernel`` (file names in ``OUT_DIR``;
 a failed record has the names planned for it, which stay reserved; ``None`` if unreadable),
-``seconds`` (wall time of the image), ``error`` (the reason of a failure), ``rank`` and
-``finished`` (Unix time, s).
+``seconds`` (wall time of the image, or of the network calls it shared), ``error`` (the reason
+of a failure), ``rank`` and ``finished`` (Unix time, s).
 """
 
 from __future__ import annotations

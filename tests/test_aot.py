@@ -8,6 +8,7 @@ exported programs run uncompiled (``Package(manifest, modules(programs))``).
 
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -208,22 +209,29 @@ def _no_compile(*args, **kwargs):
     raise _Stop("not compiled in this test")
 
 
-def test_export_warns_above_the_working_size(tmp_path, monkeypatch, capsys):
-    """A photo larger than run()'s working size: one warning that the package is the
-    whole-image diffusion (Python and the CLI, one line); the compile itself is skipped."""
+def test_export_warns_where_run_takes_the_crops_path(tmp_path, monkeypatch, capsys):
+    """A photo that run() restores by crops + tiles (above the working size, more pixels than
+    3 crops of 248² cover): one warning that the package is the whole-image diffusion (Python
+    and the CLI, one line); the compile itself is skipped. A photo above the working size
+    that run() restores whole gets none."""
     import torch._inductor
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", _no_compile)
-    size = WORKING_SIZE + 8
+    height, width = WORKING_SIZE + 8, 720  # 190,080 pixels > 3 × 248²
     with pytest.warns(aot.WholeImageWarning, match="matches run\\(..., full_diffusion=True\\)"):
         with pytest.raises(_Stop):
-            aot.export(tmp_path / "p", size, 64, **SETTINGS)
+            aot.export(tmp_path / "p", height, width, **SETTINGS)
     assert not (tmp_path / "p").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", aot.WholeImageWarning)
+        with pytest.raises(_Stop):
+            aot.export(tmp_path / "p", height, 64, **SETTINGS)
     with pytest.raises(_Stop):
-        main(["export", str(tmp_path / "q"), "--size", f"{size}x64", "--prior", "gaussian",
-              "--steps", "5", "--kernel-size", "9"])
+        main(["export", str(tmp_path / "q"), "--size", f"{height}x{width}", "--prior",
+              "gaussian", "--steps", "5", "--kernel-size", "9"])
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"fastem: warning: a {size}x64 package runs")
+    assert err.count("\n") == 1 and err.startswith(f"fastem: warning: a {height}x{width} "
+                                                    "package runs")
 
 
 def test_export_checks_its_arguments(tmp_path):

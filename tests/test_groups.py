@@ -135,7 +135,7 @@ def test_one_group_given_as_groups_is_the_plain_step():
 def test_batched_restarts_on_the_crops_path_are_the_restarts_one_after_another():
     """A photo above the working size: the crops' restarts as kernel groups, the tiles then
     drawn from the kept restart's generator, bit for bit as one after another."""
-    photo = torch.rand(3, 40, 52, generator=torch.Generator().manual_seed(3))
+    photo = torch.rand(3, 40, 64, generator=torch.Generator().manual_seed(3))
     settings = dict(SMALL, working_size=32, kernel_size=5, tile_steps="2", prior="gaussian")
     one_by_one = run(photo, 0.05, **settings)
     together = run(photo, 0.05, batch_restarts=True, **settings)
@@ -226,7 +226,7 @@ def test_the_cli_batches_restarts_and_batch_refuses_them_for_diffusion_em(tmp_pa
 def test_batched_restarts_on_the_crops_path_count_against_max_batch():
     """crops × particles × restarts inputs in one call: ``max_batch`` must hold them (its
     default makes room)."""
-    photo = torch.rand(3, 40, 52, generator=torch.Generator().manual_seed(3))
+    photo = torch.rand(3, 40, 64, generator=torch.Generator().manual_seed(3))
     settings = dict(SMALL, working_size=32, kernel_size=5, tile_steps="2", prior="gaussian")
     with pytest.raises(ValueError, match=r"crops × particles × restarts \(batch_restarts\) of "
                                          r"one network call \(9\), got 8"):

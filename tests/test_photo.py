@@ -10,6 +10,7 @@ from fastem_ext.mstep import HQSConfig
 from fastem_ext.observation import Observation
 from fastem_ext.samplers import fast_em, nonblind
 from fastem_ext.schedule import Schedule
+from fastem_ext.settings import on_crops_path
 
 PRIOR = GaussianPrior(variance=0.05, f0=0.05)
 FAST = {"prior": "gaussian", "steps": "4", "kernel_size": 5, "regularizer": "l2",
@@ -80,6 +81,28 @@ def test_run_picks_the_crops_path_above_the_working_size_and_reports_it():
     assert float(centroid_offset(result.kernel).abs().max()) < 0.1
     whole = run(_photo(), 0.02, working_size=48, full_diffusion=True, **FAST)
     assert whole.info["path"] == "whole image"
+
+
+@pytest.mark.parametrize("hw, crops, on_crops", [
+    ((48, 300), 3, True),    # 14400 pixels > 3 crops of 44²
+    ((44, 88), 2, False),    # 3872 pixels = 2 crops of 44²: the crops would cover it
+    ((45, 88), 2, True),     # one row more
+    ((44, 88), 1, True),
+    ((40, 48), 1, False),    # within the working size
+])
+def test_the_crops_path_starts_where_the_crops_would_not_cover_the_photo(hw, crops, on_crops):
+    settings = dict(working_size=48, kernel_size=5, boundary="valid", full_diffusion=False)
+    assert on_crops_path(hw, crops=crops, fast=False, **settings) is on_crops
+    assert on_crops_path(hw, crops=crops, fast=True, **settings)
+    assert not on_crops_path(hw, crops=crops, fast=False, **{**settings,
+                                                             "full_diffusion": True})
+
+
+def test_run_restores_a_photo_its_crops_would_cover_whole():
+    result = run(_photo((3, 44, 88)), 0.02, working_size=48, crops=2, **FAST)
+    assert result.info["path"] == "whole image"
+    assert run(_photo((3, 45, 88)), 0.02, working_size=48, crops=2, tile_steps="2",
+               **FAST).info["path"] == "crops + tiles"
 
 
 def test_tiles_and_the_whole_image_agree_on_a_small_image():
@@ -171,8 +194,8 @@ def test_fast_mode_deconvolves_the_frame_with_the_kernel():
     ({"max_batch": 1, "particles": 2, "method": "pigdm", "kernel": torch.ones(5, 5)},
      r"max_batch \(--max-batch\) must hold the particles of one network call \(2\)"),
     ({"working_size": 32, "kernel_size": 7}, "working_size 32 is too small for kernel_size 7"),
-    ({"crops": 4, "particles": 3, "max_batch": 8},
-     r"crops × particles of one network call \(12\), got 8"),
+    ({"crops": 2, "particles": 5, "max_batch": 8},
+     r"crops × particles of one network call \(10\), got 8"),
     ({"tile_steps": "x"}, "steps"),
 ])
 def test_bad_combinations_give_one_clear_value_error(kwargs, match):
