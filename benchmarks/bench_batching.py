@@ -66,10 +66,14 @@ def timed(mode: str, pairs, settings: dict, device: str) -> dict:
         results = [run(blurry, 5 / 255, batch_restarts=batched, **settings)
                    for blurry in blurries]
     seconds = time.perf_counter() - clock
+    for result in results:
+        if isinstance(result, Exception):  # run_together's in place of a photo's result
+            raise result
     return {"mode": mode, "seconds": seconds, "seconds_per_photo": seconds / len(pairs),
             "psnr": [float(psnr(result.image, sharp))
                      for result, (sharp, _) in zip(results, pairs, strict=True)],
             "kept": [r.info["restarts"]["kept"] for r in results],
+            "images_together": [r.info["images_together"] for r in results],
             "engine": results[0].info["engine"]}
 
 
@@ -107,7 +111,8 @@ def main() -> None:
         first = next(r for r in runs if r["mode"] == mode)
         ratio = f", {base / best[mode]:.2f}x one at a time" if base else ""
         print(f"  {mode:20s} {best[mode]:8.2f} s/photo, {60 / best[mode]:6.2f} images/min"
-              f"{ratio}; PSNR of photo 1 {first['psnr'][0]:.2f} dB, kept {first['kept']}")
+              f"{ratio}; PSNR of photo 1 {first['psnr'][0]:.2f} dB, kept {first['kept']}, "
+              f"photos per call {first['images_together']}")
     if args.out:
         Path(args.out).write_text(json.dumps(
             {"device": device, "settings": {k: str(v) for k, v in settings.items()},

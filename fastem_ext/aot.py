@@ -169,7 +169,8 @@ def export(path: str | os.PathLike, height: int, width: int, *, prior: str = "na
                                restarts=restarts, device=device)
     if on_crops_path((manifest["height"], manifest["width"]), working_size=WORKING_SIZE,
                      crops=DEFAULT_CROPS, kernel_size=manifest["kernel_size"],
-                     boundary=manifest["boundary"], full_diffusion=False, fast=False):
+                     boundary=manifest["boundary"], full_diffusion=False, fast=False,
+                     blind=True):
         warnings.warn(f"a {manifest['height']}x{manifest['width']} package runs the whole-image "
                       "diffusion: it matches run(..., full_diffusion=True), not run()'s default "
                       "crops + tiles path for a photo of this size", WholeImageWarning,

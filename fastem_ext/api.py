@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -134,7 +135,8 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     ``max_batch``), each restart drawing its own random stream as it would alone (the same
     results up to the float rounding of a larger batch, which a chaotic blind loop can
     amplify; ``info["restarts"]["batched"]``); the callback then sees every restart at once
-    (``x̂0`` of all, the kernels ``[R, K, K]``).
+    (``x̂0`` of all, the kernels ``[R, K, K]``). ``info["images_together"]`` (whole-image path):
+    1 here; ``run_together`` lets photos of one size share the calls.
 
     A photo larger than ``working_size`` (pixels, default 256) on either side, with more pixels
     than its crops would cover (``crops`` windows of ``working_size − 2⌊K/2⌋`` squared;
@@ -158,6 +160,11 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     return result
 
 
+class SharedCallFailed(RuntimeWarning):
+    """``run_together``: photos of one size could not share their network calls (out of memory,
+    say); each ran alone."""
+
+
 RUN_OPTIONS = {name: parameter.default for name, parameter in inspect.signature(run).parameters
                .items() if parameter.kind is inspect.Parameter.KEYWORD_ONLY}
 IMAGE_ERRORS = (ValueError, RuntimeError, OSError)  # one image fails; the others go on
@@ -175,9 +182,11 @@ def run_together(blurries: Sequence[object], sigma: float | None = None,
     another. A photo that cannot be read or restored (too small, NaN, every restart diverged)
     gets its exception (``ValueError``, ``RuntimeError``, ``OSError``) in its place and the
     others go on; when a shared call fails, its photos run again one by one, so that a failure
-    stays with its photo. Errors of the settings raise. The callback sees the photos of a
-    shared call at once (``x̂0`` of all, the kernels ``[G, K, K]``); ``info["images_together"]``
-    says how many photos shared the calls.
+    stays with its photo (a ``SharedCallFailed`` warning says so; the errors of several photos
+    come without their tracebacks, which would hold the failed runs' memory). Errors of the
+    settings raise. The callback sees the photos of a shared call at once (``x̂0`` of all, the
+    kernels ``[G, K, K]``); ``info["images_together"]`` says how many photos shared the calls,
+    ``info["seconds_total"]`` counts from the start of the call.
     """
     unknown = sorted(set(options) - set(RUN_OPTIONS))
     if unknown:
@@ -246,6 +255,8 @@ def _run_images(blurries: list[object], sigma: float | None, *, method: str, pri
     group of equal size (``_whole_image``), or each on the crops path."""
     started = time.perf_counter()
     loaded = [_attempt(load_image, blurry) for blurry in blurries]
+    if all(isinstance(read, Exception) for read in loaded):
+        return loaded  # nothing to run: the photos' own errors (run(): its read error first)
     method = check_choice("method", method, METHODS)
     boundary = check_choice("boundary", boundary, BOUNDARIES)
     regularizer = check_choice("regularizer", regularizer, REGULARIZERS)
@@ -263,7 +274,7 @@ def _run_images(blurries: list[object], sigma: float | None, *, method: str, pri
         raise ValueError(f"method {method!r} is non-blind: pass kernel= (a [K, K] tensor)")
     restarts = check_restarts(restarts, method)
     runs = batched_restarts(batch_restarts, method, restarts)  # one network call for them
-    kernel_size = kernel_size_or_default(kernel_size)
+    kernel_size = check_int("kernel_size", kernel_size_or_default(kernel_size), low=3)
     if sigma is not None:
         sigma = check_sigma("sigma", sigma)
     device = resolve_device(device)
@@ -296,7 +307,6 @@ def _run_images(blurries: list[object], sigma: float | None, *, method: str, pri
     checked = [photo for photo in photos if isinstance(photo, _Photo)]
     if not checked:
         return photos
-    kernel_size = int(kernel_size)  # an integer: the photos checked it
     if any(photo.on_crops for photo in checked):
         check_crops_path(method, kernel_size, working_size, crops, particles, max_batch, fast,
                          runs)
@@ -304,21 +314,21 @@ def _run_images(blurries: list[object], sigma: float | None, *, method: str, pri
     net_prior = load_prior(prior, device)
     if any(photo.on_crops for photo in checked):
         check_working_multiple(working_size, net_prior)
-    setup = replace(setup, kernel_size=kernel_size, net_prior=net_prior, mstep=mstep)
+    setup = replace(setup, net_prior=net_prior, mstep=mstep)
     results: list[Result | Exception] = list(photos)
     together: dict[object, list[int]] = {}  # photos of one size on the whole-image path
     for index, photo in enumerate(photos):
         if isinstance(photo, Exception):
             continue
         if photo.on_crops:
-            results[index] = _attempt(_run_on_crops, photo, setup, started)
+            results[index] = _light(_attempt(_run_on_crops, photo, setup, started), photos)
         else:
             key = tuple(photo.image.shape[-2:]) if method in GROUPED else index
             together.setdefault(key, []).append(index)
     for indices in together.values():
         group = [photos[index] for index in indices]
         for index, result in zip(indices, _whole_images(group, setup, started), strict=True):
-            results[index] = result
+            results[index] = _light(result, photos)
     return results
 
 
@@ -330,20 +340,28 @@ def _attempt(function: Callable[..., Any], *args: Any) -> Any:
         return err
 
 
+def _light(result: Result | Exception, photos: list) -> Result | Exception:
+    """A photo's error without its traceback where other photos run after it (the traceback's
+    frames would keep the failed run's tensors, device memory included, alive); ``run()``'s
+    single photo keeps it."""
+    if isinstance(result, Exception) and len(photos) > 1:
+        result.__traceback__ = None
+    return result
+
+
 def _photo(loaded: LoadedImage, sigma: float | None, setup: _Setup,
            full_diffusion: bool) -> _Photo:
     """A photo's own checks: the kernel fits it, its noise level (estimated when ``None``),
     and its path (crops + tiles above the working size, or with ``fast``)."""
     image = loaded.image
-    check_kernel_size("kernel_size", kernel_size_or_default(setup.kernel_size),
-                      tuple(image.shape[-2:]))
+    check_kernel_size("kernel_size", setup.kernel_size, tuple(image.shape[-2:]))
     estimated = sigma is None
     if estimated:
         sigma = check_sigma(ESTIMATED_SIGMA, estimate_noise(image))
     return _Photo(loaded, sigma, estimated, on_crops_path(
         tuple(image.shape[-2:]), working_size=setup.working_size, crops=setup.crops,
-        kernel_size=int(setup.kernel_size), boundary=setup.boundary,
-        full_diffusion=full_diffusion, fast=setup.fast))
+        kernel_size=setup.kernel_size, boundary=setup.boundary, full_diffusion=full_diffusion,
+        fast=setup.fast, blind=setup.method in BLIND))
 
 
 def _whole_images(photos: list[_Photo], setup: _Setup,
@@ -353,9 +371,12 @@ def _whole_images(photos: list[_Photo], setup: _Setup,
     if len(photos) > 1:
         try:
             return _whole_image(photos, setup, started)
-        except IMAGE_ERRORS:
-            if setup.device.type == "cuda":
-                torch.cuda.empty_cache()  # after an out-of-memory error, for the photos alone
+        except IMAGE_ERRORS as err:
+            warnings.warn(f"{len(photos)} photos could not share their network calls "
+                          f"({type(err).__name__}: {err}); each runs alone", SharedCallFailed,
+                          stacklevel=3)
+        if setup.device.type == "cuda":
+            torch.cuda.empty_cache()  # after an out-of-memory error, for the photos alone
     return [_attempt(lambda one: _whole_image([one], setup, started)[0], photo)
             for photo in photos]
 

@@ -100,14 +100,15 @@ def run_batch(inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
     and ``out_dir/x.kernel.npy`` (the ``[K, K]`` kernel); names that two inputs would share get
     a content-hash suffix (``batch_plan``). Every image gets the same ``seed`` and settings,
     which are ``run()``'s (blind methods only; ``working_size`` … ``full_diffusion``: the crops
-    + tiles path of photos larger than ``working_size``); ``sigma=None`` estimates each
+    + tiles path of larger photos, ``settings.on_crops_path``); ``sigma=None`` estimates each
     image's noise level. ``batch_images``: up to this many images of one size on the
     whole-image path share each network call (Fast EM methods; ``run_together``), the images
-    batched as they come in input order (those in flight wait for their call: a killed job loses
-    them). A rerun redoes an image whose settings or fastem version differ. An
-    image that cannot be read or restored (not an image, too small, NaN, a failed run) is
-    recorded as failed and the job goes on; errors of the settings or the inputs' paths raise
-    ``ValueError`` before any work. ``progress``: a bar over this process's images
+    batched as they come in input order; at most N images wait for their call (when N wait, the
+    largest group of one size runs), and a killed job loses them. A rerun redoes an image whose
+    settings or fastem version differ. An image that cannot be read or restored (not an image,
+    too small, NaN, a failed run) is recorded as failed and the job goes on; errors of the
+    settings or the inputs' paths raise ``ValueError`` before any work. ``progress``: a bar
+    over this process's images
     (rate, time left; under ``torchrun`` rank 0's only) and a line per failure on stderr.
     Ctrl-C stops after the outputs of the finished images; nothing partial is written.
     """
@@ -225,10 +226,10 @@ class _Job:
             for item in items:
                 loaded = self._load(item) if together > 1 and item.error is None else None
                 if isinstance(loaded, LoadedImage) and not self._on_crops(loaded):
-                    group = waiting.setdefault(tuple(loaded.image.shape[-2:]), [])
-                    group.append((item, loaded))
-                    if len(group) == together:
-                        finish(self._together(waiting.pop(tuple(loaded.image.shape[-2:]))))
+                    waiting.setdefault(tuple(loaded.image.shape[-2:]), []).append((item, loaded))
+                    if sum(map(len, waiting.values())) == together:  # at most N images wait
+                        largest = max(waiting, key=lambda size: len(waiting[size]))
+                        finish(self._together(waiting.pop(largest)))
                 else:
                     finish([self._one(item, loaded)])
             for group in waiting.values():
@@ -268,6 +269,7 @@ class _Job:
         started = time.perf_counter()
         results = run_together([loaded.image for _, loaded in group], self.settings["sigma"],
                                **self._options())
+        seconds = time.perf_counter() - started
         records = []
         for (item, loaded), result in zip(group, results, strict=True):
             record = self._record(item)
@@ -278,9 +280,11 @@ class _Job:
                 record["status"] = "ok"
             except IMAGE_ERRORS as err:
                 record["error"] = _reason(err)
-            record["seconds"] = time.perf_counter() - started
+            record["seconds"] = seconds
             record["finished"] = time.time()
             records.append(record)
+        if self.device.startswith("cuda") and any(r["status"] != "ok" for r in records):
+            torch.cuda.empty_cache()  # after an out-of-memory error, for the next ones
         return records
 
     def _load(self, item: BatchItem, raising: bool = False) -> LoadedImage | Exception:
@@ -300,7 +304,7 @@ class _Job:
         return on_crops_path(tuple(loaded.image.shape[-2:]), working_size=s["working_size"],
                              crops=s["crops"], kernel_size=s["kernel_size"],
                              boundary=s["boundary"], full_diffusion=s["full_diffusion"],
-                             fast=s["fast"])
+                             fast=s["fast"], blind=True)
 
     def _options(self) -> dict:
         """``run()``'s keyword arguments for this job's settings."""

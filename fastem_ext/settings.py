@@ -37,18 +37,21 @@ DEFAULT_CROPS = 3  # run()'s crops: the windows the kernel is estimated on
 
 
 def on_crops_path(image_hw: tuple[int, int], *, working_size: int, crops: int, kernel_size: int,
-                  boundary: str, full_diffusion: bool, fast: bool) -> bool:
+                  boundary: str, full_diffusion: bool, fast: bool, blind: bool) -> bool:
     """Whether ``run()`` takes the crops path for a photo of ``image_hw`` (on the valid boundary,
     unless ``full_diffusion``): always with ``fast``; else when the photo is larger than the
-    working size on a side and has more pixels than its crops would cover (``crops`` windows of
-    ``working_size − 2⌊K/2⌋`` squared: 3 × 224² by default). A photo that small is one the
-    crops would see almost whole anyway, and the whole-image run restores it better, for about
-    the crops' cost (python/results/photo-midsize-tune/)."""
+    working size on a side and, for a blind method, has more pixels than its crops would cover
+    (``crops`` windows of ``working_size − 2⌊K/2⌋`` squared: 3 × 224² by default). A photo
+    that small is one the crops would see almost whole anyway, and the whole-image run restores
+    it better for about 1.4× the time (python/results/photo-midsize-tune/). A non-blind method
+    (no crops: the tiles alone, 25 steps) tiles every photo above the working size (its
+    whole-image run at mid sizes is not measured)."""
     if boundary != "valid" or full_diffusion:
         return False
     side = working_size - 2 * (kernel_size // 2)
     height, width = image_hw
-    return fast or (max(height, width) > working_size and height * width > crops * side * side)
+    covered = blind and height * width <= crops * side * side
+    return fast or (max(height, width) > working_size and not covered)
 
 
 def check_restarts(restarts: int | None, method: str) -> int:

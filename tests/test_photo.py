@@ -91,11 +91,13 @@ def test_run_picks_the_crops_path_above_the_working_size_and_reports_it():
     ((40, 48), 1, False),    # within the working size
 ])
 def test_the_crops_path_starts_where_the_crops_would_not_cover_the_photo(hw, crops, on_crops):
+    """Blind methods; a non-blind one (no crops) tiles every photo above the working size."""
     settings = dict(working_size=48, kernel_size=5, boundary="valid", full_diffusion=False)
-    assert on_crops_path(hw, crops=crops, fast=False, **settings) is on_crops
-    assert on_crops_path(hw, crops=crops, fast=True, **settings)
-    assert not on_crops_path(hw, crops=crops, fast=False, **{**settings,
-                                                             "full_diffusion": True})
+    assert on_crops_path(hw, crops=crops, fast=False, blind=True, **settings) is on_crops
+    assert on_crops_path(hw, crops=crops, fast=False, blind=False, **settings) is (max(hw) > 48)
+    assert on_crops_path(hw, crops=crops, fast=True, blind=True, **settings)
+    assert not on_crops_path(hw, crops=crops, fast=False, blind=True,
+                             **{**settings, "full_diffusion": True})
 
 
 def test_run_restores_a_photo_its_crops_would_cover_whole():
