@@ -307,12 +307,13 @@ def _run_images(blurries: list[object], sigma: float | None, *, method: str, pri
     checked = [photo for photo in photos if isinstance(photo, _Photo)]
     if not checked:
         return photos
-    if any(photo.on_crops for photo in checked):
+    cropping = any(photo.on_crops for photo in checked)
+    if cropping:
         check_crops_path(method, kernel_size, working_size, crops, particles, max_batch, fast,
                          runs)
     mstep = mstep_config(regularizer, kernel_size, device, mstep)
     net_prior = load_prior(prior, device)
-    if any(photo.on_crops for photo in checked):
+    if cropping:
         check_working_multiple(working_size, net_prior)
     setup = replace(setup, net_prior=net_prior, mstep=mstep)
     results: list[Result | Exception] = list(photos)
@@ -419,20 +420,17 @@ def _whole_image(photos: list[_Photo], setup: _Setup,
     def sample_streams(chosen: list[int]) -> None:
         """One sampling run of every photo × the ``chosen`` streams into ``outputs``."""
         groups = [(index, stream) for index in range(len(photos)) for stream in chosen]
-        if len(groups) == 1:
-            out = _sample(s.method, s.net_prior.model, observations[0], kernel, s.schedule,
-                          s.particles, torch.Generator(device=s.device).manual_seed(chosen[0]),
-                          s.mstep, s.rounds, s.guidance_scale, step_callback, s.runner)
-            compile_times.append(out.compile_seconds)  # paid even when the restart diverged
+        obs = tuple(observations[index] for index, _ in groups)
+        generators = [_generator(stream, s.device) for _, stream in groups]
+        grouped = len(groups) > 1  # one group runs as the plain loop, as run() always did
+        out = _sample(s.method, s.net_prior.model, obs if grouped else obs[0],
+                      kernel.expand(len(groups), -1, -1).contiguous() if grouped else kernel,
+                      s.schedule, s.particles, generators if grouped else generators[0],
+                      s.mstep, s.rounds, s.guidance_scale, step_callback, s.runner)
+        compile_times.append(out.compile_seconds)  # paid even when the restart diverged
+        if not grouped:
             outputs[groups[0]] = out
             return
-        out = _sample(s.method, s.net_prior.model,
-                      tuple(observations[index] for index, _ in groups),
-                      kernel.expand(len(groups), -1, -1).contiguous(), s.schedule, s.particles,
-                      [torch.Generator(device=s.device).manual_seed(stream)
-                       for _, stream in groups],
-                      s.mstep, s.rounds, s.guidance_scale, step_callback, s.runner)
-        compile_times.append(out.compile_seconds)
         for group, part, k in zip(groups, out.particles.chunk(len(groups)), out.kernel,
                                   strict=True):
             outputs[group] = replace(out, particles=part, kernel=k)
@@ -533,7 +531,7 @@ def _run_on_crops(photo: _Photo, setup: _Setup, started: float) -> Result:
     total = (crop_steps * (1 if batched else restarts) if blind else 0) + (
         0 if fast else len(tile_schedule) * -(
         -len(plan) // max(1, max_batch // particles)))
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = _generator(seed, device)
     reporter = StepProgress(total, Observation(colour, sigma), enabled=progress, desc=method)
     probed = set()
 
@@ -568,7 +566,7 @@ def _run_on_crops(photo: _Photo, setup: _Setup, started: float) -> Result:
                 if batched:
                     estimate, boxes, score, generator = together[stream]
                 else:
-                    generator = torch.Generator(device=device).manual_seed(stream)
+                    generator = _generator(stream, device)
                     estimate, boxes, (score,) = estimate_on_crops(
                         colour, sample, method, initial, schedule, count=crops,
                         working_size=working_size, multiple=multiple, sigma=sigma,
@@ -637,7 +635,12 @@ def _restart_generators(seed: int, restarts: int,
     """Each restart's seed (``restarts.restart_seed``) and a generator seeded with it, in
     restart order: what ``keep_least`` gives each restart when they run one by one."""
     streams = (restart_seed(seed, index, restarts) for index in range(restarts))
-    return {stream: torch.Generator(device=device).manual_seed(stream) for stream in streams}
+    return {stream: _generator(stream, device) for stream in streams}
+
+
+def _generator(stream: int, device: torch.device) -> torch.Generator:
+    """A restart's random stream: a generator on ``device`` seeded with ``stream``."""
+    return torch.Generator(device=device).manual_seed(stream)
 
 
 def _elapsed(clock: float, device: torch.device) -> float:

@@ -224,8 +224,9 @@ class _Job:
                         bar.set_postfix_str(f"{failed} failed", refresh=False)
 
             for item in items:
-                loaded = self._load(item) if together > 1 and item.error is None else None
-                if isinstance(loaded, LoadedImage) and not self._on_crops(loaded):
+                loaded = None if item.error is not None else self._load(item)
+                if (together > 1 and isinstance(loaded, LoadedImage)
+                        and not self._on_crops(loaded)):
                     waiting.setdefault(tuple(loaded.image.shape[-2:]), []).append((item, loaded))
                     if sum(map(len, waiting.values())) == together:  # at most N images wait
                         largest = max(waiting, key=lambda size: len(waiting[size]))
@@ -235,33 +236,17 @@ class _Job:
             for group in waiting.values():
                 finish(self._together(group))
 
-    def _record(self, item: BatchItem) -> dict:
-        """A record of ``item``, failed until its outputs are committed."""
-        record = {"input": str(item.path), "sha256": item.sha256, "settings": self.key,
-                  "status": "failed", "error": item.error, "rank": self.ranks.rank}
-        if item.sha256 is not None:  # a failed image keeps its names reserved (batch_plan)
-            record.update(output=item.output, kernel=item.kernel)
-        return record
-
-    def _one(self, item: BatchItem, loaded: LoadedImage | Exception | None = None) -> dict:
-        """Deblur one input (``loaded``: read already, or the error of reading it) and commit
-        its outputs; its manifest record, ok or failed."""
+    def _one(self, item: BatchItem, loaded: LoadedImage | Exception | None) -> dict:
+        """Deblur one input (``loaded``: read, the error of reading it, or ``None`` for an
+        input that failed planning) and commit its outputs; its manifest record."""
         started = time.perf_counter()
-        record = self._record(item)
-        if item.error is None:
+        result = loaded
+        if isinstance(loaded, LoadedImage):
             try:
-                if isinstance(loaded, Exception):
-                    raise loaded
-                loaded = self._load(item, raising=True) if loaded is None else loaded
-                record.update(self._commit(item, loaded, self._run(loaded)))
-                record["status"] = "ok"
+                result = run(loaded.image, self.settings["sigma"], **self._options())
             except IMAGE_ERRORS as err:
-                record["error"] = _reason(err)
-                if self.device.startswith("cuda"):
-                    torch.cuda.empty_cache()  # after an out-of-memory error, for the next one
-        record["seconds"] = time.perf_counter() - started
-        record["finished"] = time.time()
-        return record
+                result = err
+        return self._record(item, loaded, result, time.perf_counter() - started)
 
     def _together(self, group: list[tuple[BatchItem, LoadedImage]]) -> list[dict]:
         """Deblur images of one size in shared network calls (``run_together``); their
@@ -270,24 +255,32 @@ class _Job:
         results = run_together([loaded.image for _, loaded in group], self.settings["sigma"],
                                **self._options())
         seconds = time.perf_counter() - started
-        records = []
-        for (item, loaded), result in zip(group, results, strict=True):
-            record = self._record(item)
-            try:
-                if isinstance(result, Exception):
-                    raise result
+        return [self._record(item, loaded, result, seconds)
+                for (item, loaded), result in zip(group, results, strict=True)]
+
+    def _record(self, item: BatchItem, loaded: LoadedImage | Exception | None,
+                result: Result | Exception | None, seconds: float) -> dict:
+        """``item``'s manifest record: ``ok`` once its outputs are committed, else failed with
+        the reason (the planning's, the read's, the run's or the commit's)."""
+        record = {"input": str(item.path), "sha256": item.sha256, "settings": self.key,
+                  "status": "failed", "error": item.error, "rank": self.ranks.rank}
+        if item.sha256 is not None:  # a failed image keeps its names reserved (batch_plan)
+            record.update(output=item.output, kernel=item.kernel)
+        try:
+            if isinstance(result, Exception):
+                raise result
+            if result is not None:
                 record.update(self._commit(item, loaded, result))
                 record["status"] = "ok"
-            except IMAGE_ERRORS as err:
-                record["error"] = _reason(err)
-            record["seconds"] = seconds
-            record["finished"] = time.time()
-            records.append(record)
-        if self.device.startswith("cuda") and any(r["status"] != "ok" for r in records):
-            torch.cuda.empty_cache()  # after an out-of-memory error, for the next ones
-        return records
+        except IMAGE_ERRORS as err:
+            record["error"] = _reason(err)
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()  # after an out-of-memory error, for the next one
+        record["seconds"] = seconds
+        record["finished"] = time.time()
+        return record
 
-    def _load(self, item: BatchItem, raising: bool = False) -> LoadedImage | Exception:
+    def _load(self, item: BatchItem) -> LoadedImage | Exception:
         """The input read and checked against the hash it was planned with (or the error)."""
         try:
             loaded = load_image(item.path, name="input")
@@ -295,8 +288,6 @@ class _Job:
                 raise ValueError("the file changed while the job ran; run the job again")
             return loaded
         except IMAGE_ERRORS as err:
-            if raising:
-                raise
             return err
 
     def _on_crops(self, loaded: LoadedImage) -> bool:
@@ -316,9 +307,6 @@ class _Job:
                     regularizer=s["regularizer"], working_size=s["working_size"],
                     crops=s["crops"], max_batch=s["max_batch"], tile_steps=s["tile_steps"],
                     fast=s["fast"], full_diffusion=s["full_diffusion"])
-
-    def _run(self, loaded: LoadedImage) -> Result:
-        return run(loaded.image, self.settings["sigma"], **self._options())
 
     def _commit(self, item: BatchItem, loaded: LoadedImage, result: Result) -> dict:
         """Write the image and the kernel atomically; the record's fields of a success."""
