@@ -183,8 +183,9 @@ def run_together(blurries: Sequence[object], sigma: float | None = None,
     gets its exception (``ValueError``, ``RuntimeError``, ``OSError``) in its place and the
     others go on; when a shared call fails, its photos run again one by one, so that a failure
     stays with its photo (a ``SharedCallFailed`` warning says so; the errors of several photos
-    come without their tracebacks, which would hold the failed runs' memory). Errors of the
-    settings raise. The callback sees the photos of a shared call at once (``x̂0`` of all, the
+    come without their tracebacks, which would hold the failed runs' memory; a
+    ``RestartsDiverged`` warning names its photo: its place in the list and its source, a path
+    where it was read from one). Errors of the settings raise. The callback sees the photos of a shared call at once (``x̂0`` of all, the
     kernels ``[G, K, K]``); ``info["images_together"]`` says how many photos shared the calls,
     ``info["seconds_total"]`` counts from the start of the call.
     """
@@ -229,12 +230,14 @@ class _Setup:
 
 @dataclass(frozen=True)
 class _Photo:
-    """One photo of a call, read and checked: its noise level and path."""
+    """One photo of a call, read and checked: its noise level and path; label: which photo it
+    is in warnings, where several run (``None`` for ``run()``'s one)."""
 
     loaded: LoadedImage
     sigma: float
     estimated: bool
     on_crops: bool
+    label: str | None
 
     @property
     def image(self) -> Tensor:
@@ -301,9 +304,10 @@ def _run_images(blurries: list[object], sigma: float | None, *, method: str, pri
                    restarts, runs > 1, device, engine, precision if engine == "fast" else "fp32",
                    runner, schedule, r2, boundary, progress, callback, working_size, crops,
                    max_batch, tile_schedule, fast)
-    photos = [read if isinstance(read, Exception) else _attempt(_photo, read, sigma, setup,
-                                                                 full_diffusion)
-              for read in loaded]
+    photos = [read if isinstance(read, Exception) else _attempt(
+        _photo, read, sigma, setup, full_diffusion,
+        f"photo {index + 1} of {len(loaded)} ({read.source})" if len(loaded) > 1 else None)
+        for index, read in enumerate(loaded)]
     checked = [photo for photo in photos if isinstance(photo, _Photo)]
     if not checked:
         return photos
@@ -350,8 +354,8 @@ def _light(result: Result | Exception, photos: list) -> Result | Exception:
     return result
 
 
-def _photo(loaded: LoadedImage, sigma: float | None, setup: _Setup,
-           full_diffusion: bool) -> _Photo:
+def _photo(loaded: LoadedImage, sigma: float | None, setup: _Setup, full_diffusion: bool,
+           label: str | None) -> _Photo:
     """A photo's own checks: the kernel fits it, its noise level (estimated when ``None``),
     and its path (crops + tiles above the working size, or with ``fast``)."""
     image = loaded.image
@@ -362,7 +366,7 @@ def _photo(loaded: LoadedImage, sigma: float | None, setup: _Setup,
     return _Photo(loaded, sigma, estimated, on_crops_path(
         tuple(image.shape[-2:]), working_size=setup.working_size, crops=setup.crops,
         kernel_size=setup.kernel_size, boundary=setup.boundary, full_diffusion=full_diffusion,
-        fast=setup.fast, blind=setup.method in BLIND))
+        fast=setup.fast, blind=setup.method in BLIND), label)
 
 
 def _whole_images(photos: list[_Photo], setup: _Setup,
@@ -443,7 +447,7 @@ def _whole_image(photos: list[_Photo], setup: _Setup,
                 sample_streams([stream])
         kept = [_attempt(keep_least, s.seed, s.restarts, partial(
             _whole_restart, photo=index, outputs=outputs, sample_streams=sample_streams,
-            frame=frame, setup=s)) for index in range(len(photos))]
+            frame=frame, setup=s), photo.label) for index, photo in enumerate(photos)]
     finally:
         reporter.close()
     if s.device.type == "cuda":
@@ -583,7 +587,8 @@ def _run_on_crops(photo: _Photo, setup: _Setup, started: float) -> Result:
                     sigma=sigma, particles=particles)
                 together = {stream: (k, boxes, score, g) for (stream, g), k, score in
                             zip(generators.items(), estimates, scores, strict=True)}
-            (kernel, boxes, generator), report = keep_least(seed, restarts, restart)
+            (kernel, boxes, generator), report = keep_least(seed, restarts, restart,
+                                                            photo.label)
             info["restarts"] = {**report, "batched": batched}
             kernel, _, moved = recentre(kernel)  # the tiles then restore the frame in place
             stages["crops"] = {"boxes": [list(box) for box in boxes],

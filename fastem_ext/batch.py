@@ -252,7 +252,7 @@ class _Job:
         """Deblur images of one size in shared network calls (``run_together``); their
         records, each ok or failed on its own. ``seconds``: the shared calls' wall time."""
         started = time.perf_counter()
-        results = run_together([loaded.image for _, loaded in group], self.settings["sigma"],
+        results = run_together([loaded for _, loaded in group], self.settings["sigma"],
                                **self._options())
         seconds = time.perf_counter() - started
         return [self._record(item, loaded, result, seconds)

@@ -36,7 +36,10 @@ class LoadedImage:
 
 def load_image(source: object, name: str = "blurry") -> LoadedImage:
     """A path, a PIL image, an ``H×W`` / ``H×W×C`` numpy array (uint8, uint16 or float in [0, 1])
-    or a tensor ``[C, H, W]`` / ``[1, C, H, W]`` in [0, 1]. Alpha is dropped."""
+    or a tensor ``[C, H, W]`` / ``[1, C, H, W]`` in [0, 1]. Alpha is dropped. A
+    ``LoadedImage`` is returned as it is (an image read before, its source kept for reports)."""
+    if isinstance(source, LoadedImage):
+        return source
     if isinstance(source, (str, os.PathLike)):
         return _load_path(Path(source), name)
     if isinstance(source, Tensor):

@@ -54,14 +54,15 @@ def restart_seed(seed: int, index: int, count: int) -> int:
     return (seed * count + index) % SEEDS
 
 
-def keep_least(seed: int, count: int,
-               restart: Callable[[int], tuple[float, Kept]]) -> tuple[Kept, dict[str, object]]:
+def keep_least(seed: int, count: int, restart: Callable[[int], tuple[float, Kept]],
+               label: str | None = None) -> tuple[Kept, dict[str, object]]:
     """Run ``restart(seed_r)`` for the ``count`` restarts (each returns its score and its
     result) and keep the result of the least score (the first on a tie). A restart that raises
     ``Diverged`` or scores NaN or inf is left out (its score reported as None; one warning at
-    the end names them); when every restart diverged, ``Diverged`` is raised (a single
-    restart's own error as it is). Returns the kept result and ``info["restarts"]``: how many
-    ran, their seeds and scores, which diverged and which was kept."""
+    the end names them, after ``label``: which photo, where several run); when every restart
+    diverged, ``Diverged`` is raised (a single restart's own error as it is). Returns the kept
+    result and ``info["restarts"]``: how many ran, their seeds and scores, which diverged and
+    which was kept."""
     if count < 1:
         raise ValueError(f"restarts must be at least 1, got {count}")
     seeds = [restart_seed(seed, index, count) for index in range(count)]
@@ -89,8 +90,9 @@ def keep_least(seed: int, count: int,
         raise Diverged(f"all {count} restarts diverged; the first: {first_error}") \
             from first_error
     if diverged:
-        warnings.warn(f"restarts {diverged} of {count} diverged and were left out (the first: "
-                      f"{first_error})", RestartsDiverged, stacklevel=2)
+        named = f"{label}: " if label else ""
+        warnings.warn(f"{named}restarts {diverged} of {count} diverged and were left out (the "
+                      f"first: {first_error})", RestartsDiverged, stacklevel=2)
     return best, {"count": count, "kept": kept, "seeds": seeds, "total_variation": scores,
                   "diverged": diverged}
 

@@ -94,6 +94,30 @@ def test_a_photo_whose_restarts_all_diverge_fails_alone():
     _assert_same(results[0], want)
 
 
+def test_a_restart_that_diverges_is_named_by_its_photo(tmp_path):
+    """The second photo's rows go NaN in the first restart only (three steps per restart):
+    the warning names that photo, and both photos keep a result."""
+    calls = []
+
+    def eps(x, t):  # the first call is the prior's probe, of one row
+        calls.append(len(x))
+        out = 0.5 * x
+        if len(x) == 2 and len(calls) <= 4:
+            out = out.clone()
+            out[1] = float("nan")
+        return out
+
+    paths = []
+    for index, photo in enumerate(_photos(2)):
+        paths.append(tmp_path / f"p{index}.png")
+        Image.fromarray((photo.permute(1, 2, 0) * 255).byte().numpy()).save(paths[-1])
+    with pytest.warns(RuntimeWarning, match=r"^photo 2 of 2 \(.*p1\.png\): restarts \[0\] "
+                      r"of 2 diverged"):
+        results = run_together(paths, 0.05, **dict(SMALL, prior=eps, restarts=2, steps="3"))
+    assert [r.info["restarts"]["diverged"] for r in results] == [[], [0]]
+    assert calls == [1] + [2] * 6
+
+
 def test_a_shared_call_that_fails_runs_its_photos_alone():
     """A network that cannot take more than one input: the shared call raises, then each photo
     runs alone and succeeds, as ``run()`` would."""
