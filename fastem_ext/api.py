@@ -185,8 +185,9 @@ def run_together(blurries: Sequence[object], sigma: float | None = None,
     stays with its photo (a ``SharedCallFailed`` warning says so; the errors of several photos
     come without their tracebacks, which would hold the failed runs' memory; a
     ``RestartsDiverged`` warning names its photo: its place in the list and its source, a path
-    where it was read from one). Errors of the settings raise. The callback sees the photos of a shared call at once (``x̂0`` of all, the
-    kernels ``[G, K, K]``); ``info["images_together"]`` says how many photos shared the calls,
+    where it was read from one). Errors of the settings raise. The callback sees the photos of
+    a shared call at once (``x̂0`` of all, the kernels ``[G, K, K]``);
+    ``info["images_together"]`` says how many photos shared the calls,
     ``info["seconds_total"]`` counts from the start of the call.
     """
     unknown = sorted(set(options) - set(RUN_OPTIONS))

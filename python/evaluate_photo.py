@@ -14,10 +14,15 @@ measurement to ``--out`` (wall times, PSNR, kernel MSE, peak RSS, load average, 
     OMP_NUM_THREADS=1 nice python python/evaluate_photo.py --stage full12mp
     OMP_NUM_THREADS=1 nice python python/evaluate_photo.py --stage midsize --split tune \
         --size 256x384 --images 4 --out python/results/photo-midsize-tune
+    OMP_NUM_THREADS=1 nice python python/evaluate_photo.py --stage tile-layout --split tune \
+        --size 288x448 --images 4 --out python/results/tile-layout-tune
 
 ``midsize``: photos just above the working size, where ``run()``'s path is a choice: per image,
 the default run (crops + tiles) and ``full_diffusion=True`` (whole image), same blur and seed.
 ``--split tune`` takes ``natural/train`` images (TUNE-seed kernels), ``val`` Kodak (EVAL seeds).
+``tile-layout``: the same photos restored by the tiles alone with the true kernel (25 ΠGDM steps,
+one seed, max_batch 8), in ``run()``'s tiles of the working size and as one tile, the whole frame
+(the fewest grid pixels: no overlaps, one grid border), alternately in one process.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from fastem_ext.photo import restore_tiles, tile_plan
 from fastem_ext.physics import blur
 from fastem_ext.priors import load_prior
 from fastem_ext.schedule import Schedule
+from fastem_ext.tiles import TilePlan
 
 DATA = Path(os.environ.get("FASTEM_DATA", Path(__file__).resolve().parents[2] / "shared/data"))
 
@@ -188,6 +194,28 @@ def tiles12mp(args, out: Path) -> None:
         "extrapolated_full_frame_tile_seconds": seconds / len(plan) * len(full)})
 
 
+def tile_layout(args, out: Path) -> None:
+    size = tuple(int(side) for side in args.size.split("x"))
+    prior = load_prior("natural", "cpu")
+    layouts = {"working_size": tile_plan(*size, 256, 33),
+               "whole_frame": TilePlan.plan(*size, max(size), context=16, ramp=16)}  # one tile
+    for name, sharp, kernel, y in midsize_cases(args.split, size, args.images):
+        record(out, f"{name}_blurry", blurry_scores(y, sharp))
+        for layout, plan in layouts.items():
+            clock = time.perf_counter()
+            image = restore_tiles(y, prior.model, "pigdm", kernel, Schedule("25"), plan,
+                                  multiple=prior.size_multiple, sigma=10 / 255, particles=1,
+                                  max_batch=8, generator=torch.Generator().manual_seed(0),
+                                  scale=1.0, before_batch=lambda obs: None,
+                                  callback=lambda i, x0, k: None)[0]
+            border, interior = border_and_interior_mse(image, sharp)
+            record(out, f"{name}_{layout}", {
+                "psnr": float(metrics.psnr(image, sharp)), "mse_border16": border,
+                "mse_interior": interior, "tiles": len(plan),
+                "window": [plan.window_h, plan.window_w],
+                "seconds": time.perf_counter() - clock})
+
+
 def midsize_cases(split: str, size: tuple[int, int], images: int):
     """``images`` photos of ``split`` large enough for a ``size`` window plus the blur's margin,
     evenly spaced in name order (turned to landscape when ``size`` is); yields ``(name, sharp,
@@ -230,16 +258,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", required=True,
                         choices=("kodak", "kodak-known", "fast12mp", "tiles12mp", "full12mp",
-                                 "midsize"))
+                                 "midsize", "tile-layout"))
     parser.add_argument("--kernel-seed", type=int, default=0)
-    parser.add_argument("--split", choices=("tune", "val"), default="tune", help="midsize")
-    parser.add_argument("--size", default="256x384", help="midsize: HxW")
-    parser.add_argument("--images", type=int, default=4, help="midsize")
+    parser.add_argument("--split", choices=("tune", "val"), default="tune",
+                        help="midsize, tile-layout")
+    parser.add_argument("--size", default="256x384", help="midsize, tile-layout: HxW")
+    parser.add_argument("--images", type=int, default=4, help="midsize, tile-layout")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results/photo")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     stages = {"kodak": kodak, "kodak-known": kodak_known, "fast12mp": fast12mp,
-              "tiles12mp": tiles12mp, "full12mp": full12mp, "midsize": midsize}
+              "tiles12mp": tiles12mp, "full12mp": full12mp, "midsize": midsize,
+              "tile-layout": tile_layout}
     stages[args.stage](args, args.out)
 
 
