@@ -628,7 +628,8 @@ def _run_on_crops(photo: _Photo, setup: _Setup, started: float) -> Result:
         "seed": seed, "device": describe_device(device), "source": loaded.source,
         "bits": loaded.bits, "reblur_rmse": reblur,
         "recentred": as_pixels(moved),
-        "path": "crops + fast" if fast else ("crops + tiles" if blind else "tiles"),
+        "path": ("crops + fast" if blind else "fast") if fast else (
+            "crops + tiles" if blind else "tiles"),
         "working_size": working_size,
         "stages": stages, "seconds_total": time.perf_counter() - started,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device)

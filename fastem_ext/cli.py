@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--boundary", choices=BOUNDARIES, default="valid",
                         help="valid (default: real photos) or circular")
     export.add_argument("--restarts", type=int, default=None,
-                        help="blind runs per photo, the least total variation kept (default 3)")
+                        help="blind runs per photo, the least total variation kept (default "
+                        "3 for fastem-pigdm, 1 for the other blind methods)")
     export.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     export.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the compilation (default: as deblur)")
