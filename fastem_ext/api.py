@@ -135,8 +135,8 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     ``max_batch``), each restart drawing its own random stream as it would alone (the same
     results up to the float rounding of a larger batch, which a chaotic blind loop can
     amplify; ``info["restarts"]["batched"]``); the callback then sees every restart at once
-    (``x̂0`` of all, the kernels ``[R, K, K]``). ``info["images_together"]`` (whole-image path):
-    1 here; ``run_together`` lets photos of one size share the calls.
+    (``x̂0`` of all, the kernels ``[R, K, K]``). ``info["images_together"]``: 1 here;
+    ``run_together`` lets photos of one size share the calls.
 
     A photo larger than ``working_size`` (pixels, default 256) on either side, with more pixels
     than its crops would cover (``crops`` windows of ``working_size − 2⌊K/2⌋`` squared;
@@ -151,7 +151,9 @@ def run(blurry: object, sigma: float | None = None, *, method: str = "fastem-pig
     crops path ``callback`` sees each batch's ``x̂0`` on its computation grids (crops or tiles
     × particles, window-major, the unobserved borders included) instead of the frame.
     ``info["path"]`` says which path ran; ``info["stages"]`` gives each stage's crops or tiles,
-    steps and seconds. Several photos with the same settings: ``run_together``.
+    steps and seconds (the crops path's timings; ``grid``, ``fused_norms``, ``compiled`` and the
+    per-step seconds are the whole-image run's keys). Several photos with the same settings:
+    ``run_together``.
     """
     options = {name: value for name, value in locals().items() if name not in ("blurry", "sigma")}
     (result,) = _run_images([blurry], sigma, **options)
@@ -630,7 +632,7 @@ def _run_on_crops(photo: _Photo, setup: _Setup, started: float) -> Result:
         "recentred": as_pixels(moved),
         "path": ("crops + fast" if blind else "fast") if fast else (
             "crops + tiles" if blind else "tiles"),
-        "working_size": working_size,
+        "working_size": working_size, "images_together": 1,
         "stages": stages, "seconds_total": time.perf_counter() - started,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
         if device.type == "cuda" else None})

@@ -55,7 +55,7 @@ def test_sizes_and_paths_are_grouped_and_the_order_kept():
     together = run_together([a, c, large, b], 0.05, **options)
     assert [r.info["path"] for r in together] == ["whole image", "whole image",
                                                   "crops + tiles", "whole image"]
-    assert [r.info.get("images_together") for r in together] == [2, 1, None, 2]
+    assert [r.info["images_together"] for r in together] == [2, 1, 1, 2]
     for photo, got in zip([a, c, large, b], together, strict=True):
         _assert_same(got, run(photo, 0.05, **options))
 
