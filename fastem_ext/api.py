@@ -234,7 +234,7 @@ class _Setup:
 @dataclass(frozen=True)
 class _Photo:
     """One photo of a call, read and checked: its noise level and path; label: which photo it
-    is in warnings, where several run (``None`` for ``run()``'s one)."""
+    is in warnings (its place and source where several run, else its file, if any)."""
 
     loaded: LoadedImage
     sigma: float
@@ -309,7 +309,7 @@ def _run_images(blurries: list[object], sigma: float | None, *, method: str, pri
                    max_batch, tile_schedule, fast)
     photos = [read if isinstance(read, Exception) else _attempt(
         _photo, read, sigma, setup, full_diffusion,
-        f"photo {index + 1} of {len(loaded)} ({read.source})" if len(loaded) > 1 else None)
+        f"photo {index + 1} of {len(loaded)} ({read.source})" if len(loaded) > 1 else read.path)
         for index, read in enumerate(loaded)]
     checked = [photo for photo in photos if isinstance(photo, _Photo)]
     if not checked:

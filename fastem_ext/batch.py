@@ -243,7 +243,7 @@ class _Job:
         result = loaded
         if isinstance(loaded, LoadedImage):
             try:
-                result = run(loaded.image, self.settings["sigma"], **self._options())
+                result = run(loaded, self.settings["sigma"], **self._options())
             except IMAGE_ERRORS as err:
                 result = err
         return self._record(item, loaded, result, time.perf_counter() - started)

@@ -26,12 +26,13 @@ class LoadedImage:
     """image: ``[C, H, W]`` float32 in [0, 1] (C = 1 grey or 3 colour), upright (a file's or
     PIL image's EXIF orientation applied); bits: 8 or 16 (the precision to write results back
     in); source: a short description for reports; icc: the embedded colour profile, if any (to
-    write results back with)."""
+    write results back with); path: the file it was read from, if any."""
 
     image: Tensor
     bits: int
     source: str
     icc: bytes | None = None
+    path: str | None = None
 
 
 def load_image(source: object, name: str = "blurry") -> LoadedImage:
@@ -64,7 +65,7 @@ def load_image(source: object, name: str = "blurry") -> LoadedImage:
 def _load_path(path: Path, name: str) -> LoadedImage:
     array, orientation, icc = _decode(path, name)
     image, bits = _from_numpy(_orient(array, orientation), name)
-    return LoadedImage(image, bits, str(path), icc)
+    return LoadedImage(image, bits, str(path), icc, str(path))
 
 
 def _orientation(img) -> int:

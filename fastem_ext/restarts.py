@@ -59,7 +59,7 @@ def keep_least(seed: int, count: int, restart: Callable[[int], tuple[float, Kept
     """Run ``restart(seed_r)`` for the ``count`` restarts (each returns its score and its
     result) and keep the result of the least score (the first on a tie). A restart that raises
     ``Diverged`` or scores NaN or inf is left out (its score reported as None; one warning at
-    the end names them, after ``label``: which photo, where several run); when every restart
+    the end names them, after ``label``: which photo, if given); when every restart
     diverged, ``Diverged`` is raised (a single restart's own error as it is). Returns the kept
     result and ``info["restarts"]``: how many ran, their seeds and scores, which diverged and
     which was kept."""

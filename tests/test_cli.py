@@ -361,6 +361,7 @@ def test_large_photo_options_and_16bit_crops_path(tmp_path, capsys):
     assert len(info["stages"]["crops"]["boxes"]) == 2
     assert "crops + tiles" in capsys.readouterr().out
     assert main([*args[:4], "--fast", *FAST]) == 0
+    assert "crops + fast" in capsys.readouterr().out
     assert main([*args[:4], "--fast", "--full-diffusion", *FAST]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastem: error: ") and "choose one" in err and err.count("\n") == 1

@@ -13,6 +13,7 @@ import fastem_ext.batch as batch_module
 from fastem_ext import Diverged, run, run_batch, run_together
 from fastem_ext.api import SharedCallFailed
 from fastem_ext.cli import SOME_FAILED, main
+from fastem_ext.io import LoadedImage
 from fastem_ext.manifest import read_records
 
 SMALL = dict(prior="gaussian", steps="4", kernel_size=5, progress=False, seed=2)
@@ -118,6 +119,28 @@ def test_a_restart_that_diverges_is_named_by_its_photo(tmp_path):
     assert calls == [1] + [2] * 6
 
 
+def test_a_photo_read_from_a_file_is_named_alone_and_on_the_crops_path(tmp_path):
+    """run() on a file: the warning names the file; here on the crops path (2 crops of a
+    45×88 photo, whose first restart's crops go NaN after the prior's probe)."""
+    calls = []
+
+    def eps(x, t):
+        calls.append(len(x))
+        out = 0.5 * x
+        if 2 <= len(calls) <= 4:
+            out = out.clone()
+            out[0] = float("nan")
+        return out
+
+    path = tmp_path / "shaken.png"
+    Image.fromarray((_photos(1, (3, 45, 88))[0].permute(1, 2, 0) * 255).byte().numpy()).save(path)
+    with pytest.warns(RuntimeWarning, match=r"^.*shaken\.png: restarts \[0\] of 2 diverged"):
+        result = run(path, 0.05, **dict(SMALL, prior=eps, restarts=2, steps="3", crops=2,
+                                        working_size=48, tile_steps="2"))
+    assert result.info["path"] == "crops + tiles"
+    assert result.info["restarts"]["diverged"] == [0]
+
+
 def test_a_shared_call_that_fails_runs_its_photos_alone():
     """A network that cannot take more than one input: the shared call raises, then each photo
     runs alone and succeeds, as ``run()`` would."""
@@ -167,9 +190,15 @@ def test_batch_images_give_the_outputs_of_one_at_a_time(tmp_path, monkeypatch):
 
     def counting(blurries, *args, **kwargs):
         calls.append(len(blurries))
+        assert all(isinstance(b, LoadedImage) and b.path.endswith(".png") for b in blurries)
         return run_together(blurries, *args, **kwargs)
 
+    def alone(blurry, *args, **kwargs):  # the photo read from its file, named in warnings
+        assert isinstance(blurry, LoadedImage) and blurry.path.endswith(".png")
+        return run(blurry, *args, **kwargs)
+
     monkeypatch.setattr(batch_module, "run_together", counting)
+    monkeypatch.setattr(batch_module, "run", alone)
     folder = tmp_path / "in"
     _folder(folder, 3)
     _folder(folder / "other", 1, (26, 20, 3), seed=1)
